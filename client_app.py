@@ -1,0 +1,102 @@
+"""ClientApp: one handler per message kind; the work itself is in fedaug_flwr.node."""
+
+from __future__ import annotations
+
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedaug_flwr import node
+from fedaug_flwr.data import Digits
+from fedaug_flwr.protocol import (
+    ARRAYS,
+    CONFIG,
+    GENERATOR,
+    METRICS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    SYNTHETIC_STATE,
+    TaskConfig,
+)
+from fedaug_flwr.training import TensorData
+
+app = ClientApp()
+
+
+@app.train("cvae")
+def train_cvae(msg: Message, context: Context) -> Message:
+    """Phase 1: local epochs of the CVAE on real training data."""
+    task, split = _task_and_split(msg, context)
+    weights, losses = node.train_cvae(
+        task, split, msg.content[ARRAYS].to_torch_state_dict(), _round(msg)
+    )
+    metrics = {**losses, NUM_EXAMPLES: len(split.train), PARTITION_ID: split.partition_id}
+    return _reply(msg, metrics, weights)
+
+
+@app.query("impute")
+def impute(msg: Message, context: Context) -> Message:
+    """Phase 2: generate k synthetic images with the global CVAE; keep them for phase 3."""
+    task, split = _task_and_split(msg, context)
+    report = node.impute(task, split, msg.content[GENERATOR].to_torch_state_dict())
+    context.state[SYNTHETIC_STATE] = ArrayRecord(
+        {"images": Array(report.synthetic.images), "labels": Array(report.synthetic.labels)}
+    )
+    return _reply(
+        msg,
+        {
+            PARTITION_ID: split.partition_id,
+            "real-train": len(split.train),
+            "val": len(split.val),
+            "test": len(split.test),
+            "synthetic-train": len(report.synthetic),
+            "real-label-counts": report.real_label_counts,
+            "synthetic-label-counts": report.synthetic_label_counts,
+        },
+    )
+
+
+@app.train("clf")
+def train_classifier(msg: Message, context: Context) -> Message:
+    """Phase 3: local epochs of ExquisiteNet on real + synthetic training data."""
+    task, split = _task_and_split(msg, context)
+    parts = [split.train]
+    if task.app.synthetic_per_client > 0:
+        if SYNTHETIC_STATE not in context.state:
+            raise RuntimeError("no synthetic images on this node: the imputation phase did not run")
+        record = context.state[SYNTHETIC_STATE]
+        parts.append(Digits(record["images"].numpy(), record["labels"].numpy()))
+    training_set = TensorData.from_digits(*parts, device=node.device())
+    weights, loss = node.train_classifier(
+        task,
+        training_set,
+        msg.content[ARRAYS].to_torch_state_dict(),
+        _round(msg),
+        split.partition_id,
+        epochs=task.app.clf_local_epochs,
+    )
+    metrics = {"train-loss": loss, NUM_EXAMPLES: len(training_set)}
+    return _reply(msg, {**metrics, PARTITION_ID: split.partition_id}, weights)
+
+
+@app.evaluate("clf")
+def evaluate_classifier(msg: Message, context: Context) -> Message:
+    """Loss, accuracy, macro-F1 on this client's real (never imputed) test split."""
+    task, split = _task_and_split(msg, context)
+    metrics = node.evaluate_on_test(task, split, msg.content[ARRAYS].to_torch_state_dict())
+    return _reply(msg, {**metrics, NUM_EXAMPLES: len(split.test), PARTITION_ID: split.partition_id})
+
+
+def _task_and_split(msg: Message, context: Context):
+    task = TaskConfig.from_record(msg.content[CONFIG])
+    return task, node.load_split(task, context.node_config)
+
+
+def _round(msg: Message) -> int:
+    return int(msg.content[CONFIG].get("server-round", 0))
+
+
+def _reply(msg: Message, metrics: dict, weights: dict | None = None) -> Message:
+    content = RecordDict({METRICS: MetricRecord(metrics)})
+    if weights is not None:
+        content[ARRAYS] = ArrayRecord(weights)
+    return Message(content, reply_to=msg)

@@ -1,0 +1,180 @@
+"""Typed run configuration: one object built from Flower's flat ``run_config``.
+
+The defaults live in one place only, ``[tool.flwr.app.config]`` of the app's
+``pyproject.toml``; this module reads them from there, so the notebook and the
+sweeps (which start from an empty ``run_config``) see the same values as
+``flwr run``. Every value is validated before any work starts, and a bad one
+raises :class:`ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+DATASETS = ("mnist-5k", "mnist")
+IMPUTATIONS = ("none", "uniform", "minority")
+RECON_LOSSES = ("bce", "sse")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """All knobs of one run; field ``a_b`` is run-config key ``a-b``."""
+
+    seed: int
+    dataset: str
+    data_dir: str
+    dirichlet_beta: float
+    min_partition_size: int
+    val_fraction: float
+    test_fraction: float
+    cvae_rounds: int
+    cvae_local_epochs: int
+    cvae_lr: float
+    cvae_batch_size: int
+    cvae_latent_dim: int
+    cvae_kl_weight: float
+    cvae_recon_loss: str
+    imputation: str
+    num_synthetic: int
+    generation_batch_size: int
+    clf_rounds: int
+    clf_local_epochs: int
+    clf_lr: float
+    clf_weight_decay: float
+    clf_batch_size: int
+    eval_batch_size: int
+    fraction_train: float
+    fraction_evaluate: float
+    min_clients: int
+    round_timeout: float
+    output_dir: str
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:
+        """Merge ``run_config`` over the pyproject defaults and validate it all."""
+        values = {**default_run_config(), **dict(run_config)}
+        unknown = sorted(set(values) - set(_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown run-config key(s) {unknown}; known keys: {sorted(_KEYS)}")
+        kwargs = {_KEYS[key]: _check(key, value) for key, value in values.items()}
+        config = cls(**kwargs)
+        config._check_relations()
+        return config
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """The flat, dashed form Flower uses (and ``summary.json`` records)."""
+        return {
+            field.name.replace("_", "-"): getattr(self, field.name)
+            for field in dataclasses.fields(self)
+        }
+
+    def replace(self, **changes: Any) -> AppConfig:
+        """A validated copy with some fields changed (snake_case names)."""
+        merged = {**self.to_run_config()}
+        merged.update({name.replace("_", "-"): v for name, v in changes.items()})
+        return AppConfig.from_run_config(merged)
+
+    @property
+    def synthetic_per_client(self) -> int:
+        """How many synthetic images each client adds (0 without imputation)."""
+        return 0 if self.imputation == "none" else self.num_synthetic
+
+    def _check_relations(self) -> None:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ConfigError(
+                "val-fraction + test-fraction must leave at least 10% for training "
+                f"(got {self.val_fraction} + {self.test_fraction})"
+            )
+
+
+# Validation rules per key: (type, predicate, description of what is allowed).
+_Rule = tuple[type, Any, str]
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0
+
+
+def _fraction_open(v: float) -> bool:
+    return 0.0 < v < 1.0
+
+
+def _fraction_closed(v: float) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def _any(_v: Any) -> bool:
+    return True
+
+
+_RULES: dict[str, _Rule] = {
+    "seed": (int, _non_negative, "an integer >= 0"),
+    "dataset": (str, DATASETS.__contains__, f"one of {list(DATASETS)}"),
+    "data-dir": (str, _any, "a folder path (or empty)"),
+    "dirichlet-beta": (float, _positive, "a number > 0 (e.g. 0.1 .. 100)"),
+    "min-partition-size": (int, lambda v: v >= 3, "an integer >= 3"),
+    "val-fraction": (float, _fraction_open, "a number strictly between 0 and 1"),
+    "test-fraction": (float, _fraction_open, "a number strictly between 0 and 1"),
+    "cvae-rounds": (int, _positive, "an integer >= 1"),
+    "cvae-local-epochs": (int, _positive, "an integer >= 1"),
+    "cvae-lr": (float, _positive, "a number > 0"),
+    "cvae-batch-size": (int, _positive, "an integer >= 1"),
+    "cvae-latent-dim": (int, _positive, "an integer >= 1"),
+    "cvae-kl-weight": (float, _non_negative, "a number >= 0 (1.0 = plain VAE)"),
+    "cvae-recon-loss": (str, RECON_LOSSES.__contains__, f"one of {list(RECON_LOSSES)}"),
+    "imputation": (str, IMPUTATIONS.__contains__, f"one of {list(IMPUTATIONS)}"),
+    "num-synthetic": (int, _non_negative, "an integer >= 0"),
+    "generation-batch-size": (int, _positive, "an integer >= 1"),
+    "clf-rounds": (int, _positive, "an integer >= 1"),
+    "clf-local-epochs": (int, _positive, "an integer >= 1"),
+    "clf-lr": (float, _positive, "a number > 0"),
+    "clf-weight-decay": (float, _non_negative, "a number >= 0"),
+    "clf-batch-size": (int, _positive, "an integer >= 1"),
+    "eval-batch-size": (int, _positive, "an integer >= 1"),
+    "fraction-train": (float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
+    "fraction-evaluate": (float, _fraction_closed, "a number in [0, 1]"),
+    "min-clients": (int, _positive, "an integer >= 1"),
+    "round-timeout": (float, _positive, "a number of seconds > 0"),
+    "output-dir": (str, _any, "a folder path (or empty for a timestamped one)"),
+}
+_KEYS = {key: key.replace("-", "_") for key in _RULES}
+assert set(_KEYS.values()) == {f.name for f in dataclasses.fields(AppConfig)}
+
+
+def _check(key: str, value: Any) -> Any:
+    kind, allowed, description = _RULES[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # TOML `lr=1` arrives as an int
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise ConfigError(
+            f"run-config key '{key}' must be {description}; got {value!r} ({type(value).__name__})"
+        )
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"run-config key '{key}' must be {description}; got {value!r}")
+    if not allowed(value):
+        raise ConfigError(f"run-config key '{key}' must be {description}; got {value!r}")
+    return value
+
+
+@cache
+def default_run_config() -> dict[str, Any]:
+    """The defaults from ``[tool.flwr.app.config]`` in the app's pyproject.toml."""
+    with PYPROJECT.open("rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])

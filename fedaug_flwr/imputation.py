@@ -1,0 +1,74 @@
+"""Which synthetic labels a client asks for (uniform / minority) and batched generation.
+
+The label plan is pure numpy and seeded; generation decodes every requested
+image in a few large batches with the frozen CVAE and binarizes them like the
+real digits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedaug_flwr.models import CVAE, NUM_CLASSES
+
+
+def minority_counts(label_counts: list[int] | np.ndarray, k: int) -> np.ndarray | None:
+    """The study's deficit rule: label l gets round(k * (max c - c_l) / sum of deficits).
+
+    Returns ``None`` when the labels are already balanced (no deficit to share).
+    Rounding makes the total k +- a few.
+    """
+    counts = np.asarray(label_counts, dtype=np.int64)
+    deficit = counts.max() - counts
+    total = int(deficit.sum())
+    if total == 0:
+        return None
+    return np.rint(k * deficit / total).astype(np.int64)
+
+
+def synthetic_labels(
+    mode: str, k: int, label_counts: list[int] | np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """The labels of the k synthetic images a client generates (shuffled)."""
+    if mode == "none" or k == 0:
+        return np.zeros(0, dtype=np.int64)
+    if mode == "minority":
+        counts = minority_counts(label_counts, k)
+        if counts is not None:
+            return rng.permutation(np.repeat(np.arange(NUM_CLASSES), counts))
+        # balanced client: nothing is a minority, so draw uniformly instead
+    elif mode != "uniform":
+        raise ValueError(f"unknown imputation mode {mode!r}")
+    return rng.integers(0, NUM_CLASSES, size=k, dtype=np.int64)
+
+
+@torch.no_grad()
+def generate(
+    cvae: CVAE,
+    labels: np.ndarray,
+    seed: int,
+    batch_size: int = 1024,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """Binarized images (N, 28, 28) of 0/1 bytes, z ~ N(0, I), decoded per label."""
+    cvae = cvae.to(device).eval()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    label_tensor = torch.as_tensor(labels, dtype=torch.long)
+    images = np.empty((len(labels), 28, 28), dtype=np.uint8)
+    for start in range(0, len(labels), batch_size):
+        batch = label_tensor[start : start + batch_size]
+        z = torch.randn(len(batch), cvae.latent_dim, generator=generator)
+        probabilities = cvae.decode(z.to(device), batch.to(device))
+        images[start : start + len(batch)] = (
+            torch.round(probabilities).squeeze(1).to(torch.uint8).cpu().numpy()
+        )
+    return images
+
+
+@torch.no_grad()
+def generate_one_at_a_time(
+    cvae: CVAE, labels: np.ndarray, seed: int, device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """Reference path for the benchmark: the same images, one decoder call each."""
+    return generate(cvae, labels, seed, batch_size=1, device=device)

@@ -1,0 +1,152 @@
+"""A client node's work, independent of Flower messages: its data, its synthetic
+images, and each task (train CVAE, impute, train / evaluate the classifier).
+
+Everything is derived from (config, partition id, seed), so a restarted node
+computes the same split; only the synthetic images, which depend on the
+global CVAE, are kept between messages (in the caller's ``context.state``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedaug_flwr.data import Digits, label_counts, load_source
+from fedaug_flwr.imputation import generate, synthetic_labels
+from fedaug_flwr.models import CVAE, ExquisiteNetV1, classifier_loss, cvae_loss
+from fedaug_flwr.partition import ClientSplit, client_split
+from fedaug_flwr.protocol import TaskConfig
+from fedaug_flwr.training import TensorData, evaluate_classifier, evaluate_loss, seed_for, train
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def partition_of(node_config: Mapping[str, object]) -> tuple[int, int]:
+    """``(partition-id, num-partitions)`` from a node config, checked."""
+    try:
+        partition_id = node_config["partition-id"]
+        num_partitions = node_config["num-partitions"]
+    except KeyError as error:
+        raise ValueError(
+            f"node config lacks {error}; a SuperNode needs "
+            '--node-config "partition-id=<i> num-partitions=<n>"'
+        ) from None
+    if not isinstance(partition_id, int) or not isinstance(num_partitions, int):
+        raise ValueError(
+            "node config 'partition-id' and 'num-partitions' must be integers; got "
+            f"{partition_id!r}, {num_partitions!r}"
+        )
+    return partition_id, num_partitions
+
+
+def load_split(task: TaskConfig, node_config: Mapping[str, object]) -> ClientSplit:
+    partition_id, num_partitions = partition_of(node_config)
+    app = task.app
+    return client_split(
+        load_source(task.data_source, task.data_location).pool,
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        beta=app.dirichlet_beta,
+        seed=app.seed,
+        min_partition_size=app.min_partition_size,
+        val_fraction=app.val_fraction,
+        test_fraction=app.test_fraction,
+    )
+
+
+@dataclass(frozen=True)
+class ImputationReport:
+    real_label_counts: list[int]
+    synthetic_label_counts: list[int]
+    synthetic: Digits
+
+
+def impute(task: TaskConfig, split: ClientSplit, generator_weights: StateDict) -> ImputationReport:
+    """Generate this client's k synthetic images with the global CVAE, in batches."""
+    app = task.app
+    real_counts = split.train.label_counts()
+    rng = np.random.default_rng([app.seed, split.partition_id, 1])
+    labels = synthetic_labels(app.imputation, app.synthetic_per_client, real_counts, rng)
+    cvae = CVAE(app.cvae_latent_dim)
+    cvae.load_state_dict(generator_weights)
+    images = generate(
+        cvae,
+        labels,
+        seed=seed_for(app.seed, split.partition_id, 2),
+        batch_size=app.generation_batch_size,
+        device=device(),
+    )
+    return ImputationReport(real_counts, label_counts(labels), Digits(images, labels))
+
+
+def train_cvae(
+    task: TaskConfig, split: ClientSplit, weights: StateDict, server_round: int
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Local CVAE epochs on the real training split; returns weights and losses."""
+    app = task.app
+    run_on = device()
+    model = CVAE(app.cvae_latent_dim).to(run_on)
+    model.load_state_dict(weights)
+    torch.manual_seed(seed_for(app.seed, server_round, split.partition_id, 3))
+
+    def loss_fn(m, x, y):
+        return cvae_loss(m, x, y, app.cvae_kl_weight, app.cvae_recon_loss)
+
+    train_loss = train(
+        model,
+        TensorData.from_digits(split.train, device=run_on),
+        loss_fn,
+        torch.optim.Adam(model.parameters(), lr=app.cvae_lr),
+        epochs=app.cvae_local_epochs,
+        batch_size=app.cvae_batch_size,
+        seed=seed_for(app.seed, server_round, split.partition_id, 4),
+    )
+    val_loss = evaluate_loss(
+        model, TensorData.from_digits(split.val, device=run_on), loss_fn, app.eval_batch_size
+    )
+    return model.state_dict(), {"train-loss": train_loss, "val-loss": val_loss}
+
+
+def train_classifier(
+    task: TaskConfig,
+    training_set: TensorData,
+    weights: StateDict,
+    server_round: int,
+    partition_id: int,
+    epochs: int,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Local ExquisiteNet epochs on (real + synthetic) training data."""
+    app = task.app
+    model = ExquisiteNetV1().to(training_set.labels.device)
+    model.load_state_dict(weights)
+    torch.manual_seed(seed_for(app.seed, server_round, partition_id, 5))
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=app.clf_lr, weight_decay=app.clf_weight_decay
+    )
+    loss = train(
+        model,
+        training_set,
+        classifier_loss,
+        optimizer,
+        epochs=epochs,
+        batch_size=app.clf_batch_size,
+        seed=seed_for(app.seed, server_round, partition_id, 6),
+    )
+    return model.state_dict(), loss
+
+
+def evaluate_on_test(task: TaskConfig, split: ClientSplit, weights: StateDict) -> dict[str, float]:
+    """The classifier's loss, accuracy and macro-F1 on this client's REAL test split."""
+    run_on = device()
+    model = ExquisiteNetV1().to(run_on)
+    model.load_state_dict(weights)
+    return evaluate_classifier(
+        model, TensorData.from_digits(split.test, device=run_on), task.app.eval_batch_size
+    )

@@ -1,0 +1,58 @@
+"""What travels between ServerApp and ClientApp: message types and record keys.
+
+The server sends the whole validated run config (plus the data source it
+resolved) in every message, so a client never depends on ``context.run_config``
+being filled in (``run_simulation`` leaves it empty) and every SuperNode sees
+exactly what the server decided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord
+
+from fedaug_flwr.config import AppConfig
+
+# Message types: "<category>.<action>" routes to the ClientApp handler of that name.
+TRAIN_CVAE = "train.cvae"
+IMPUTE = "query.impute"
+TRAIN_CLASSIFIER = "train.clf"
+EVALUATE_CLASSIFIER = "evaluate.clf"
+
+ARRAYS = "arrays"  # the model being trained / evaluated
+GENERATOR = "generator"  # the frozen CVAE, for imputation
+CONFIG = "config"
+METRICS = "metrics"
+SYNTHETIC_STATE = "synthetic"  # key in context.state: this node's synthetic images
+
+DATA_SOURCE = "data-source"
+DATA_LOCATION = "data-location"
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What a client needs to know for any task: the run config and the data source."""
+
+    app: AppConfig
+    data_source: str
+    data_location: str
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {
+                **self.app.to_run_config(),
+                DATA_SOURCE: self.data_source,
+                DATA_LOCATION: self.data_location,
+            }
+        )
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> TaskConfig:
+        values = dict(record)
+        source = str(values.pop(DATA_SOURCE))
+        location = str(values.pop(DATA_LOCATION))
+        values.pop("server-round", None)  # added by Flower strategies
+        return cls(AppConfig.from_run_config(values), source, location)

@@ -1,0 +1,123 @@
+"""FedAvg routed to named ClientApp handlers, keeping what each client reported.
+
+Flower's FedAvg sends plain "train"/"evaluate" messages and keeps only the
+aggregated metrics. :class:`RoutedFedAvg` retags its messages (e.g.
+"train.cvae"), gives each message its own content (FedAvg shares one
+RecordDict between all of them), records per-client metrics and failures per
+round, and stops the phase when fewer than ``min_replies`` clients answered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedaug_flwr.metrics import aggregate_clients
+
+log = logging.getLogger(__name__)
+
+
+class PhaseError(RuntimeError):
+    """A phase could not produce a model (too few clients answered)."""
+
+
+@dataclass
+class RoundLog:
+    """What happened in one round of one phase."""
+
+    per_client: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+
+
+def metric_dict(record: MetricRecord) -> dict:
+    return {key: value for key, value in record.items()}
+
+
+def _aggregate(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    rows = [metric_dict(content["metrics"]) for content in contents]
+    aggregated = aggregate_clients(rows, weighted_by_key)
+    for key in ("train-loss", "val-loss"):  # training-side losses, example-weighted
+        if rows and all(key in row for row in rows):
+            weights = [float(row[weighted_by_key]) for row in rows]
+            values = [float(row[key]) for row in rows]
+            aggregated[key] = sum(v * w for v, w in zip(values, weights, strict=True)) / sum(
+                weights
+            )
+    return MetricRecord(aggregated)
+
+
+class RoutedFedAvg(FedAvg):
+    """FedAvg whose messages go to ``train.<action>`` / ``evaluate.<action>``."""
+
+    def __init__(self, action: str, min_replies: int = 1, **kwargs) -> None:
+        kwargs.setdefault("train_metrics_aggr_fn", _aggregate)
+        kwargs.setdefault("evaluate_metrics_aggr_fn", _aggregate)
+        super().__init__(**kwargs)
+        self.action = action
+        self.min_replies = min_replies
+        self.train_log: dict[int, RoundLog] = {}
+        self.evaluate_log: dict[int, RoundLog] = {}
+
+    def _route(self, messages: Iterable[Message], category: str) -> list[Message]:
+        routed = []
+        for message in messages:
+            # FedAvg reuses one RecordDict for every message: give each its own.
+            message.content = RecordDict(dict(message.content.items()))
+            message.metadata.message_type = f"{category}.{self.action}"
+            routed.append(message)
+        return routed
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._route(super().configure_train(server_round, arrays, config, grid), "train")
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        return self._route(messages, "evaluate")
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        replies = list(replies)
+        self.train_log[server_round] = self._record(replies, "train", server_round)
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        if self.fraction_evaluate == 0.0:
+            return None
+        replies = list(replies)
+        self.evaluate_log[server_round] = self._record(replies, "evaluate", server_round)
+        return super().aggregate_evaluate(server_round, replies)
+
+    def _record(self, replies: list[Message], kind: str, server_round: int) -> RoundLog:
+        entry = RoundLog()
+        for reply in replies:
+            if reply.has_error():
+                entry.failures.append(
+                    {"node-id": reply.metadata.src_node_id, "reason": reply.error.reason}
+                )
+            else:
+                entry.per_client.append(metric_dict(reply.content["metrics"]))
+        for failure in entry.failures:
+            log.warning(
+                "%s.%s round %d: node %s failed: %s",
+                kind,
+                self.action,
+                server_round,
+                failure["node-id"],
+                failure["reason"],
+            )
+        if len(entry.per_client) < self.min_replies:
+            reasons = sorted({f["reason"] for f in entry.failures})
+            raise PhaseError(
+                f"{kind}.{self.action} round {server_round}: only {len(entry.per_client)} of "
+                f"{len(replies)} clients answered (need {self.min_replies}); "
+                f"client errors: {reasons}"
+            )
+        return entry
