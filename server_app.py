@@ -11,7 +11,6 @@ from fedaug_flwr import pipeline
 from fedaug_flwr.config import AppConfig
 
 
-
 def build_server_app(overrides: Mapping[str, object] | None = None) -> ServerApp:
     """A ServerApp whose run config is ``context.run_config`` updated with ``overrides``.
 

@@ -41,7 +41,7 @@ from fedaug_flwr.protocol import (
     TaskConfig,
 )
 from fedaug_flwr.results import FAILURE, SUMMARY, resolve_output_dir, save_state_dict, write_json
-from fedaug_flwr.strategies import PhaseError, RoundLog, RoutedFedAvg, metric_dict
+from fedaug_flwr.strategies import PhaseError, RoundLog, RoutedFedAvg, metric_dict, short_reason
 from fedaug_flwr.training import TensorData, evaluate_classifier
 
 log = logging.getLogger("flwr.fedaug")  # printed by Flower's own log handler
@@ -269,11 +269,11 @@ def send_to_all(
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     failures = [r for r in replies if r.has_error()]
     for reply in failures:
-        node_id, reason = reply.metadata.src_node_id, reply.error.reason
+        node_id, reason = reply.metadata.src_node_id, short_reason(reply.error.reason)
         log.warning("%s: node %s failed: %s", message_type, node_id, reason)
     answers = [metric_dict(r.content[METRICS]) for r in replies if not r.has_error()]
     if len(answers) < min_replies:
-        reasons = sorted({r.error.reason for r in failures})
+        reasons = sorted({short_reason(r.error.reason) for r in failures})
         raise PhaseError(
             f"{message_type}: only {len(answers)} of {len(node_ids)} clients answered "
             f"(need {min_replies}); client errors: {reasons}"

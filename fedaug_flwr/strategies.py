@@ -10,6 +10,7 @@ round, and stops the phase when fewer than ``min_replies`` clients answered.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -32,6 +33,16 @@ class RoundLog:
 
     per_client: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
+
+
+def short_reason(reason: str) -> str:
+    """The client's own error message out of a reply's reason (often a whole Ray traceback)."""
+    match = re.search(r"occurred\. Message: (.+?)'?>?$", reason, re.S)
+    if match:
+        return match.group(1).strip()
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception): ", line)]
+    return (errors or lines or [reason])[-1]
 
 
 def metric_dict(record: MetricRecord) -> dict:
@@ -100,7 +111,10 @@ class RoutedFedAvg(FedAvg):
         for reply in replies:
             if reply.has_error():
                 entry.failures.append(
-                    {"node-id": reply.metadata.src_node_id, "reason": reply.error.reason}
+                    {
+                        "node-id": reply.metadata.src_node_id,
+                        "reason": short_reason(reply.error.reason),
+                    }
                 )
             else:
                 entry.per_client.append(metric_dict(reply.content["metrics"]))

@@ -1,0 +1,331 @@
+"""Run the app through ``flwr run`` against a SuperLink this process owns.
+
+``flwr run .`` on its own starts a background SuperLink on fixed ports that
+outlives the command, keeps the environment it was first started with
+(runtime dependency installation included) and is shared by every user of the
+machine. This module instead starts a private ``flower-superlink`` (simulation
+mode, loopback, free ports, a temporary ``FLWR_HOME``, no runtime installs),
+runs the app with ``flwr run --stream``, reads the run's final status (``flwr
+run`` exits 0 even when the run failed) and stops the SuperLink by its process
+group.
+
+Command line (``make run`` uses it)::
+
+    python -m fedaug_flwr.launch --num-supernodes 10 --run-config "num-synthetic=500"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedaug_flwr.config import AppConfig, ConfigError
+
+APP_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "fedaug-local"
+STARTUP_TIMEOUT_S = 60.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def flwr_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for flwr commands: private home, offline, no runtime installs."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+    )
+    return env
+
+
+def bin_path(name: str) -> str:
+    """A Flower executable from this interpreter's environment (or PATH)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+
+def write_connection(
+    flwr_home: Path,
+    address: str,
+    name: str = CONNECTION,
+    root_certificates: Path | None = None,
+) -> None:
+    """Write ``$FLWR_HOME/config.toml`` with one SuperLink connection, the default."""
+    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]"]
+    lines.append(f'address = "{address}"')
+    if root_certificates is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f"root-certificates = {json.dumps(str(root_certificates))}")
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+@dataclass
+class SuperLink:
+    """A ``flower-superlink`` process started and stopped by us (by process group)."""
+
+    flwr_home: Path
+    simulation: bool = True
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    extra_args: Sequence[str] = ()
+    process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.flwr_home / "superlink.log"
+
+    def start(self) -> SuperLink:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        command = [
+            bin_path("flower-superlink"),
+            "--host", self.host,
+            "--port", str(self.port),
+            "--control-api-address", f"{self.host}:{free_port()}",
+            "--fleet-api-address", f"{self.host}:{free_port()}",
+            "--database", str(self.flwr_home / "superlink-state.db"),
+            "--disable-runtime-dependency-installation",
+            *(["--simulation", "--isolation", "subprocess"] if self.simulation else []),
+            *self.extra_args,
+        ]  # fmt: skip
+        if "--ssl-certfile" not in self.extra_args:
+            command.append("--insecure")
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            command,
+            cwd=self.flwr_home,
+            env=flwr_env(self.flwr_home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() takes its children too
+        )
+        log.close()
+        self._wait_until_up()
+        return self
+
+    def _wait_until_up(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"flower-superlink exited with code {self.process.returncode}; "
+                    f"see {self.log_path}"
+                )
+            if "Uvicorn running on" in self.log_path.read_text(errors="replace"):
+                return
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"flower-superlink did not start in {STARTUP_TIMEOUT_S:.0f} s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        stop_process_group(self.process)
+
+    def __enter__(self) -> SuperLink:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group we started, then SIGKILL what is left."""
+    try:
+        group = os.getpgid(process.pid)
+    except ProcessLookupError:
+        return
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait_s)
+            # children (simulation, Ray) may outlive the leader for a moment
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            break
+        except subprocess.TimeoutExpired:
+            continue
+        break
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        text = repr(value)
+        return text if any(c in text for c in ".en") else text + ".0"
+    return json.dumps(str(value))  # a TOML basic string
+
+
+def to_overrides(values: Mapping[str, object]) -> str:
+    """``{"k": 1, "s": "x"}`` -> ``k=1 s="x"`` for ``--run-config``."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
+
+
+def parse_overrides(texts: Sequence[str]) -> dict[str, object]:
+    """Parse ``--run-config`` strings (``k=v k2='s'``) as flwr does, via TOML."""
+    values: dict[str, object] = {}
+    for text in texts:
+        lines = "\n".join(re.findall(r"[\w.-]+\s*=\s*(?:'[^']*'|\"[^\"]*\"|\S+)", text))
+        try:
+            values.update(tomllib.loads(lines))
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"cannot parse --run-config {text!r}: {error}") from error
+    return values
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_id: str
+    status: str
+    details: str
+    output_dir: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished:completed"
+
+
+def flwr_run(
+    flwr_home: Path,
+    run_config: Mapping[str, object],
+    federation_config: Mapping[str, object],
+    app_dir: Path = APP_DIR,
+    connection: str = CONNECTION,
+    stream=None,
+    timeout_s: float | None = None,
+) -> RunOutcome:
+    """``flwr run --stream`` the app, echo its log, and return the run's final status."""
+    stream = sys.stdout if stream is None else stream
+    env = flwr_env(flwr_home)
+    command = [bin_path("flwr"), "run", str(app_dir), connection, "--stream"]
+    if run_config:
+        command += ["--run-config", to_overrides(run_config)]
+    if federation_config:
+        command += ["--federation-config", to_overrides(federation_config)]
+    process = subprocess.Popen(
+        command, env=env, cwd=flwr_home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, bufsize=1,
+    )  # fmt: skip
+    run_id, output_dir = "", ""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    for line in process.stdout:
+        stream.write(line)
+        stream.flush()
+        if match := re.search(r"Successfully started run (\d+)", line):
+            run_id = match.group(1)
+        if match := re.search(r"fedaug-flwr: results of run \d+ are in (.+)$", line):
+            output_dir = match.group(1).strip()
+        if deadline is not None and time.monotonic() > deadline:
+            process.kill()
+            break
+    process.wait()
+    if not run_id:
+        return RunOutcome("", "not-started", f"flwr run exited with {process.returncode}", "")
+    status, details = run_status(env, connection, run_id)
+    return RunOutcome(run_id, status, details, output_dir)
+
+
+def run_status(env: Mapping[str, str], connection: str, run_id: str) -> tuple[str, str]:
+    listing = subprocess.run(
+        [bin_path("flwr"), "list", connection, "--run-id", run_id, "--format", "json"],
+        env=dict(env), capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    try:
+        run = json.loads(listing.stdout)["runs"][0]
+        return run["status"], run.get("status-details", "")
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return "unknown", listing.stdout + listing.stderr
+
+
+def simulate(
+    run_config: Mapping[str, object],
+    num_supernodes: int = 10,
+    num_cpus: int = 1,
+    num_gpus: float = 0.0,
+    flwr_home: Path | None = None,
+    stream=None,
+) -> RunOutcome:
+    """One simulated run of the app on a private SuperLink, cleaned up afterwards."""
+    AppConfig.from_run_config(run_config)  # fail before starting anything
+    owned = flwr_home is None
+    home = Path(tempfile.mkdtemp(prefix="fedaug-flwr-home-")) if owned else flwr_home
+    try:
+        with SuperLink(home) as superlink:
+            write_connection(home, superlink.address)
+            federation = {
+                "num-supernodes": num_supernodes,
+                "client-resources-num-cpus": num_cpus,
+                "client-resources-num-gpus": float(num_gpus),
+            }
+            return flwr_run(home, run_config, federation, stream=stream)
+    finally:
+        if owned:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fedaug_flwr.launch",
+        description="Run fedaug-flwr as a Flower simulation on a private, temporary SuperLink.",
+    )
+    parser.add_argument("--num-supernodes", type=int, default=10, help="simulated clients")
+    parser.add_argument("--num-cpus", type=int, default=1, help="CPU cores per client actor")
+    parser.add_argument(
+        "--num-gpus", type=float, default=0.0, help="GPU share per client, e.g. 0.25"
+    )
+    parser.add_argument(
+        "--run-config", action="append", default=[], metavar="'k=v k2=v2'",
+        help="run-config overrides, as for flwr run (repeatable)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.num_supernodes < 1 or args.num_cpus < 1 or args.num_gpus < 0:
+        parser.error("--num-supernodes and --num-cpus must be >= 1, --num-gpus >= 0")
+    try:
+        overrides = parse_overrides(args.run_config)
+        AppConfig.from_run_config(overrides)
+    except ConfigError as error:
+        parser.error(str(error))
+    outcome = simulate(overrides, args.num_supernodes, args.num_cpus, args.num_gpus)
+    if not outcome.ok:
+        print(
+            f"\nfedaug-flwr: run {outcome.run_id or '(none)'} did not complete: "
+            f"{outcome.status} {outcome.details}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"\nfedaug-flwr: run {outcome.run_id} completed; results in {outcome.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
