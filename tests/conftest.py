@@ -1,0 +1,51 @@
+"""Shared test helpers: tiny configs, real Flower Messages and Contexts."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from flwr.app import Context, Message, Metadata, RecordDict
+
+from fedaug_flwr.config import AppConfig
+
+# Small enough for seconds per phase on 2 CPU cores, big enough to be real.
+TINY = {
+    "cvae-rounds": 1,
+    "clf-rounds": 1,
+    "num-synthetic": 40,
+    "dirichlet-beta": 0.5,
+    "eval-batch-size": 256,
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> AppConfig:
+    return AppConfig.from_run_config({**TINY, "output-dir": str(tmp_path / "out")})
+
+
+def make_message(content: RecordDict, message_type: str, dst_node_id: int = 7) -> Message:
+    """A real server-to-client Message, built from Metadata (works outside a run)."""
+    metadata = Metadata(
+        run_id=1,
+        message_id=uuid.uuid4().hex,
+        src_node_id=1,
+        dst_node_id=dst_node_id,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
+    return Message(content, metadata=metadata)
+
+
+def make_context(partition_id: int, num_partitions: int, node_id: int = 7) -> Context:
+    return Context(
+        run_id=1,
+        node_id=node_id,
+        node_config={"partition-id": partition_id, "num-partitions": num_partitions},
+        state=RecordDict(),
+        run_config={},
+    )
