@@ -11,6 +11,7 @@ sees models and numbers, never a client's images.
 from __future__ import annotations
 
 import logging
+import random
 import time
 import traceback
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from fedaug_flwr.protocol import (
 )
 from fedaug_flwr.results import FAILURE, SUMMARY, resolve_output_dir, save_state_dict, write_json
 from fedaug_flwr.strategies import PhaseError, RoundLog, RoutedFedAvg, metric_dict, short_reason
-from fedaug_flwr.training import TensorData, evaluate_classifier
+from fedaug_flwr.training import TensorData, evaluate_classifier, seed_for
 
 log = logging.getLogger("flwr.fedaug")  # printed by Flower's own log handler
 SAMPLES_PER_LABEL = 10
@@ -114,7 +115,7 @@ def run(grid: Grid, config: AppConfig, run_id: int) -> Path:
 
 def _run_phases(grid: Grid, report: RunReport) -> None:
     config = report.config
-    torch.manual_seed(config.seed)
+    random.seed(config.seed)  # Flower strategies sample nodes with `random`
     source, location, fallback = resolve_source(config.dataset, config.data_dir)
     data = report.timed("data", lambda: load_source(source, location))
     task = TaskConfig(config, data.source, location)
@@ -233,7 +234,7 @@ def train_cvae(grid: Grid, task: TaskConfig) -> tuple[dict, dict]:
     strategy = _strategy(config, "cvae", evaluate=False)
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(CVAE(config.cvae_latent_dim).state_dict()),
+        initial_arrays=ArrayRecord(seeded(config.seed, 1, lambda: CVAE(config.cvae_latent_dim))),
         num_rounds=config.cvae_rounds,
         timeout=config.round_timeout,
         train_config=task.to_record(),
@@ -328,7 +329,7 @@ def train_classifier(grid: Grid, task: TaskConfig, global_test: TensorData) -> t
     strategy = _strategy(config, "clf", evaluate=True)
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(ExquisiteNetV1().state_dict()),
+        initial_arrays=ArrayRecord(seeded(config.seed, 2, ExquisiteNetV1)),
         num_rounds=config.clf_rounds,
         timeout=config.round_timeout,
         train_config=task.to_record(),
@@ -362,6 +363,13 @@ def evaluate_on_clients(
         grid, node_ids, EVALUATE_CLASSIFIER, content, task.app.round_timeout, task.app.min_clients
     )
     return {int(a.pop(PARTITION_ID)): a for a in answers}
+
+
+def seeded(seed: int, phase: int, build: Callable[[], torch.nn.Module]) -> dict:
+    """Initial weights that depend on the run seed only."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed_for(seed, phase))
+        return build().state_dict()
 
 
 def _iso(timestamp: float) -> str:

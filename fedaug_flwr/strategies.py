@@ -62,6 +62,17 @@ def _aggregate(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord
     return MetricRecord(aggregated)
 
 
+def in_partition_order(replies: Iterable[Message]) -> list[Message]:
+    """Replies sorted by partition id: floating-point sums, hence a run, become repeatable."""
+
+    def key(reply: Message) -> tuple[int, int]:
+        if reply.has_error() or "metrics" not in reply.content:
+            return (1, reply.metadata.src_node_id)
+        return (0, int(reply.content["metrics"].get("partition-id", reply.metadata.src_node_id)))
+
+    return sorted(replies, key=key)
+
+
 class RoutedFedAvg(FedAvg):
     """FedAvg whose messages go to ``train.<action>`` / ``evaluate.<action>``."""
 
@@ -95,14 +106,14 @@ class RoutedFedAvg(FedAvg):
         return self._route(messages, "evaluate")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
+        replies = in_partition_order(replies)
         self.train_log[server_round] = self._record(replies, "train", server_round)
         return super().aggregate_train(server_round, replies)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         if self.fraction_evaluate == 0.0:
             return None
-        replies = list(replies)
+        replies = in_partition_order(replies)
         self.evaluate_log[server_round] = self._record(replies, "evaluate", server_round)
         return super().aggregate_evaluate(server_round, replies)
 

@@ -1,0 +1,127 @@
+"""The real ClientApp handlers, called with real Flower Messages and Contexts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from client_app import app as client_app
+from fedaug_flwr.config import AppConfig
+from fedaug_flwr.data import load_source
+from fedaug_flwr.models import CVAE, ExquisiteNetV1
+from fedaug_flwr.partition import client_split
+from fedaug_flwr.protocol import TaskConfig
+from tests.conftest import TINY, make_context, make_message
+
+NUM_PARTITIONS = 4
+
+
+def task_record(**overrides) -> ConfigRecord:
+    config = AppConfig.from_run_config({**TINY, **overrides})
+    record = TaskConfig(config, "mnist-5k", "").to_record()
+    record["server-round"] = 1
+    return record
+
+
+def expected_split(partition_id: int, config: AppConfig):
+    return client_split(
+        load_source("mnist-5k", "").pool, partition_id, NUM_PARTITIONS, config.dirichlet_beta,
+        config.seed, config.min_partition_size, config.val_fraction, config.test_fraction,
+    )  # fmt: skip
+
+
+def impute(context, **overrides):
+    content = RecordDict(
+        {"generator": ArrayRecord(CVAE().state_dict()), "config": task_record(**overrides)}
+    )
+    return client_app(make_message(content, "query.impute"), context)
+
+
+def test_train_cvae_returns_one_model_and_weighting_metrics():
+    context = make_context(1, NUM_PARTITIONS)
+    content = RecordDict({"arrays": ArrayRecord(CVAE().state_dict()), "config": task_record()})
+    reply = client_app(make_message(content, "train.cvae"), context)
+    assert not reply.has_error()
+    assert list(reply.content.array_records) == ["arrays"]
+    metrics = reply.content["metrics"]
+    split = expected_split(1, AppConfig.from_run_config(TINY))
+    assert metrics["num-examples"] == len(split.train) and metrics["partition-id"] == 1
+    assert np.isfinite(metrics["train-loss"]) and np.isfinite(metrics["val-loss"])
+    before = CVAE().state_dict()
+    after = reply.content["arrays"].to_torch_state_dict()
+    assert set(after) == set(before)
+
+
+@pytest.mark.parametrize("mode", ["uniform", "minority"])
+def test_impute_caches_k_synthetic_images_per_mode(mode):
+    context = make_context(0, NUM_PARTITIONS)
+    reply = impute(context, imputation=mode, **{"num-synthetic": 60})
+    metrics = reply.content["metrics"]
+    assert metrics["synthetic-train"] == sum(metrics["synthetic-label-counts"])
+    assert abs(metrics["synthetic-train"] - 60) <= 5
+    stored = context.state["synthetic"]
+    assert stored["images"].numpy().shape == (metrics["synthetic-train"], 28, 28)
+    assert set(np.unique(stored["images"].numpy())) <= {0, 1}
+    if mode == "minority":
+        real = np.array(metrics["real-label-counts"])
+        assert np.array(metrics["synthetic-label-counts"])[real == real.max()].sum() == 0
+
+
+def test_no_imputation_caches_nothing_but_reports_counts():
+    context = make_context(0, NUM_PARTITIONS)
+    reply = impute(context, imputation="none")
+    assert reply.content["metrics"]["synthetic-train"] == 0
+
+
+def test_classifier_trains_on_real_plus_synthetic_and_evaluates_on_real_test_only():
+    context = make_context(2, NUM_PARTITIONS)
+    impute(context, **{"num-synthetic": 50})
+    synthetic = len(context.state["synthetic"]["labels"].numpy())
+    split = expected_split(2, AppConfig.from_run_config(TINY))
+    weights = ArrayRecord(ExquisiteNetV1().state_dict())
+    train = client_app(
+        make_message(RecordDict({"arrays": weights, "config": task_record()}), "train.clf"),
+        context,
+    )
+    assert train.content["metrics"]["num-examples"] == len(split.train) + synthetic
+    evaluation = client_app(
+        make_message(
+            RecordDict({"arrays": train.content["arrays"], "config": task_record()}),
+            "evaluate.clf",
+        ),
+        context,
+    )
+    metrics = evaluation.content["metrics"]
+    assert metrics["num-examples"] == len(split.test)  # no synthetic image in the test split
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro-f1"] <= 1.0
+
+
+def test_classifier_without_imputation_state_refuses_to_train_silently_on_real_only():
+    context = make_context(0, NUM_PARTITIONS)
+    content = RecordDict(
+        {"arrays": ArrayRecord(ExquisiteNetV1().state_dict()), "config": task_record()}
+    )
+    with pytest.raises(RuntimeError, match="imputation phase did not run"):
+        client_app(make_message(content, "train.clf"), context)
+
+
+def test_node_without_partition_config_gets_a_clear_error():
+    context = make_context(0, NUM_PARTITIONS)
+    context.node_config.clear()
+    content = RecordDict({"arrays": ArrayRecord(CVAE().state_dict()), "config": task_record()})
+    with pytest.raises(ValueError, match="partition-id"):
+        client_app(make_message(content, "train.cvae"), context)
+
+
+def test_same_message_same_seed_gives_identical_weights():
+    import torch
+
+    def train_once():
+        content = RecordDict({"arrays": ArrayRecord(CVAE().state_dict()), "config": task_record()})
+        return client_app(make_message(content, "train.cvae"), make_context(3, NUM_PARTITIONS))
+
+    first = train_once().content["arrays"].to_torch_state_dict()
+    torch.rand(17)  # disturb the global RNG: the handler must seed itself
+    second = train_once().content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
