@@ -48,6 +48,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 def flwr_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for flwr commands: private home, offline, no runtime installs."""
     env = dict(os.environ if base is None else base)
+    # Flower's processes start each other by name (flower-superexec, flwr-simulation...).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_TELEMETRY_ENABLED="0",
