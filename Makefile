@@ -2,7 +2,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt 2>/dev/null | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 
 # Simulation size of `make run`; override e.g. `make run SUPERNODES=20 RUN_CONFIG="num-synthetic=500"`.
 SUPERNODES ?= 10
@@ -15,10 +15,14 @@ OUTPUT_DIR ?= $(CURDIR)/results/default
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements-dev.txt
+# Installs the dependencies listed in pyproject.toml (app + dev extra), not the app itself:
+# Flower loads the app from this folder, and a cached venv must not point at an old clone.
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
+	$(BIN)/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+		print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(VENV)/requirements.txt
+	$(BIN)/python -m pip install --quiet -r $(VENV)/requirements.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
 run: setup
