@@ -59,23 +59,43 @@ def impute(msg: Message, context: Context) -> Message:
 def train_classifier(msg: Message, context: Context) -> Message:
     """Phase 3: local epochs of ExquisiteNet on real + synthetic training data."""
     task, split = _task_and_split(msg, context)
-    parts = [split.train]
-    if task.app.synthetic_per_client > 0:
-        if SYNTHETIC_STATE not in context.state:
-            raise RuntimeError("no synthetic images on this node: the imputation phase did not run")
-        record = context.state[SYNTHETIC_STATE]
-        parts.append(Digits(record["images"].numpy(), record["labels"].numpy()))
-    training_set = TensorData.from_digits(*parts, device=node.device())
+    training_set = _training_set(task, split, context)
     weights, loss = node.train_classifier(
         task,
         training_set,
         msg.content[ARRAYS].to_torch_state_dict(),
         _round(msg),
         split.partition_id,
-        epochs=task.app.clf_local_epochs,
+        epochs=task.app.classifier_local_epochs,
     )
     metrics = {"train-loss": loss, NUM_EXAMPLES: len(training_set)}
     return _reply(msg, {**metrics, PARTITION_ID: split.partition_id}, weights)
+
+
+@app.train("local")
+def finetune_locally(msg: Message, context: Context) -> Message:
+    """Finetune variant, local: fine-tune a private copy, report only its test metrics."""
+    task, split = _task_and_split(msg, context)
+    training_set = _training_set(task, split, context)
+    weights, loss = node.train_classifier(
+        task,
+        training_set,
+        msg.content[ARRAYS].to_torch_state_dict(),
+        0,
+        split.partition_id,
+        epochs=task.app.finetune_local_epochs,
+    )
+    metrics = node.evaluate_on_test(task, split, weights)
+    return _reply(
+        msg,
+        {
+            **metrics,
+            "train-loss": loss,
+            "train-examples": len(training_set),
+            NUM_EXAMPLES: len(split.test),
+            PARTITION_ID: split.partition_id,
+        },
+    )
 
 
 @app.evaluate("clf")
@@ -84,6 +104,17 @@ def evaluate_classifier(msg: Message, context: Context) -> Message:
     task, split = _task_and_split(msg, context)
     metrics = node.evaluate_on_test(task, split, msg.content[ARRAYS].to_torch_state_dict())
     return _reply(msg, {**metrics, NUM_EXAMPLES: len(split.test), PARTITION_ID: split.partition_id})
+
+
+def _training_set(task: TaskConfig, split, context: Context) -> TensorData:
+    """Real training split plus this node's synthetic images from the imputation phase."""
+    parts = [split.train]
+    if task.app.synthetic_per_client > 0:
+        if SYNTHETIC_STATE not in context.state:
+            raise RuntimeError("no synthetic images on this node: the imputation phase did not run")
+        record = context.state[SYNTHETIC_STATE]
+        parts.append(Digits(record["images"].numpy(), record["labels"].numpy()))
+    return TensorData.from_digits(*parts, device=node.device())
 
 
 def _task_and_split(msg: Message, context: Context):

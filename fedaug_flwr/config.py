@@ -23,6 +23,7 @@ PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 DATASETS = ("mnist-5k", "mnist")
 IMPUTATIONS = ("none", "uniform", "minority")
 RECON_LOSSES = ("bce", "sse")
+PRETRAIN_MODES = ("off", "federated", "local")
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,12 @@ class AppConfig:
     clf_weight_decay: float
     clf_batch_size: int
     eval_batch_size: int
+    pretrain: str
+    pretrain_samples: int
+    pretrain_epochs: int
+    finetune_local_epochs: int
+    quality_samples: int
+    quality_epochs: int
     fraction_train: float
     fraction_evaluate: float
     min_clients: int
@@ -91,6 +98,16 @@ class AppConfig:
     def synthetic_per_client(self) -> int:
         """How many synthetic images each client adds (0 without imputation)."""
         return 0 if self.imputation == "none" else self.num_synthetic
+
+    @property
+    def trains_cvae(self) -> bool:
+        """A generator is needed for imputation or for synthetic pretraining."""
+        return self.synthetic_per_client > 0 or self.pretrain != "off"
+
+    @property
+    def classifier_local_epochs(self) -> int:
+        """Local epochs per classifier round: fine-tuning uses its own count."""
+        return self.finetune_local_epochs if self.pretrain != "off" else self.clf_local_epochs
 
     def _check_relations(self) -> None:
         if self.val_fraction + self.test_fraction >= 0.9:
@@ -148,6 +165,12 @@ _RULES: dict[str, _Rule] = {
     "clf-weight-decay": (float, _non_negative, "a number >= 0"),
     "clf-batch-size": (int, _positive, "an integer >= 1"),
     "eval-batch-size": (int, _positive, "an integer >= 1"),
+    "pretrain": (str, PRETRAIN_MODES.__contains__, f"one of {list(PRETRAIN_MODES)}"),
+    "pretrain-samples": (int, lambda v: v >= 20, "an integer >= 20"),
+    "pretrain-epochs": (int, _positive, "an integer >= 1"),
+    "finetune-local-epochs": (int, _positive, "an integer >= 1"),
+    "quality-samples": (int, lambda v: v == 0 or v >= 20, "0 (no quality check) or >= 20"),
+    "quality-epochs": (int, _positive, "an integer >= 1"),
     "fraction-train": (float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     "fraction-evaluate": (float, _fraction_closed, "a number in [0, 1]"),
     "min-clients": (int, _positive, "an integer >= 1"),

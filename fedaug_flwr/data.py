@@ -25,6 +25,9 @@ DEFAULT_DATA_DIR = Path.home() / ".cache" / "fedaug-flwr" / "mnist"
 # mnist-5k: this many images per class are held out as the global test set.
 MNIST5K_TEST_PER_CLASS = 100
 
+# Label counts of MNIST's 60,000 training images: the proportions synthetic sets copy.
+MNIST_TRAIN_LABEL_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
+
 IDX_FILES = {
     "train-images": "train-images-idx3-ubyte",
     "train-labels": "train-labels-idx1-ubyte",

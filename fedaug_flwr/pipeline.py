@@ -10,6 +10,7 @@ sees models and numbers, never a client's images.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
@@ -30,17 +31,20 @@ from fedaug_flwr.data import load_source, resolve_source
 from fedaug_flwr.imputation import generate
 from fedaug_flwr.metrics import aggregate_clients
 from fedaug_flwr.models import CVAE, ExquisiteNetV1, count_parameters
-from fedaug_flwr.plots import save_sample_grid
+from fedaug_flwr.plots import save_probability_histograms, save_sample_grid
+from fedaug_flwr.pretrain import evaluation_curve, synthetic_mnist, train_on_synthetic
 from fedaug_flwr.protocol import (
     ARRAYS,
     CONFIG,
     EVALUATE_CLASSIFIER,
+    FINETUNE_LOCALLY,
     GENERATOR,
     IMPUTE,
     METRICS,
     PARTITION_ID,
     TaskConfig,
 )
+from fedaug_flwr.quality import generator_quality
 from fedaug_flwr.results import FAILURE, SUMMARY, resolve_output_dir, save_state_dict, write_json
 from fedaug_flwr.strategies import PhaseError, RoundLog, RoutedFedAvg, metric_dict, short_reason
 from fedaug_flwr.training import TensorData, evaluate_classifier, seed_for
@@ -130,15 +134,27 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
         "num-clients": len(node_ids),
     }
 
+    artifacts = report.sections.setdefault("artifacts", {})
     cvae_weights = None
-    if config.synthetic_per_client > 0:
+    if config.trains_cvae:
         cvae_weights, cvae_section = report.timed("cvae", lambda: train_cvae(grid, task))
         report.sections["cvae"] = cvae_section
-        save_state_dict(report.output_dir / "cvae.pt", cvae_weights)
-        save_cvae_samples(cvae_weights, config, report.output_dir / "cvae_samples.png")
+        artifacts["cvae"] = save_state_dict(report.output_dir / "cvae.pt", cvae_weights).name
+        samples = save_cvae_samples(cvae_weights, config, report.output_dir / "cvae_samples.png")
+        artifacts["cvae-samples"] = samples.name
     else:
-        report.sections["cvae"] = {"skipped": "imputation='none' or num-synthetic=0"}
-        report.timing["cvae"] = 0.0
+        report.sections["cvae"] = {"skipped": "no imputation and no pretraining"}
+
+    global_test = TensorData.from_digits(data.test)
+    pretrained = None
+    if config.pretrain != "off":
+        pretrained = report.timed(
+            "pretraining", lambda: pretrain_on_server(report, cvae_weights, global_test)
+        )
+    elif cvae_weights is not None and config.quality_samples > 0:
+        report.timed(
+            "generator-quality", lambda: quick_generator_quality(report, cvae_weights, global_test)
+        )
 
     clients = report.timed(
         "imputation", lambda: impute_on_clients(grid, task, node_ids, cvae_weights)
@@ -149,27 +165,115 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
         "total-synthetic": sum(c["synthetic-train"] for c in clients.values()),
     }
 
-    global_test = TensorData.from_digits(data.test)
-    classifier, classifier_section = report.timed(
-        "classifier", lambda: train_classifier(grid, task, global_test)
-    )
-    report.sections["classifier"] = classifier_section
-    save_state_dict(report.output_dir / "classifier.pt", classifier)
+    if pretrained is not None:
+        unchanged = report.timed(
+            "pretrained-evaluation", lambda: evaluate_on_clients(grid, task, node_ids, pretrained)
+        )
+        report.sections["pretraining"]["pretrained"] = {
+            "clients": aggregate_clients(unchanged.values()),
+            "per-client": [{PARTITION_ID: pid, **unchanged[pid]} for pid in sorted(unchanged)],
+            "global-test": evaluate_classifier(
+                _classifier(pretrained), global_test, config.eval_batch_size
+            ),
+        }
 
-    final = report.timed(
-        "final-evaluation", lambda: evaluate_on_clients(grid, task, node_ids, classifier)
-    )
+    if config.pretrain == "local":
+        final = report.timed(
+            "local-finetuning", lambda: finetune_locally(grid, task, node_ids, pretrained)
+        )
+        report.sections["classifier"] = {"skipped": "local fine-tuning: no aggregated model"}
+        final_global_test = None
+    else:
+        classifier, classifier_section = report.timed(
+            "classifier", lambda: train_classifier(grid, task, global_test, pretrained)
+        )
+        report.sections["classifier"] = classifier_section
+        artifacts["classifier"] = save_state_dict(
+            report.output_dir / "classifier.pt", classifier
+        ).name
+        final = report.timed(
+            "final-evaluation", lambda: evaluate_on_clients(grid, task, node_ids, classifier)
+        )
+        final_global_test = classifier_section["rounds"][-1]["global-test"]
+
     for partition_id, metrics in final.items():
         clients[partition_id]["final-test"] = metrics
     report.sections["clients"] = [clients[pid] for pid in sorted(clients)]
     report.sections["final"] = {
+        "model": {"off": "federated", "federated": "finetuned", "local": "finetuned-locally"}[
+            config.pretrain
+        ],
         "clients": aggregate_clients(final.values()),
-        "global-test": classifier_section["rounds"][-1]["global-test"],
+        "global-test": final_global_test,
     }
-    report.sections["artifacts"] = {
-        "classifier": "classifier.pt",
-        **({"cvae": "cvae.pt", "cvae-samples": "cvae_samples.png"} if cvae_weights else {}),
+
+
+def pretrain_on_server(report: RunReport, cvae_weights: dict, global_test: TensorData) -> dict:
+    """Finetune variant: generate an MNIST-sized synthetic set and train ExquisiteNet on it."""
+    config = report.config
+    synthetic = synthetic_mnist(
+        _cvae(cvae_weights, config), config.pretrain_samples, config.seed,
+        config.generation_batch_size,
+    )  # fmt: skip
+    synthetic_test = TensorData.from_digits(synthetic.test)
+    curve, record_epoch = evaluation_curve(
+        global_test, synthetic_test, config.pretrain_epochs, config.eval_batch_size
+    )
+    model = train_on_synthetic(
+        synthetic.train, config.pretrain_epochs, config.clf_lr, config.clf_weight_decay,
+        config.clf_batch_size, config.seed, on_epoch=record_epoch,
+    )  # fmt: skip
+    weights = model.state_dict()
+    artifacts = report.sections["artifacts"]
+    artifacts["pretrained"] = save_state_dict(report.output_dir / "pretrained.pt", weights).name
+    report.sections["pretraining"] = {
+        "mode": config.pretrain,
+        "samples": {"train": len(synthetic.train), "test": len(synthetic.test)},
+        "label-counts-train": synthetic.train.label_counts(),
+        "epochs": curve,
+        "weights-sha256": weights_digest(weights),
     }
+    description = (
+        f"the pretrained ExquisiteNetV1 ({len(synthetic.train)} synthetic images, "
+        f"{config.pretrain_epochs} epochs)"
+    )
+    _record_quality(report, model, global_test, synthetic_test, description)
+    return weights
+
+
+def quick_generator_quality(report: RunReport, cvae_weights: dict, global_test: TensorData) -> None:
+    """Train-on-synthetic / test-on-real with a small fixed classifier (no pretraining)."""
+    config = report.config
+    synthetic = synthetic_mnist(
+        _cvae(cvae_weights, config), config.quality_samples, config.seed,
+        config.generation_batch_size,
+    )  # fmt: skip
+    model = train_on_synthetic(
+        synthetic.train, config.quality_epochs, config.clf_lr, config.clf_weight_decay,
+        config.clf_batch_size, config.seed,
+    )  # fmt: skip
+    description = (
+        f"ExquisiteNetV1 trained on {len(synthetic.train)} synthetic images for "
+        f"{config.quality_epochs} epochs (quality-samples, quality-epochs)"
+    )
+    _record_quality(report, model, global_test, TensorData.from_digits(synthetic.test), description)
+
+
+def _record_quality(report, model, real_test, synthetic_test, description) -> None:
+    quality = generator_quality(
+        model, real_test, synthetic_test, report.config.eval_batch_size, description
+    )
+    folder, artifacts = report.output_dir, report.sections["artifacts"]
+    artifacts["probability-histograms"] = save_probability_histograms(
+        quality, folder / "probability_histograms.png"
+    ).name
+    report.sections["generator-quality"] = quality
+    log.info(
+        "[fedaug] generator quality: trained on synthetic, real-test accuracy %.3f, "
+        "macro-F1 %.3f (synthetic-test accuracy %.3f)",
+        quality["real-test"]["accuracy"], quality["real-test"]["macro-f1"],
+        quality["synthetic-test"]["accuracy"],
+    )  # fmt: skip
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float = NODE_WAIT_S) -> list[int]:
@@ -248,8 +352,7 @@ def train_cvae(grid: Grid, task: TaskConfig) -> tuple[dict, dict]:
 
 
 def save_cvae_samples(weights: dict, config: AppConfig, path: Path) -> Path:
-    cvae = CVAE(config.cvae_latent_dim)
-    cvae.load_state_dict(weights)
+    cvae = _cvae(weights, config)
     labels = np.repeat(np.arange(10), SAMPLES_PER_LABEL)
     images = generate(cvae, labels, seed=config.seed, batch_size=config.generation_batch_size)
     return save_sample_grid(images, SAMPLES_PER_LABEL, path)
@@ -316,20 +419,23 @@ def global_evaluator(test: TensorData, batch_size: int):
     """Server-side evaluation of the global classifier on the global MNIST test set."""
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model = ExquisiteNetV1()
-        model.load_state_dict(arrays.to_torch_state_dict())
+        model = _classifier(arrays.to_torch_state_dict())
         return MetricRecord(evaluate_classifier(model, test, batch_size))
 
     return evaluate
 
 
-def train_classifier(grid: Grid, task: TaskConfig, global_test: TensorData) -> tuple[dict, dict]:
-    """Phase 3: FedAvg of ExquisiteNet, evaluated on clients' real test splits every round."""
+def train_classifier(
+    grid: Grid, task: TaskConfig, global_test: TensorData, initial: dict | None = None
+) -> tuple[dict, dict]:
+    """Phase 3: FedAvg of ExquisiteNet (from ``initial`` weights, e.g. pretrained, or fresh),
+    evaluated on the clients' real test splits every round."""
     config = task.app
+    initial = initial if initial is not None else seeded(config.seed, 2, ExquisiteNetV1)
     strategy = _strategy(config, "clf", evaluate=True)
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(seeded(config.seed, 2, ExquisiteNetV1)),
+        initial_arrays=ArrayRecord(initial),
         num_rounds=config.clf_rounds,
         timeout=config.round_timeout,
         train_config=task.to_record(),
@@ -344,6 +450,8 @@ def train_classifier(grid: Grid, task: TaskConfig, global_test: TensorData) -> t
 
     section = {
         "parameters": count_parameters(ExquisiteNetV1()),
+        "local-epochs": config.classifier_local_epochs,
+        "initial-weights-sha256": weights_digest(initial),
         "initial-global-test": metric_dict(server_metrics[0]),
         "rounds": _rounds(strategy, result, global_test_of),
     }
@@ -363,6 +471,42 @@ def evaluate_on_clients(
         grid, node_ids, EVALUATE_CLASSIFIER, content, task.app.round_timeout, task.app.min_clients
     )
     return {int(a.pop(PARTITION_ID)): a for a in answers}
+
+
+def finetune_locally(
+    grid: Grid, task: TaskConfig, node_ids: list[int], pretrained: dict
+) -> dict[int, dict]:
+    """Each client fine-tunes its own copy of the pretrained model; nothing is aggregated."""
+    arrays = ArrayRecord(pretrained)
+
+    def content() -> RecordDict:
+        return RecordDict({ARRAYS: arrays, CONFIG: task.to_record()})
+
+    answers = send_to_all(
+        grid, node_ids, FINETUNE_LOCALLY, content, task.app.round_timeout, task.app.min_clients
+    )
+    return {int(a.pop(PARTITION_ID)): a for a in answers}
+
+
+def weights_digest(weights: dict) -> str:
+    """SHA-256 over a state dict's tensors, to show which weights a phase started from."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(weights[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cvae(weights: dict, config: AppConfig) -> CVAE:
+    model = CVAE(config.cvae_latent_dim)
+    model.load_state_dict(weights)
+    return model
+
+
+def _classifier(weights: dict) -> ExquisiteNetV1:
+    model = ExquisiteNetV1()
+    model.load_state_dict(weights)
+    return model
 
 
 def seeded(seed: int, phase: int, build: Callable[[], torch.nn.Module]) -> dict:

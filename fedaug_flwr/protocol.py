@@ -19,6 +19,7 @@ TRAIN_CVAE = "train.cvae"
 IMPUTE = "query.impute"
 TRAIN_CLASSIFIER = "train.clf"
 EVALUATE_CLASSIFIER = "evaluate.clf"
+FINETUNE_LOCALLY = "train.local"  # fine-tune a copy, evaluate it, send back only metrics
 
 ARRAYS = "arrays"  # the model being trained / evaluated
 GENERATOR = "generator"  # the frozen CVAE, for imputation

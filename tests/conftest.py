@@ -17,6 +17,11 @@ TINY = {
     "num-synthetic": 40,
     "dirichlet-beta": 0.5,
     "eval-batch-size": 256,
+    "quality-samples": 140,
+    "quality-epochs": 1,
+    "pretrain-samples": 140,
+    "pretrain-epochs": 1,
+    "finetune-local-epochs": 1,
 }
 
 

@@ -107,11 +107,12 @@ class InProcessGrid:
         return replies
 
 
-def run_in_process(tmp_path, name: str, seed: int) -> dict:
+def run_in_process(tmp_path, name: str, seed: int, **overrides) -> dict:
     from flwr.supercore.task_identity import TaskIdentity  # internal; see facts sheet §8
 
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
     config = {**TINY, "num-synthetic": 20, "seed": seed, "output-dir": str(tmp_path / name)}
+    config.update(overrides)
     build_server_app(config)(InProcessGrid(config, 2), Context(1, 1, {}, RecordDict(), {}))
     return json.loads((tmp_path / name / "summary.json").read_text())
 
@@ -122,6 +123,10 @@ def test_same_seed_same_partitions_labels_and_metrics(tmp_path):
     assert first["clients"] == second["clients"]
     assert first["final"] == second["final"]
     assert first["cvae"]["rounds"] == second["cvae"]["rounds"]
+    assert first["generator-quality"] == second["generator-quality"]
+    # without pretraining, generator quality comes from the small fixed classifier
+    assert "quality-samples" in first["generator-quality"]["classifier"]
+    assert "pretraining" not in first and first["final"]["model"] == "federated"
     # ...and the seed matters: another seed gives client 0 other data
     config = AppConfig.from_run_config(first["config"])
     other = client_split(load_source("mnist-5k", "").pool, 0, 2, config.dirichlet_beta, 6,
