@@ -59,16 +59,10 @@ def impute(msg: Message, context: Context) -> Message:
 def train_classifier(msg: Message, context: Context) -> Message:
     """Phase 3: local epochs of ExquisiteNet on real + synthetic training data."""
     task, split = _task_and_split(msg, context)
-    training_set = _training_set(task, split, context)
-    weights, loss = node.train_classifier(
-        task,
-        training_set,
-        msg.content[ARRAYS].to_torch_state_dict(),
-        _round(msg),
-        split.partition_id,
-        epochs=task.app.classifier_local_epochs,
+    weights, loss, examples = _train_classifier(
+        msg, context, task, split, task.app.classifier_local_epochs
     )
-    metrics = {"train-loss": loss, NUM_EXAMPLES: len(training_set)}
+    metrics = {"train-loss": loss, NUM_EXAMPLES: examples}
     return _reply(msg, {**metrics, PARTITION_ID: split.partition_id}, weights)
 
 
@@ -76,14 +70,8 @@ def train_classifier(msg: Message, context: Context) -> Message:
 def finetune_locally(msg: Message, context: Context) -> Message:
     """Finetune variant, local: fine-tune a private copy, report only its test metrics."""
     task, split = _task_and_split(msg, context)
-    training_set = _training_set(task, split, context)
-    weights, loss = node.train_classifier(
-        task,
-        training_set,
-        msg.content[ARRAYS].to_torch_state_dict(),
-        0,
-        split.partition_id,
-        epochs=task.app.finetune_local_epochs,
+    weights, loss, examples = _train_classifier(
+        msg, context, task, split, task.app.finetune_local_epochs
     )
     metrics = node.evaluate_on_test(task, split, weights)
     return _reply(
@@ -91,7 +79,7 @@ def finetune_locally(msg: Message, context: Context) -> Message:
         {
             **metrics,
             "train-loss": loss,
-            "train-examples": len(training_set),
+            "train-examples": examples,
             NUM_EXAMPLES: len(split.test),
             PARTITION_ID: split.partition_id,
         },
@@ -104,6 +92,20 @@ def evaluate_classifier(msg: Message, context: Context) -> Message:
     task, split = _task_and_split(msg, context)
     metrics = node.evaluate_on_test(task, split, msg.content[ARRAYS].to_torch_state_dict())
     return _reply(msg, {**metrics, NUM_EXAMPLES: len(split.test), PARTITION_ID: split.partition_id})
+
+
+def _train_classifier(msg: Message, context: Context, task: TaskConfig, split, epochs: int):
+    """Local epochs on the real training split plus this node's synthetic images."""
+    training_set = _training_set(task, split, context)
+    weights, loss = node.train_classifier(
+        task,
+        training_set,
+        msg.content[ARRAYS].to_torch_state_dict(),
+        _round(msg),
+        split.partition_id,
+        epochs=epochs,
+    )
+    return weights, loss, len(training_set)
 
 
 def _training_set(task: TaskConfig, split, context: Context) -> TensorData:

@@ -458,34 +458,29 @@ def train_classifier(
     return weights, section
 
 
-def evaluate_on_clients(
-    grid: Grid, task: TaskConfig, node_ids: list[int], weights: dict
+def per_client_with_model(
+    grid: Grid, task: TaskConfig, node_ids: list[int], weights: dict, message_type: str
 ) -> dict[int, dict]:
-    """The final model on every client's real test split, keyed by partition id."""
+    """Send a classifier to every client for ``message_type``; their metrics by partition id."""
     arrays = ArrayRecord(weights)
 
     def content() -> RecordDict:
         return RecordDict({ARRAYS: arrays, CONFIG: task.to_record()})
 
     answers = send_to_all(
-        grid, node_ids, EVALUATE_CLASSIFIER, content, task.app.round_timeout, task.app.min_clients
+        grid, node_ids, message_type, content, task.app.round_timeout, task.app.min_clients
     )
     return {int(a.pop(PARTITION_ID)): a for a in answers}
 
 
-def finetune_locally(
-    grid: Grid, task: TaskConfig, node_ids: list[int], pretrained: dict
-) -> dict[int, dict]:
+def evaluate_on_clients(grid: Grid, task: TaskConfig, node_ids: list[int], weights: dict):
+    """A classifier, unchanged, on every client's real test split."""
+    return per_client_with_model(grid, task, node_ids, weights, EVALUATE_CLASSIFIER)
+
+
+def finetune_locally(grid: Grid, task: TaskConfig, node_ids: list[int], pretrained: dict):
     """Each client fine-tunes its own copy of the pretrained model; nothing is aggregated."""
-    arrays = ArrayRecord(pretrained)
-
-    def content() -> RecordDict:
-        return RecordDict({ARRAYS: arrays, CONFIG: task.to_record()})
-
-    answers = send_to_all(
-        grid, node_ids, FINETUNE_LOCALLY, content, task.app.round_timeout, task.app.min_clients
-    )
-    return {int(a.pop(PARTITION_ID)): a for a in answers}
+    return per_client_with_model(grid, task, node_ids, pretrained, FINETUNE_LOCALLY)
 
 
 def weights_digest(weights: dict) -> str:
