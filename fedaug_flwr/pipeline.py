@@ -6,6 +6,13 @@
    every client's real test split and on the global test set,
 then a final per-client evaluation and ``summary.json``. The server only ever
 sees models and numbers, never a client's images.
+
+Clients may fail (an exception, missing data, a dead SuperNode): every failure
+is logged and recorded where it happened (``failures`` of each round, of the
+imputation and of the final evaluation), keyed by Flower node id. The run
+fails (``failure.json``, no summary) only when a training round or the
+imputation gets fewer than ``min-clients`` answers, i.e. when a phase cannot
+produce its model.
 """
 
 from __future__ import annotations
@@ -41,7 +48,13 @@ from fedaug_flwr.protocol import (
     TaskConfig,
 )
 from fedaug_flwr.results import FAILURE, SUMMARY, resolve_output_dir, save_state_dict, write_json
-from fedaug_flwr.strategies import PhaseError, RoundLog, RoutedFedAvg, metric_dict, short_reason
+from fedaug_flwr.strategies import (
+    PhaseError,
+    RoundLog,
+    RoutedFedAvg,
+    metric_dict,
+    reply_failures,
+)
 from fedaug_flwr.training import TensorData, evaluate_classifier
 
 log = logging.getLogger("flwr.fedaug")  # printed by Flower's own log handler
@@ -139,13 +152,14 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
         report.sections["cvae"] = {"skipped": "imputation='none' or num-synthetic=0"}
         report.timing["cvae"] = 0.0
 
-    clients = report.timed(
+    clients, impute_failures = report.timed(
         "imputation", lambda: impute_on_clients(grid, task, node_ids, cvae_weights)
     )
     report.sections["imputation"] = {
         "mode": config.imputation,
         "num-synthetic-per-client": config.synthetic_per_client,
         "total-synthetic": sum(c["synthetic-train"] for c in clients.values()),
+        "failures": impute_failures,
     }
 
     global_test = TensorData.from_digits(data.test)
@@ -155,15 +169,20 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
     report.sections["classifier"] = classifier_section
     save_state_dict(report.output_dir / "classifier.pt", classifier)
 
-    final = report.timed(
+    final, final_failures = report.timed(
         "final-evaluation", lambda: evaluate_on_clients(grid, task, node_ids, classifier)
     )
-    for partition_id, metrics in final.items():
-        clients[partition_id]["final-test"] = metrics
-    report.sections["clients"] = [clients[pid] for pid in sorted(clients)]
+    for node_id, metrics in final.items():
+        partition_id = metrics.pop(PARTITION_ID)
+        entry = clients.setdefault(node_id, {"node-id": node_id, "partition-id": partition_id})
+        entry["final-test"] = metrics
+    report.sections["clients"] = sorted(
+        clients.values(), key=lambda c: (c["partition-id"], c["node-id"])
+    )
     report.sections["final"] = {
         "clients": aggregate_clients(final.values()),
         "global-test": classifier_section["rounds"][-1]["global-test"],
+        "failures": final_failures,
     }
     report.sections["artifacts"] = {
         "classifier": "classifier.pt",
@@ -200,7 +219,8 @@ def _rounds(strategy: RoutedFedAvg, result, extra: Callable[[int], dict] | None 
         }
         evaluation: RoundLog | None = strategy.evaluate_log.get(server_round)
         if evaluation is not None:
-            row["evaluate"] = metric_dict(result.evaluate_metrics_clientapp[server_round])
+            aggregated = result.evaluate_metrics_clientapp.get(server_round, MetricRecord())
+            row["evaluate"] = metric_dict(aggregated)
             row["evaluate-per-client"] = evaluation.per_client
             row["failures"] = row["failures"] + evaluation.failures
         if extra is not None:
@@ -261,30 +281,41 @@ def send_to_all(
     content: Callable[[], RecordDict],
     timeout: float,
     min_replies: int,
-) -> list[dict]:
-    """Send one message per node, wait for the replies, return their metrics."""
+) -> tuple[dict[int, dict], list[dict]]:
+    """Send one message per node and wait for the replies.
+
+    Returns the metrics of every node that answered (keyed by node id) and the
+    failures (error replies and nodes that did not answer within ``timeout``).
+    Raises :class:`PhaseError` when fewer than ``min_replies`` answered.
+    """
     messages = [
         Message(content(), dst_node_id=node_id, message_type=message_type) for node_id in node_ids
     ]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    failures = [r for r in replies if r.has_error()]
-    for reply in failures:
-        node_id, reason = reply.metadata.src_node_id, short_reason(reply.error.reason)
-        log.warning("%s: node %s failed: %s", message_type, node_id, reason)
-    answers = [metric_dict(r.content[METRICS]) for r in replies if not r.has_error()]
+    failures = reply_failures(replies, node_ids, timeout)
+    for failure in failures:
+        log.warning("%s: node %s failed: %s", message_type, failure["node-id"], failure["reason"])
+    answers = {
+        r.metadata.src_node_id: metric_dict(r.content[METRICS])
+        for r in replies
+        if not r.has_error()
+    }
     if len(answers) < min_replies:
-        reasons = sorted({short_reason(r.error.reason) for r in failures})
+        reasons = sorted({f["reason"] for f in failures})
         raise PhaseError(
             f"{message_type}: only {len(answers)} of {len(node_ids)} clients answered "
             f"(need {min_replies}); client errors: {reasons}"
         )
-    return answers
+    return answers, failures
 
 
 def impute_on_clients(
     grid: Grid, task: TaskConfig, node_ids: list[int], cvae_weights: dict | None
-) -> dict[int, dict]:
-    """Phase 2: each client generates its synthetic images once and keeps them."""
+) -> tuple[dict[int, dict], list[dict]]:
+    """Phase 2: each client generates its synthetic images once and keeps them.
+
+    Needs ``min-clients`` answers: the classifier phase trains on their results.
+    """
     generator = ArrayRecord(
         cvae_weights if cvae_weights is not None else CVAE(task.app.cvae_latent_dim).state_dict()
     )
@@ -292,14 +323,16 @@ def impute_on_clients(
     def content() -> RecordDict:
         return RecordDict({GENERATOR: generator, CONFIG: task.to_record()})
 
-    answers = send_to_all(
+    answers, failures = send_to_all(
         grid, node_ids, IMPUTE, content, task.app.round_timeout, task.app.min_clients
     )
     clients = {}
-    for answer in answers:
+    for node_id, answer in answers.items():
         real, synthetic = answer["real-label-counts"], answer["synthetic-label-counts"]
-        clients[int(answer[PARTITION_ID])] = {
+        clients[node_id] = {
+            "node-id": node_id,
             "partition-id": int(answer[PARTITION_ID]),
+            "own-data": bool(answer.get("own-data", 0)),
             "real-train": int(answer["real-train"]),
             "val": int(answer["val"]),
             "test": int(answer["test"]),
@@ -308,7 +341,7 @@ def impute_on_clients(
             "label-counts-synthetic": [int(c) for c in synthetic],
             "label-counts-after": [int(a) + int(b) for a, b in zip(real, synthetic, strict=False)],
         }
-    return clients
+    return clients, failures
 
 
 def global_evaluator(test: TensorData, batch_size: int):
@@ -351,17 +384,19 @@ def train_classifier(grid: Grid, task: TaskConfig, global_test: TensorData) -> t
 
 def evaluate_on_clients(
     grid: Grid, task: TaskConfig, node_ids: list[int], weights: dict
-) -> dict[int, dict]:
-    """The final model on every client's real test split, keyed by partition id."""
+) -> tuple[dict[int, dict], list[dict]]:
+    """The final model on every client's real test split, keyed by node id, and the failures.
+
+    The model exists already, so clients that fail here are recorded, not fatal.
+    """
     arrays = ArrayRecord(weights)
 
     def content() -> RecordDict:
         return RecordDict({ARRAYS: arrays, CONFIG: task.to_record()})
 
-    answers = send_to_all(
-        grid, node_ids, EVALUATE_CLASSIFIER, content, task.app.round_timeout, task.app.min_clients
+    return send_to_all(
+        grid, node_ids, EVALUATE_CLASSIFIER, content, task.app.round_timeout, min_replies=0
     )
-    return {int(a.pop(PARTITION_ID)): a for a in answers}
 
 
 def _iso(timestamp: float) -> str:

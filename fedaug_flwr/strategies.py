@@ -4,7 +4,11 @@ Flower's FedAvg sends plain "train"/"evaluate" messages and keeps only the
 aggregated metrics. :class:`RoutedFedAvg` retags its messages (e.g.
 "train.cvae"), gives each message its own content (FedAvg shares one
 RecordDict between all of them), records per-client metrics and failures per
-round, and stops the phase when fewer than ``min_replies`` clients answered.
+round (error replies, and clients that did not answer before the round timed
+out, e.g. a dead SuperNode), and stops the phase when fewer than
+``min_replies`` clients answered a training round. Evaluation rounds never
+stop a phase: their failures are recorded and the metrics of those who
+answered are kept.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ class RoundLog:
 
     per_client: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
+    sent: int = 0
 
 
 def short_reason(reason: str) -> str:
@@ -43,6 +48,29 @@ def short_reason(reason: str) -> str:
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
     errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception): ", line)]
     return (errors or lines or [reason])[-1]
+
+
+def no_reply_reason(timeout: float | None) -> str:
+    limit = "" if timeout is None else f" ({timeout:g} s)"
+    return f"no reply within round-timeout{limit}: node down or too slow"
+
+
+def reply_failures(
+    replies: list[Message], sent_to: Iterable[int], timeout: float | None
+) -> list[dict]:
+    """One ``{"node-id", "reason"}`` per error reply and per node that never replied."""
+    failures = [
+        {"node-id": reply.metadata.src_node_id, "reason": short_reason(reply.error.reason)}
+        for reply in replies
+        if reply.has_error()
+    ]
+    answered = {reply.metadata.src_node_id for reply in replies}
+    failures += [
+        {"node-id": node_id, "reason": no_reply_reason(timeout)}
+        for node_id in sent_to
+        if node_id not in answered
+    ]
+    return failures
 
 
 def metric_dict(record: MetricRecord) -> dict:
@@ -73,26 +101,41 @@ class RoutedFedAvg(FedAvg):
         self.min_replies = min_replies
         self.train_log: dict[int, RoundLog] = {}
         self.evaluate_log: dict[int, RoundLog] = {}
+        self.round_timeout: float | None = None
+        self._sent_to: dict[tuple[str, int], list[int]] = {}
 
-    def _route(self, messages: Iterable[Message], category: str) -> list[Message]:
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        **kwargs,
+    ):
+        self.round_timeout = timeout  # to tell "no reply in time" from other failures
+        return super().start(grid, initial_arrays, num_rounds, timeout, **kwargs)
+
+    def _route(self, messages: Iterable[Message], category: str, server_round: int) -> list:
         routed = []
         for message in messages:
             # FedAvg reuses one RecordDict for every message: give each its own.
             message.content = RecordDict(dict(message.content.items()))
             message.metadata.message_type = f"{category}.{self.action}"
             routed.append(message)
+        self._sent_to[category, server_round] = [m.metadata.dst_node_id for m in routed]
         return routed
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self._route(super().configure_train(server_round, arrays, config, grid), "train")
+        messages = super().configure_train(server_round, arrays, config, grid)
+        return self._route(messages, "train", server_round)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         messages = super().configure_evaluate(server_round, arrays, config, grid)
-        return self._route(messages, "evaluate")
+        return self._route(messages, "evaluate", server_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
@@ -107,17 +150,12 @@ class RoutedFedAvg(FedAvg):
         return super().aggregate_evaluate(server_round, replies)
 
     def _record(self, replies: list[Message], kind: str, server_round: int) -> RoundLog:
-        entry = RoundLog()
-        for reply in replies:
-            if reply.has_error():
-                entry.failures.append(
-                    {
-                        "node-id": reply.metadata.src_node_id,
-                        "reason": short_reason(reply.error.reason),
-                    }
-                )
-            else:
-                entry.per_client.append(metric_dict(reply.content["metrics"]))
+        sent_to = self._sent_to.get((kind, server_round), [])
+        entry = RoundLog(sent=len(sent_to))
+        entry.failures = reply_failures(replies, sent_to, self.round_timeout)
+        entry.per_client = [
+            metric_dict(reply.content["metrics"]) for reply in replies if not reply.has_error()
+        ]
         for failure in entry.failures:
             log.warning(
                 "%s.%s round %d: node %s failed: %s",
@@ -129,9 +167,12 @@ class RoutedFedAvg(FedAvg):
             )
         if len(entry.per_client) < self.min_replies:
             reasons = sorted({f["reason"] for f in entry.failures})
-            raise PhaseError(
+            summary = (
                 f"{kind}.{self.action} round {server_round}: only {len(entry.per_client)} of "
-                f"{len(replies)} clients answered (need {self.min_replies}); "
+                f"{entry.sent} clients answered (need {self.min_replies}); "
                 f"client errors: {reasons}"
             )
+            if kind == "train":  # no model without enough updates
+                raise PhaseError(summary)
+            log.warning("%s; evaluation kept for those who answered", summary)
         return entry
