@@ -12,6 +12,9 @@ group.
 Command line (``make run`` uses it)::
 
     python -m fedaug_flwr.launch --num-supernodes 10 --run-config "num-synthetic=500"
+
+The same process classes (:class:`SuperLink`, :class:`SuperNode`) run a real
+deployment in :mod:`fedaug_flwr.deploy`.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class SuperLink:
     host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
     extra_args: Sequence[str] = ()
+    extra_env: Mapping[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
 
     @property
@@ -118,7 +122,7 @@ class SuperLink:
         self.process = subprocess.Popen(
             command,
             cwd=self.flwr_home,
-            env=flwr_env(self.flwr_home),
+            env={**flwr_env(self.flwr_home), **self.extra_env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() takes its children too
@@ -151,6 +155,100 @@ class SuperLink:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class SuperNodeRefused(RuntimeError):
+    """A SuperNode exited before it connected (e.g. its key is not registered)."""
+
+
+@dataclass
+class SuperNode:
+    """A ``flower-supernode`` process started and stopped by us (by process group).
+
+    ``port`` is its local Runtime API, where its ClientApp processes connect;
+    it binds ``host`` (loopback). TLS towards the SuperLink is on when
+    ``root_certificates`` is given, SuperNode authentication when
+    ``auth_private_key`` is.
+    """
+
+    flwr_home: Path
+    superlink_address: str
+    node_config: Mapping[str, object]
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    root_certificates: Path | None = None
+    auth_private_key: Path | None = None
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.flwr_home / "supernode.log"
+
+    def command(self) -> list[str]:
+        command = [
+            bin_path("flower-supernode"),
+            "--superlink", self.superlink_address,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--node-config", to_overrides(self.node_config),
+        ]  # fmt: skip
+        if self.root_certificates is None:
+            command.append("--insecure")
+        else:
+            command += ["--root-certificates", str(self.root_certificates)]
+        if self.auth_private_key is not None:
+            command += ["--auth-supernode-private-key", str(self.auth_private_key)]
+        return command
+
+    def start(self) -> SuperNode:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.command(),
+            cwd=self.flwr_home,
+            env={**flwr_env(self.flwr_home), **self.extra_env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: its SuperExec and ClientApps go with it
+        )
+        log.close()
+        return self
+
+    def wait_until_connected(self, timeout_s: float = STARTUP_TIMEOUT_S) -> int:
+        """The node id the SuperLink gave it; :class:`SuperNodeRefused` if it exited."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            if match := re.search(r"SuperNode ID: (\d+)", text):
+                return int(match.group(1))
+            if self.process.poll() is not None:
+                raise SuperNodeRefused(
+                    f"flower-supernode exited with code {self.process.returncode} before "
+                    f"connecting to {self.superlink_address}: {last_error(text)} "
+                    f"(log: {self.log_path})"
+                )
+            time.sleep(0.3)
+        raise RuntimeError(f"flower-supernode did not connect in {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        stop_process_group(self.process)
+
+    def __enter__(self) -> SuperNode:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def last_error(log_text: str) -> str:
+    """The lines of a Flower log that explain an exit (from its last ERROR on)."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", log_text)
+    start = plain.rfind("ERROR")
+    lines = plain[start:].splitlines()[:4] if start >= 0 else plain.splitlines()[-3:]
+    return " ".join(line.strip() for line in lines if line.strip())
 
 
 def stop_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
