@@ -11,8 +11,9 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedaug_flwr import node
-from fedaug_flwr.faults import fault_injection_mod
+from fedaug_flwr.config import ConfigError
 from fedaug_flwr.data import Digits
+from fedaug_flwr.faults import fault_injection_mod
 from fedaug_flwr.protocol import (
     ARRAYS,
     CONFIG,
@@ -95,6 +96,8 @@ def evaluate_classifier(msg: Message, context: Context) -> Message:
 
 
 def _task_and_split(msg: Message, context: Context):
+    if CONFIG not in msg.content.config_records:
+        raise ConfigError(f"{msg.metadata.message_type} message lacks its '{CONFIG}' record")
     task = TaskConfig.from_record(msg.content[CONFIG])
     return task, node.load_split(task, context.node_config)
 

@@ -86,7 +86,7 @@ class Plan:
     supernode_port: int = DEFAULT_SUPERNODE_PORT
     secure: bool = False
     torch_threads: int = 0  # 0: default_torch_threads
-    data_sizes: tuple[int, ...] = ()  # images per data path, filled in by checked()
+    data_sizes: tuple[int | None, ...] = ()  # images per data path, filled in by checked()
 
     def checked(self) -> Plan:
         """This plan with data paths made absolute, or :class:`DeploymentError` saying why not."""
@@ -129,6 +129,10 @@ class Plan:
             )
         absolute, sizes = [], []
         for path in self.data_paths:
+            if not path:  # this node uses a Dirichlet partition
+                absolute.append("")
+                sizes.append(None)
+                continue
             try:
                 sizes.append(len(load_node_data(path)))  # fail now, not in the middle of a run
             except DataError as error:
@@ -139,7 +143,7 @@ class Plan:
                     self.secure, threads, tuple(sizes))  # fmt: skip
 
     def node_config(self, index: int) -> dict[str, object]:
-        if self.data_paths:
+        if self.data_paths and self.data_paths[index]:
             return {"partition-id": index, "data-path": self.data_paths[index]}
         return {"partition-id": index, "num-partitions": self.num_supernodes}
 
@@ -376,7 +380,7 @@ class LocalDeployment:
         if state is None or not self.running():
             raise DeploymentError(f"no deployment is up in {self.state_dir}; run `up` first")
         for path, size in zip(state.plan["data_paths"], state.plan["data_sizes"], strict=True):
-            if size < config.min_partition_size:
+            if size is not None and size < config.min_partition_size:
                 raise DeploymentError(
                     f"data-path {path!r} holds {size} images, fewer than min-partition-size="
                     f"{config.min_partition_size}: too small to split into train/val/test"
@@ -445,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--num-supernodes", type=int, default=3, help="default: %(default)s")
     up.add_argument(
         "--data-path", action="append", default=[], metavar="PATH",
-        help="a SuperNode's own data (.npz or IDX folder), once per SuperNode; "
-        "without it node i uses Dirichlet partition i",
+        help="a SuperNode's own data (.npz or IDX folder), once per SuperNode in order "
+        "('' for one that should use Dirichlet partition i); without it node i uses "
+        "Dirichlet partition i of the run's dataset",
     )  # fmt: skip
     up.add_argument("--superlink-port", type=int, default=DEFAULT_SUPERLINK_PORT)
     up.add_argument(

@@ -110,7 +110,9 @@ def run(grid: Grid, config: AppConfig, run_id: int) -> Path:
         write_json(
             output_dir / FAILURE,
             {
-                "status": "failed",
+                # Ctrl-C / SIGINT reaches us as KeyboardInterrupt; SIGKILL leaves no trace,
+                # and a folder without summary.json is then an incomplete run.
+                "status": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
                 "run-id": run_id,
                 "error": f"{type(error).__name__}: {error}",
                 "traceback": traceback.format_exc(),
