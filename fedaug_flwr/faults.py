@@ -10,7 +10,7 @@ is set (by a test) in the process that runs the ClientApp, e.g.::
 Each comma-separated entry is ``<message-type>@<partition-id>[:<round>][=<action>]``:
 
 - message type: ``train.cvae``, ``query.impute``, ``train.clf`` or ``evaluate.clf``;
-- partition id: the node's ``partition-id`` (0 for a data-path node without one);
+- partition id: the node's ``partition-id``;
 - round: the message's ``server-round`` (0 for the imputation and the final
   evaluation, which are not strategy rounds); any round when left out;
 - action: ``raise`` (default) raises :class:`InjectedFault` in the handler;
@@ -83,7 +83,7 @@ def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCall
     """A ClientApp mod that fails the messages named in ``FEDAUG_TEST_FAULTS``; else a no-op."""
     text = os.environ.get(ENV_VAR, "")
     if text:
-        partition_id = context.node_config.get("partition-id", 0)
+        partition_id = context.node_config.get("partition-id", -1)
         server_round = 0
         if CONFIG in msg.content.config_records:
             server_round = int(msg.content[CONFIG].get("server-round", 0))

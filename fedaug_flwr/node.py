@@ -7,12 +7,14 @@ global CVAE, are kept between messages (in the caller's ``context.state``).
 
 A node's data comes from its node config (``flower-supernode --node-config``):
 
-- ``data-path='<file or folder>'``: the node's own digits (see
+- ``partition-id=<i> data-path='<file or folder>'``: the node's own digits (see
   :data:`fedaug_flwr.data.NODE_DATA_FORMATS`), split 80/10/10 (val-fraction,
-  test-fraction) with the run seed. ``partition-id`` is then optional and only
-  labels the node (and seeds it);
-- otherwise ``partition-id=<i> num-partitions=<n>`` select Dirichlet partition
-  ``i`` of the run's dataset, as in simulation.
+  test-fraction) with the run seed; ``i`` is then the node's number in the
+  results (and part of its seeds);
+- ``partition-id=<i> num-partitions=<n>``: Dirichlet partition ``i`` of the
+  run's dataset, as in simulation.
+
+Every SuperNode of a federation needs its own partition id.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ def device() -> torch.device:
 
 
 NODE_CONFIG_KEYS = {
-    "partition-id": "an integer >= 0 (required without data-path)",
-    "num-partitions": "an integer >= 1 (required without data-path)",
+    "partition-id": "an integer >= 0, different on every SuperNode",
+    "num-partitions": "an integer >= 1 (needed without data-path)",
     "data-path": "the node's own data: an .npz file or an IDX folder (absolute path)",
 }
 
@@ -84,13 +86,13 @@ def parse_node_config(node_config: Mapping[str, object]) -> NodeConfig:
         )
     partition_id = node_config.get("partition-id")
     num_partitions = node_config.get("num-partitions")
-    if data_path:
-        partition_id = 0 if partition_id is None else partition_id
-        num_partitions = 1 if num_partitions is None else num_partitions
-    elif partition_id is None or num_partitions is None:
+    if data_path and num_partitions is None:
+        num_partitions = 1  # not used with the node's own data
+    if partition_id is None or num_partitions is None:
         raise NodeConfigError(
-            "node config needs data-path='<own data>' or both partition-id and num-partitions, "
-            'e.g. flower-supernode --node-config "partition-id=0 num-partitions=3"; '
+            "node config needs partition-id and either num-partitions (a Dirichlet partition) "
+            "or data-path (the node's own data), e.g. flower-supernode --node-config "
+            '"partition-id=0 num-partitions=3" or "partition-id=0 data-path=\'/data/site.npz\'"; '
             f"got {dict(node_config)}"
         )
     if num_partitions < 1:

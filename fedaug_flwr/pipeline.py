@@ -7,11 +7,11 @@
 then a final per-client evaluation and ``summary.json``. The server only ever
 sees models and numbers, never a client's images.
 
-Clients may fail (an exception, missing data, a dead SuperNode): every failure
-is logged and recorded where it happened (``failures`` of each round, of the
-imputation and of the final evaluation), keyed by Flower node id. The run
-fails (``failure.json``, no summary) only when a training round or the
-imputation gets fewer than ``min-clients`` answers, i.e. when a phase cannot
+Clients may fail (an exception, missing data, a dead SuperNode): each failure
+is logged and recorded, with the Flower node id, where it happened
+(``failures`` of every round, of the imputation and of the final evaluation).
+The run fails (``failure.json``, no summary) only when a training round or the
+imputation gets fewer than ``min-clients`` answers: then a phase cannot
 produce its model.
 """
 
@@ -48,17 +48,12 @@ from fedaug_flwr.protocol import (
     TaskConfig,
 )
 from fedaug_flwr.results import FAILURE, SUMMARY, resolve_output_dir, save_state_dict, write_json
-from fedaug_flwr.strategies import (
-    PhaseError,
-    RoundLog,
-    RoutedFedAvg,
-    metric_dict,
-    reply_failures,
-)
+from fedaug_flwr.strategies import PhaseError, RoundLog, RoutedFedAvg, metric_dict, reply_failures
 from fedaug_flwr.training import TensorData, evaluate_classifier
 
 log = logging.getLogger("flwr.fedaug")  # printed by Flower's own log handler
 SAMPLES_PER_LABEL = 10
+NODE_ID = "node-id"  # the Flower node id of a SuperNode, as the server saw it
 NODE_WAIT_S = 300.0
 
 
@@ -110,8 +105,8 @@ def run(grid: Grid, config: AppConfig, run_id: int) -> Path:
         write_json(
             output_dir / FAILURE,
             {
-                # Ctrl-C / SIGINT reaches us as KeyboardInterrupt; SIGKILL leaves no trace,
-                # and a folder without summary.json is then an incomplete run.
+                # Ctrl-C reaches us as KeyboardInterrupt; after a SIGKILL nothing is written,
+                # and a folder without summary.json is an incomplete run either way.
                 "status": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
                 "run-id": run_id,
                 "error": f"{type(error).__name__}: {error}",
@@ -154,8 +149,10 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
         report.sections["cvae"] = {"skipped": "imputation='none' or num-synthetic=0"}
         report.timing["cvae"] = 0.0
 
-    clients, impute_failures = report.timed(
-        "imputation", lambda: impute_on_clients(grid, task, node_ids, cvae_weights)
+    impute_failures: list[dict] = []
+    clients = report.timed(
+        "imputation",
+        lambda: impute_on_clients(grid, task, node_ids, cvae_weights, impute_failures),
     )
     report.sections["imputation"] = {
         "mode": config.imputation,
@@ -171,16 +168,15 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
     report.sections["classifier"] = classifier_section
     save_state_dict(report.output_dir / "classifier.pt", classifier)
 
-    final, final_failures = report.timed(
-        "final-evaluation", lambda: evaluate_on_clients(grid, task, node_ids, classifier)
+    final_failures: list[dict] = []
+    final = report.timed(
+        "final-evaluation",
+        lambda: evaluate_on_clients(grid, task, node_ids, classifier, final_failures),
     )
-    for node_id, metrics in final.items():
-        partition_id = metrics.pop(PARTITION_ID)
-        entry = clients.setdefault(node_id, {"node-id": node_id, "partition-id": partition_id})
-        entry["final-test"] = metrics
-    report.sections["clients"] = sorted(
-        clients.values(), key=lambda c: (c["partition-id"], c["node-id"])
-    )
+    for partition_id, metrics in final.items():
+        # a client that missed the imputation may still have been evaluated
+        clients.setdefault(partition_id, {"partition-id": partition_id})["final-test"] = metrics
+    report.sections["clients"] = [clients[pid] for pid in sorted(clients)]
     report.sections["final"] = {
         "clients": aggregate_clients(final.values()),
         "global-test": classifier_section["rounds"][-1]["global-test"],
@@ -220,7 +216,7 @@ def _rounds(strategy: RoutedFedAvg, result, extra: Callable[[int], dict] | None 
             "failures": strategy.train_log[server_round].failures,
         }
         evaluation: RoundLog | None = strategy.evaluate_log.get(server_round)
-        if evaluation is not None:
+        if evaluation is not None:  # empty when no client could evaluate
             aggregated = result.evaluate_metrics_clientapp.get(server_round, MetricRecord())
             row["evaluate"] = metric_dict(aggregated)
             row["evaluate-per-client"] = evaluation.per_client
@@ -283,40 +279,46 @@ def send_to_all(
     content: Callable[[], RecordDict],
     timeout: float,
     min_replies: int,
-) -> tuple[dict[int, dict], list[dict]]:
-    """Send one message per node and wait for the replies.
+    failures: list[dict] | None = None,
+) -> list[dict]:
+    """Send one message per node, wait for the replies, return their metrics.
 
-    Returns the metrics of every node that answered (keyed by node id) and the
-    failures (error replies and nodes that did not answer within ``timeout``).
-    Raises :class:`PhaseError` when fewer than ``min_replies`` answered.
+    Each answer also holds the replying ``node-id``. Error replies and nodes
+    that did not answer within ``timeout`` are logged and added to ``failures``.
     """
     messages = [
         Message(content(), dst_node_id=node_id, message_type=message_type) for node_id in node_ids
     ]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    failures = reply_failures(replies, node_ids, timeout)
-    for failure in failures:
+    failed = reply_failures(replies, messages, timeout)
+    for failure in failed:
         log.warning("%s: node %s failed: %s", message_type, failure["node-id"], failure["reason"])
-    answers = {
-        r.metadata.src_node_id: metric_dict(r.content[METRICS])
+    if failures is not None:
+        failures.extend(failed)
+    answers = [
+        {**metric_dict(r.content[METRICS]), NODE_ID: r.metadata.src_node_id}
         for r in replies
         if not r.has_error()
-    }
+    ]
     if len(answers) < min_replies:
-        reasons = sorted({f["reason"] for f in failures})
+        reasons = sorted({failure["reason"] for failure in failed})
         raise PhaseError(
             f"{message_type}: only {len(answers)} of {len(node_ids)} clients answered "
             f"(need {min_replies}); client errors: {reasons}"
         )
-    return answers, failures
+    return answers
 
 
 def impute_on_clients(
-    grid: Grid, task: TaskConfig, node_ids: list[int], cvae_weights: dict | None
-) -> tuple[dict[int, dict], list[dict]]:
+    grid: Grid,
+    task: TaskConfig,
+    node_ids: list[int],
+    cvae_weights: dict | None,
+    failures: list[dict] | None = None,
+) -> dict[int, dict]:
     """Phase 2: each client generates its synthetic images once and keeps them.
 
-    Needs ``min-clients`` answers: the classifier phase trains on their results.
+    Needs ``min-clients`` answers, from SuperNodes with distinct partition ids.
     """
     generator = ArrayRecord(
         cvae_weights if cvae_weights is not None else CVAE(task.app.cvae_latent_dim).state_dict()
@@ -325,15 +327,21 @@ def impute_on_clients(
     def content() -> RecordDict:
         return RecordDict({GENERATOR: generator, CONFIG: task.to_record()})
 
-    answers, failures = send_to_all(
-        grid, node_ids, IMPUTE, content, task.app.round_timeout, task.app.min_clients
+    answers = send_to_all(
+        grid, node_ids, IMPUTE, content, task.app.round_timeout, task.app.min_clients, failures
     )
     clients = {}
-    for node_id, answer in answers.items():
+    for answer in answers:
         real, synthetic = answer["real-label-counts"], answer["synthetic-label-counts"]
-        clients[node_id] = {
-            "node-id": node_id,
-            "partition-id": int(answer[PARTITION_ID]),
+        partition_id = int(answer[PARTITION_ID])
+        if partition_id in clients:
+            raise PhaseError(
+                f"SuperNodes {clients[partition_id][NODE_ID]} and {answer[NODE_ID]} both have "
+                f"partition-id {partition_id}: give every SuperNode its own partition-id"
+            )
+        clients[partition_id] = {
+            "partition-id": partition_id,
+            NODE_ID: answer[NODE_ID],
             "own-data": bool(answer.get("own-data", 0)),
             "real-train": int(answer["real-train"]),
             "val": int(answer["val"]),
@@ -343,7 +351,7 @@ def impute_on_clients(
             "label-counts-synthetic": [int(c) for c in synthetic],
             "label-counts-after": [int(a) + int(b) for a, b in zip(real, synthetic, strict=False)],
         }
-    return clients, failures
+    return clients
 
 
 def global_evaluator(test: TensorData, batch_size: int):
@@ -385,20 +393,27 @@ def train_classifier(grid: Grid, task: TaskConfig, global_test: TensorData) -> t
 
 
 def evaluate_on_clients(
-    grid: Grid, task: TaskConfig, node_ids: list[int], weights: dict
-) -> tuple[dict[int, dict], list[dict]]:
-    """The final model on every client's real test split, keyed by node id, and the failures.
+    grid: Grid,
+    task: TaskConfig,
+    node_ids: list[int],
+    weights: dict,
+    failures: list[dict] | None = None,
+) -> dict[int, dict]:
+    """The final model on every client's real test split, keyed by partition id.
 
-    The model exists already, so clients that fail here are recorded, not fatal.
+    The model exists already: clients that fail here are recorded, never fatal.
     """
     arrays = ArrayRecord(weights)
 
     def content() -> RecordDict:
         return RecordDict({ARRAYS: arrays, CONFIG: task.to_record()})
 
-    return send_to_all(
-        grid, node_ids, EVALUATE_CLASSIFIER, content, task.app.round_timeout, min_replies=0
+    answers = send_to_all(
+        grid, node_ids, EVALUATE_CLASSIFIER, content, task.app.round_timeout, 0, failures
     )
+    for answer in answers:
+        del answer[NODE_ID]
+    return {int(a.pop(PARTITION_ID)): a for a in answers}
 
 
 def _iso(timestamp: float) -> str:

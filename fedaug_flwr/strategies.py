@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -46,6 +46,10 @@ def short_reason(reason: str) -> str:
     if match:
         return match.group(1).strip()
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    # deployment ends with "<class 'pkg.module.SomeError'>:<'message'>"
+    pattern = r"<class '(?:[\w.]+\.)?(\w+)'>:<['\"](.*)['\"]>"
+    if lines and (match := re.fullmatch(pattern, lines[-1])):
+        return f"{match.group(1)}: {match.group(2)}"
     errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception): ", line)]
     return (errors or lines or [reason])[-1]
 
@@ -56,19 +60,29 @@ def no_reply_reason(timeout: float | None) -> str:
 
 
 def reply_failures(
-    replies: list[Message], sent_to: Iterable[int], timeout: float | None
+    replies: list[Message], sent: Sequence[Message], timeout: float | None
 ) -> list[dict]:
-    """One ``{"node-id", "reason"}`` per error reply and per node that never replied."""
+    """One ``{"node-id", "reason"}`` per error reply and per node that never replied.
+
+    An error reply made by the SuperLink itself (e.g. "Node Unavailable" for a
+    SuperNode that stopped sending heartbeats) comes from the SuperLink's own
+    node id, so each reply is matched to the message it answers.
+    """
+    destination = {message.metadata.message_id: message.metadata.dst_node_id for message in sent}
+
+    def node_of(reply: Message) -> int:
+        return destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
     failures = [
-        {"node-id": reply.metadata.src_node_id, "reason": short_reason(reply.error.reason)}
+        {"node-id": node_of(reply), "reason": short_reason(reply.error.reason)}
         for reply in replies
         if reply.has_error()
     ]
-    answered = {reply.metadata.src_node_id for reply in replies}
+    answered = {node_of(reply) for reply in replies}
     failures += [
-        {"node-id": node_id, "reason": no_reply_reason(timeout)}
-        for node_id in sent_to
-        if node_id not in answered
+        {"node-id": message.metadata.dst_node_id, "reason": no_reply_reason(timeout)}
+        for message in sent
+        if message.metadata.dst_node_id not in answered
     ]
     return failures
 
@@ -102,7 +116,7 @@ class RoutedFedAvg(FedAvg):
         self.train_log: dict[int, RoundLog] = {}
         self.evaluate_log: dict[int, RoundLog] = {}
         self.round_timeout: float | None = None
-        self._sent_to: dict[tuple[str, int], list[int]] = {}
+        self._sent: dict[tuple[str, int], list[Message]] = {}
 
     def start(
         self,
@@ -122,7 +136,7 @@ class RoutedFedAvg(FedAvg):
             message.content = RecordDict(dict(message.content.items()))
             message.metadata.message_type = f"{category}.{self.action}"
             routed.append(message)
-        self._sent_to[category, server_round] = [m.metadata.dst_node_id for m in routed]
+        self._sent[category, server_round] = routed  # to tell who did not answer
         return routed
 
     def configure_train(
@@ -150,9 +164,9 @@ class RoutedFedAvg(FedAvg):
         return super().aggregate_evaluate(server_round, replies)
 
     def _record(self, replies: list[Message], kind: str, server_round: int) -> RoundLog:
-        sent_to = self._sent_to.get((kind, server_round), [])
-        entry = RoundLog(sent=len(sent_to))
-        entry.failures = reply_failures(replies, sent_to, self.round_timeout)
+        sent = self._sent.pop((kind, server_round), [])
+        entry = RoundLog(sent=len(sent))
+        entry.failures = reply_failures(replies, sent, self.round_timeout)
         entry.per_client = [
             metric_dict(reply.content["metrics"]) for reply in replies if not reply.has_error()
         ]

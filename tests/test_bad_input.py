@@ -116,10 +116,11 @@ def test_clientapp_rejects_a_bad_message_config(change, expected):
 @pytest.mark.parametrize(
     ("node_config", "error", "expected"),
     [
-        ({}, NodeConfigError, r"needs data-path='<own data>' or both partition-id and num-"),
-        ({"partition-id": 0}, NodeConfigError, r"needs data-path="),
+        ({}, NodeConfigError, r"needs partition-id and either num-partitions \(a Dirichlet"),
+        ({"partition-id": 0}, NodeConfigError, r"or data-path \(the node's own data\)"),
+        ({"data-path": "/data/site.npz"}, NodeConfigError, r"needs partition-id"),
         ({"partition-id": "0", "num-partitions": 3}, NodeConfigError,
-         r"'partition-id' must be an integer >= 0 .*got '0' \(str\)"),
+         r"'partition-id' must be an integer >= 0, different on every SuperNode; got '0' \(str\)"),
         ({"partition-id": True, "num-partitions": 3}, NodeConfigError,
          r"'partition-id' must be an integer"),
         ({"partition-id": 3, "num-partitions": 3}, NodeConfigError,
@@ -130,7 +131,7 @@ def test_clientapp_rejects_a_bad_message_config(change, expected):
         ({"partition-id": 0, "num-partitions": 3, "site": "x"}, NodeConfigError,
          r"unknown node-config key\(s\) \['site'\]; allowed: partition-id"),
         ({"data-path": 7}, NodeConfigError, r"'data-path' must be a quoted path string"),
-        ({"data-path": "/nonexistent/site.npz"}, DataError,
+        ({"partition-id": 0, "data-path": "/nonexistent/site.npz"}, DataError,
          r"data-path '/nonexistent/site.npz' does not exist; it must be an .npz file"),
         ({"data-path": "tiny.npz"}, PartitionError,
          r"holds 6 images, fewer than min-partition-size=10: too small to split"),
@@ -140,7 +141,8 @@ def test_clientapp_rejects_a_bad_message_config(change, expected):
 )  # fmt: skip
 def test_clientapp_rejects_a_bad_node_config(node_config, error, expected, tmp_path):
     if node_config.get("data-path") == "tiny.npz":
-        node_config = {"data-path": str(write_npz(tmp_path / "tiny.npz", *real_digits(6)))}
+        tiny = write_npz(tmp_path / "tiny.npz", *real_digits(6))
+        node_config = {"partition-id": 0, "data-path": str(tiny)}
     context = Context(1, 7, node_config, RecordDict(), {})
     with pytest.raises(error, match=expected):
         client_app.app(_impute_message(_good_message_config()), context)

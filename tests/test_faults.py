@@ -173,3 +173,13 @@ def test_kill_fault_outside_a_deployment_raises_instead(monkeypatch):
 
     with pytest.raises(InjectedFault, match="needs a flower-supernode parent"):
         client_app.app(make_message(RecordDict(), "query.impute"), make_context(0, 3))
+
+
+def test_two_supernodes_with_the_same_partition_id_are_refused(own_data, tmp_path):
+    nodes = [{"partition-id": 0, "data-path": path} for path in own_data[:2]]
+    config = AppConfig.from_run_config(
+        {**SMALL, "imputation": "none", "output-dir": str(tmp_path / "run")}
+    )
+    with pytest.raises(PhaseError, match=r"SuperNodes 1000 and 1001 both have partition-id 0"):
+        pipeline.run(LocalGrid(client_app.app, nodes), config, run_id=5)
+    assert not (tmp_path / "run" / SUMMARY).exists()
