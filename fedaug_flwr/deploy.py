@@ -516,6 +516,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 deployment._clear()
     except (DeploymentError, ConfigError) as error:
         parser.error(str(error))
+    except KeyboardInterrupt:
+        print("\nfedaug-flwr: interrupted; what this command started was stopped", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -336,21 +336,42 @@ def flwr_run(
     )  # fmt: skip
     run_id, output_dir = "", ""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    for line in process.stdout:
-        stream.write(line)
-        stream.flush()
-        if match := re.search(r"Successfully started run (\d+)", line):
-            run_id = match.group(1)
-        if match := re.search(r"fedaug-flwr: results of run \d+ are in (.+)$", line):
-            output_dir = match.group(1).strip()
-        if deadline is not None and time.monotonic() > deadline:
-            process.kill()
-            break
+    try:
+        for line in process.stdout:
+            stream.write(line)
+            stream.flush()
+            if match := re.search(r"Successfully started run (\d+)", line):
+                run_id = match.group(1)
+            if match := re.search(r"fedaug-flwr: results of run \d+ are in (.+)$", line):
+                output_dir = match.group(1).strip()
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"flwr run took longer than {timeout_s:.0f} s")
+    except KeyboardInterrupt:
+        abandon(process, env, connection, run_id)
+        raise
+    except TimeoutError:
+        abandon(process, env, connection, run_id)
     process.wait()
     if not run_id:
         return RunOutcome("", "not-started", f"flwr run exited with {process.returncode}", "")
     status, details = run_status(env, connection, run_id)
     return RunOutcome(run_id, status, details, output_dir)
+
+
+def abandon(process: subprocess.Popen, env: Mapping[str, str], connection: str, run_id: str):
+    """Stop following a run, and stop the run itself: it would go on in the SuperLink."""
+    process.kill()
+    process.wait()
+    if run_id:
+        stop_run(env, connection, run_id)
+
+
+def stop_run(env: Mapping[str, str], connection: str, run_id: str) -> None:
+    """``flwr stop``: the SuperLink ends the run (a stopped run writes no summary)."""
+    subprocess.run(
+        [bin_path("flwr"), "stop", run_id, connection],
+        env=dict(env), capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
 
 
 def run_status(env: Mapping[str, str], connection: str, run_id: str) -> tuple[str, str]:
@@ -413,7 +434,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         AppConfig.from_run_config(overrides)
     except ConfigError as error:
         parser.error(str(error))
-    outcome = simulate(overrides, args.num_supernodes, args.num_cpus, args.num_gpus)
+    try:
+        outcome = simulate(overrides, args.num_supernodes, args.num_cpus, args.num_gpus)
+    except KeyboardInterrupt:  # simulate() has stopped its SuperLink already
+        print("\nfedaug-flwr: interrupted; the simulation was stopped", file=sys.stderr)
+        return 130
     if not outcome.ok:
         print(
             f"\nfedaug-flwr: run {outcome.run_id or '(none)'} did not complete: "

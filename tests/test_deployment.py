@@ -13,6 +13,9 @@ nothing listened beyond 127.0.0.1.
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,9 +23,17 @@ from pathlib import Path
 import pytest
 
 from fedaug_flwr.credentials import make_node_keys
-from fedaug_flwr.deploy import LocalDeployment, Plan, group_members, port_is_free
+from fedaug_flwr.deploy import CONNECTION, LocalDeployment, Plan, group_members, port_is_free
 from fedaug_flwr.faults import ENV_VAR
-from fedaug_flwr.launch import APP_DIR, SuperNode, SuperNodeRefused, free_port
+from fedaug_flwr.launch import (
+    APP_DIR,
+    SuperNode,
+    SuperNodeRefused,
+    flwr_env,
+    free_port,
+    run_status,
+    to_overrides,
+)
 from fedaug_flwr.results import SUMMARY
 from tests.data_files import real_digits, write_idx_folder, write_npz
 
@@ -125,6 +136,44 @@ def run_and_read(deployment: LocalDeployment, tmp_path: Path, overrides: dict) -
     return json.loads((output_dir / SUMMARY).read_text())
 
 
+def interrupt_a_run(deployment: LocalDeployment, run_config: dict) -> str:
+    """Start ``deploy run`` as a user would, press Ctrl-C once the ServerApp works; its run id."""
+    command = [
+        sys.executable,
+        "-m",
+        "fedaug_flwr.deploy",
+        "--state-dir",
+        str(deployment.state_dir),
+        "run",
+        "--run-config",
+        to_overrides(run_config),
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=APP_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    run_id = ""
+    try:
+        for line in process.stdout:
+            if match := re.search(r"Successfully started run (\d+)", line):
+                run_id = match.group(1)
+            if "writes its results to" in line:
+                os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+                break
+        rest = process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, rest
+    assert "interrupted" in rest and run_id
+    return run_id
+
+
 def failed(failures: list[dict]) -> dict[int, str]:
     return {failure["node-id"]: failure["reason"] for failure in failures}
 
@@ -196,6 +245,14 @@ def test_secure_deployment_with_supernode_auth_refuses_an_unknown_key(
     finally:
         intruder.stop()
 
+    # Ctrl-C on `deploy run` stops the run in the SuperLink too and leaves no summary ...
+    interrupted_dir = tmp_path / "interrupted"
+    run_id = interrupt_a_run(deployment, {**TINY_RUN, "output-dir": str(interrupted_dir)})
+    env = flwr_env(Path(state.flwr_home))
+    assert run_status(env, CONNECTION, run_id)[0] == "finished:stopped"
+    assert not (interrupted_dir / SUMMARY).exists()
+
+    # ... and the deployment runs the app again, to the end
     summary = run_and_read(deployment, tmp_path, {"min-clients": 3, "imputation": "none"})
 
     assert summary["status"] == "completed"
