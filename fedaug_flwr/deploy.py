@@ -168,17 +168,22 @@ class ProcessRecord:
     pid: int
     start_ticks: int
     log: str
+    flwr_home: str  # every process of the group inherits FLWR_HOME: how we recognise them
 
     @classmethod
-    def of(cls, role: str, process: subprocess.Popen, log: Path) -> ProcessRecord:
+    def of(cls, role: str, process: subprocess.Popen, log: Path, home: Path) -> ProcessRecord:
         ticks = start_ticks(process.pid)
         if ticks is None:
             raise DeploymentError(f"{role} exited at once; see {log}")
-        return cls(role, process.pid, ticks, str(log))
+        return cls(role, process.pid, ticks, str(log), str(home))
 
     def alive(self) -> bool:
         """Still our process (same pid AND same start time), and not a zombie."""
         return start_ticks(self.pid) == self.start_ticks
+
+    def members(self) -> list[int]:
+        """The live processes of its group that are ours (FLWR_HOME under its home)."""
+        return [pid for pid in group_members(self.pid) if flwr_home_of(pid) == self.flwr_home]
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -207,23 +212,40 @@ def group_members(group: int) -> list[int]:
     return members
 
 
+def flwr_home_of(pid: int) -> str | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for entry in environ:
+        if entry.startswith(b"FLWR_HOME="):
+            return entry[len(b"FLWR_HOME=") :].decode(errors="replace")
+    return None
+
+
 def stop_recorded(record: ProcessRecord, grace_s: float = STOP_GRACE_S) -> bool:
     """SIGTERM the process group we started (it may shut down cleanly), then SIGKILL the rest.
 
-    Returns False when there was nothing of ours left to stop.
+    Only processes of ours are signalled: the recorded leader (same pid and
+    start time) or, once it is gone, members of its group that carry its
+    FLWR_HOME. Returns False when nothing of ours was left to stop.
     """
     group = record.pid  # started with start_new_session: its pid is its group id
-    if not record.alive() and not group_members(group):
+    if not record.alive() and not record.members():
         return False
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         try:
-            os.killpg(group, sig)
+            if record.alive():
+                os.killpg(group, sig)
+            else:  # leader gone: signal our leftovers one by one
+                for pid in record.members():
+                    os.kill(pid, sig)
         except ProcessLookupError:
-            return True
+            pass
         deadline = time.monotonic() + wait_s
-        while group_members(group) and time.monotonic() < deadline:
+        while record.members() and time.monotonic() < deadline:
             time.sleep(0.2)
-        if not group_members(group):
+        if not record.members():
             return True
     return True
 
@@ -310,7 +332,12 @@ class LocalDeployment:
             )  # fmt: skip
             self.superlink.start()
             state.processes.append(
-                ProcessRecord.of("superlink", self.superlink.process, self.superlink.log_path)
+                ProcessRecord.of(
+                    "superlink",
+                    self.superlink.process,
+                    self.superlink.log_path,
+                    self.superlink.flwr_home,
+                )
             )
             state.save(self.state_dir)
             write_connection(
@@ -336,7 +363,12 @@ class LocalDeployment:
                 supernode.start()
                 self.supernodes.append(supernode)
                 state.processes.append(
-                    ProcessRecord.of(f"supernode-{index}", supernode.process, supernode.log_path)
+                    ProcessRecord.of(
+                        f"supernode-{index}",
+                        supernode.process,
+                        supernode.log_path,
+                        supernode.flwr_home,
+                    )
                 )
                 state.save(self.state_dir)
             state.node_ids = [supernode.wait_until_connected() for supernode in self.supernodes]
