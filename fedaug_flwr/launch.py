@@ -49,13 +49,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def flwr_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for flwr commands: private home, offline, no runtime installs."""
+    """Environment for flwr commands: private home, offline, no runtime installs.
+
+    It also keeps a simulation's Ray on loopback: by default Ray listens on the
+    machine's network address and on all interfaces; as a single-machine
+    "local" Ray (what this variable selects) it binds 127.0.0.1 only.
+    """
     env = dict(os.environ if base is None else base)
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
     )
     return env
 

@@ -340,3 +340,24 @@ def test_deploy_script_rejects_bad_arguments_before_starting_anything(
     assert exit_info.value.code == 2
     assert re.search(expected, capsys.readouterr().err)
     assert not state_dir.exists()  # nothing half-done
+
+
+# ------------------------------------------------------------------ model files
+
+
+def test_model_files_are_loaded_as_weights_only_never_running_code(tmp_path):
+    import pickle
+
+    import torch
+
+    from fedaug_flwr.results import load_state_dict, save_state_dict
+
+    weights = CVAE(3).state_dict()
+    save_state_dict(tmp_path / "cvae.pt", weights)
+    loaded = load_state_dict(tmp_path / "cvae.pt")
+    assert all(torch.equal(loaded[key], weights[key]) for key in weights)
+
+    torch.save({"weight": _RunsCodeWhenUnpickled(tmp_path / "PWNED")}, tmp_path / "evil.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_state_dict(tmp_path / "evil.pt")
+    assert not (tmp_path / "PWNED").exists()
