@@ -56,6 +56,8 @@ def flwr_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str
     "local" Ray (what this variable selects) it binds 127.0.0.1 only.
     """
     env = dict(os.environ if base is None else base)
+    # Flower's processes start each other by name (flower-superexec, flwr-simulation...).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_TELEMETRY_ENABLED="0",
