@@ -1,4 +1,9 @@
-"""ClientApp: one handler per message kind; the work itself is in fedaug_flwr.node."""
+"""ClientApp: one handler per message kind; the work itself is in fedaug_flwr.node.
+
+Any exception in a handler (bad node config, missing data, ...) becomes an error
+reply that the server records per round; the run goes on without this client
+while at least min-clients answer.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedaug_flwr import node
+from fedaug_flwr.config import ConfigError
 from fedaug_flwr.data import Digits
+from fedaug_flwr.faults import fault_injection_mod
 from fedaug_flwr.protocol import (
     ARRAYS,
     CONFIG,
@@ -19,7 +26,8 @@ from fedaug_flwr.protocol import (
 )
 from fedaug_flwr.training import TensorData
 
-app = ClientApp()
+# The mod is a no-op unless a test sets FEDAUG_TEST_FAULTS (see fedaug_flwr.faults).
+app = ClientApp(mods=[fault_injection_mod])
 
 
 @app.train("cvae")
@@ -45,6 +53,7 @@ def impute(msg: Message, context: Context) -> Message:
         msg,
         {
             PARTITION_ID: split.partition_id,
+            "own-data": int(node.parse_node_config(context.node_config).own_data),
             "real-train": len(split.train),
             "val": len(split.val),
             "test": len(split.test),
@@ -120,6 +129,8 @@ def _training_set(task: TaskConfig, split, context: Context) -> TensorData:
 
 
 def _task_and_split(msg: Message, context: Context):
+    if CONFIG not in msg.content.config_records:
+        raise ConfigError(f"{msg.metadata.message_type} message lacks its '{CONFIG}' record")
     task = TaskConfig.from_record(msg.content[CONFIG])
     return task, node.load_split(task, context.node_config)
 

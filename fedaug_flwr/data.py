@@ -4,6 +4,10 @@ Every source yields a :class:`Digits` pool for the clients and a separate
 global test set for the server, as ``uint8`` images already binarized to 0/1
 (pixel / 255, rounded, as in the study). Keeping 0/1 bytes instead of floats
 keeps a 70k-image pool at 55 MB.
+
+A SuperNode may instead bring its own digits (node config ``data-path``), read
+by :func:`load_node_data` from an IDX folder or a NumPy ``.npz`` file. Both are
+read as plain bytes (``allow_pickle=False``), so a data file can never run code.
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
+import zipfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -243,3 +250,133 @@ def load_source(source: str, folder: str) -> MnistData:
     if source == "mnist":
         return load_idx_folder(Path(folder))
     raise DataError(f"unknown data source {source!r}; known: 'mnist', 'mnist-5k'")
+
+
+# ------------------------------------------------------------------ a node's own data
+
+NODE_DATA_FORMATS = (
+    "an .npz file with arrays 'x' (N, 28, 28) uint8 (0..255 grey levels or 0/1) and "
+    "'y' (N,) integer labels 0..9, or a folder of IDX pairs "
+    "'<name>-images-idx3-ubyte' + '<name>-labels-idx1-ubyte' (optionally .gz), "
+    "e.g. MNIST's train-* and t10k-* files"
+)
+_IDX_IMAGES = re.compile(r"^(?P<name>.+)-images-idx3-ubyte(?:\.gz)?$")
+
+
+def load_node_data(path: str | Path) -> Digits:
+    """A SuperNode's own digits from ``path`` (see :data:`NODE_DATA_FORMATS`), binarized.
+
+    Raises :class:`DataError` naming the path and what is wrong with it.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"data-path {str(path)!r} does not exist; it must be {NODE_DATA_FORMATS}")
+    if path.is_dir():
+        images, labels = _read_idx_pairs(path)
+    elif path.suffix == ".npz":
+        images, labels = _read_npz(path)
+    else:
+        raise DataError(
+            f"data-path {str(path)!r} is neither a folder nor an .npz file; "
+            f"it must be {NODE_DATA_FORMATS}"
+        )
+    return Digits(*_checked_node_digits(path, images, labels))
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    # np.load falls back to unpickling whatever is not a zip/npy file: check first.
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as error:
+        is_zip, reason = False, f"{type(error).__name__}: {error}"
+    else:
+        reason = "not a zip archive"
+    if not is_zip:
+        raise DataError(
+            f"data-path {str(path)!r} is not a readable .npz file (corrupt, truncated or "
+            f"unreadable: {reason})"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = sorted({"x", "y"} - set(archive.files))
+            if missing:
+                raise DataError(
+                    f"data-path {str(path)!r} lacks array(s) {missing} "
+                    f"(has {sorted(archive.files)}); it must be {NODE_DATA_FORMATS}"
+                )
+            return archive["x"], archive["y"]
+    except DataError:
+        raise
+    except ValueError as error:  # object arrays (pickles) are refused by allow_pickle=False
+        raise DataError(
+            f"data-path {str(path)!r} holds arrays that cannot be read without unpickling "
+            f"({error}); store plain numeric arrays"
+        ) from error
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
+        raise DataError(
+            f"data-path {str(path)!r} is not a readable .npz file (corrupt, truncated or "
+            f"unreadable: {type(error).__name__}: {error})"
+        ) from error
+
+
+def _read_idx_pairs(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    pairs = []
+    try:
+        names = sorted(entry.name for entry in folder.iterdir())
+    except OSError as error:
+        raise DataError(f"data-path {str(folder)!r} cannot be listed: {error}") from error
+    for name in names:
+        match = _IDX_IMAGES.match(name)
+        if match is None:
+            continue
+        labels = _idx_path(folder, f"{match.group('name')}-labels-idx1-ubyte")
+        if labels is None:
+            raise DataError(
+                f"data-path {str(folder)!r}: {name} has no matching "
+                f"{match.group('name')}-labels-idx1-ubyte[.gz]"
+            )
+        pairs.append((folder / name, labels))
+    if not pairs:
+        raise DataError(
+            f"data-path {str(folder)!r} holds no IDX image files; it must be {NODE_DATA_FORMATS}"
+        )
+    images, labels = [], []
+    for image_path, label_path in pairs:
+        pair_images, pair_labels = read_idx(image_path), read_idx(label_path)
+        if pair_images.ndim != 3 or pair_labels.ndim != 1 or len(pair_images) != len(pair_labels):
+            raise DataError(
+                f"data-path {str(folder)!r}: {image_path.name} {pair_images.shape} and "
+                f"{label_path.name} {pair_labels.shape} are not N images with N labels"
+            )
+        images.append(pair_images)
+        labels.append(pair_labels)
+    if len({image.shape[1:] for image in images}) > 1:
+        raise DataError(f"data-path {str(folder)!r}: IDX image files differ in image shape")
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _checked_node_digits(path: Path, images: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Shape, dtype and range checks of a node's arrays; returns binarized images and labels."""
+    where = f"data-path {str(path)!r}"
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
+        raise DataError(f"{where}: images must have shape (N, 28, 28); got {images.shape}")
+    if images.dtype == np.bool_:
+        images = images.astype(np.uint8)
+    if images.dtype != np.uint8:
+        raise DataError(
+            f"{where}: images must be uint8 (0..255 grey levels or 0/1); got dtype {images.dtype}"
+        )
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(
+            f"{where}: need one label per image, shape ({len(images)},); got {labels.shape}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where}: labels must be integers 0..9; got dtype {labels.dtype}")
+    if len(labels) == 0:
+        raise DataError(f"{where} holds no images")
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise DataError(f"{where}: labels must lie in 0..9; got {labels.min()}..{labels.max()}")
+    # 0/1 images are already binary; anything brighter is a 0..255 grey level image.
+    binary = images if images.max() <= 1 else binarize(images)
+    return np.ascontiguousarray(binary, dtype=np.uint8), labels.astype(np.int64)

@@ -12,6 +12,9 @@ group.
 Command line (``make run`` uses it)::
 
     python -m fedaug_flwr.launch --num-supernodes 10 --run-config "num-synthetic=500"
+
+The same process classes (:class:`SuperLink`, :class:`SuperNode`) run a real
+deployment in :mod:`fedaug_flwr.deploy`.
 """
 
 from __future__ import annotations
@@ -46,7 +49,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def flwr_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for flwr commands: private home, offline, no runtime installs."""
+    """Environment for flwr commands: private home, offline, no runtime installs.
+
+    It also keeps a simulation's Ray on loopback: by default Ray listens on the
+    machine's network address and on all interfaces; as a single-machine
+    "local" Ray (what this variable selects) it binds 127.0.0.1 only.
+    """
     env = dict(os.environ if base is None else base)
     # Flower's processes start each other by name (flower-superexec, flwr-simulation...).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -55,6 +63,7 @@ def flwr_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
     )
     return env
 
@@ -91,6 +100,7 @@ class SuperLink:
     host: str = "127.0.0.1"
     port: int = field(default_factory=free_port)
     extra_args: Sequence[str] = ()
+    extra_env: Mapping[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
 
     @property
@@ -120,7 +130,7 @@ class SuperLink:
         self.process = subprocess.Popen(
             command,
             cwd=self.flwr_home,
-            env=flwr_env(self.flwr_home),
+            env={**flwr_env(self.flwr_home), **self.extra_env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() takes its children too
@@ -153,6 +163,100 @@ class SuperLink:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+class SuperNodeRefused(RuntimeError):
+    """A SuperNode exited before it connected (e.g. its key is not registered)."""
+
+
+@dataclass
+class SuperNode:
+    """A ``flower-supernode`` process started and stopped by us (by process group).
+
+    ``port`` is its local Runtime API, where its ClientApp processes connect;
+    it binds ``host`` (loopback). TLS towards the SuperLink is on when
+    ``root_certificates`` is given, SuperNode authentication when
+    ``auth_private_key`` is.
+    """
+
+    flwr_home: Path
+    superlink_address: str
+    node_config: Mapping[str, object]
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    root_certificates: Path | None = None
+    auth_private_key: Path | None = None
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    process: subprocess.Popen | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.flwr_home / "supernode.log"
+
+    def command(self) -> list[str]:
+        command = [
+            bin_path("flower-supernode"),
+            "--superlink", self.superlink_address,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--node-config", to_overrides(self.node_config),
+        ]  # fmt: skip
+        if self.root_certificates is None:
+            command.append("--insecure")
+        else:
+            command += ["--root-certificates", str(self.root_certificates)]
+        if self.auth_private_key is not None:
+            command += ["--auth-supernode-private-key", str(self.auth_private_key)]
+        return command
+
+    def start(self) -> SuperNode:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.command(),
+            cwd=self.flwr_home,
+            env={**flwr_env(self.flwr_home), **self.extra_env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: its SuperExec and ClientApps go with it
+        )
+        log.close()
+        return self
+
+    def wait_until_connected(self, timeout_s: float = STARTUP_TIMEOUT_S) -> int:
+        """The node id the SuperLink gave it; :class:`SuperNodeRefused` if it exited."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            text = self.log_path.read_text(errors="replace")
+            if match := re.search(r"SuperNode ID: (\d+)", text):
+                return int(match.group(1))
+            if self.process.poll() is not None:
+                raise SuperNodeRefused(
+                    f"flower-supernode exited with code {self.process.returncode} before "
+                    f"connecting to {self.superlink_address}: {last_error(text)} "
+                    f"(log: {self.log_path})"
+                )
+            time.sleep(0.3)
+        raise RuntimeError(f"flower-supernode did not connect in {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        stop_process_group(self.process)
+
+    def __enter__(self) -> SuperNode:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def last_error(log_text: str) -> str:
+    """The lines of a Flower log that explain an exit (from its last ERROR on)."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", log_text)
+    start = plain.rfind("ERROR")
+    lines = plain[start:].splitlines()[:4] if start >= 0 else plain.splitlines()[-3:]
+    return " ".join(line.strip() for line in lines if line.strip())
 
 
 def stop_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -240,21 +344,42 @@ def flwr_run(
     )  # fmt: skip
     run_id, output_dir = "", ""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    for line in process.stdout:
-        stream.write(line)
-        stream.flush()
-        if match := re.search(r"Successfully started run (\d+)", line):
-            run_id = match.group(1)
-        if match := re.search(r"fedaug-flwr: results of run \d+ are in (.+)$", line):
-            output_dir = match.group(1).strip()
-        if deadline is not None and time.monotonic() > deadline:
-            process.kill()
-            break
+    try:
+        for line in process.stdout:
+            stream.write(line)
+            stream.flush()
+            if match := re.search(r"Successfully started run (\d+)", line):
+                run_id = match.group(1)
+            if match := re.search(r"fedaug-flwr: results of run \d+ are in (.+)$", line):
+                output_dir = match.group(1).strip()
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"flwr run took longer than {timeout_s:.0f} s")
+    except KeyboardInterrupt:
+        abandon(process, env, connection, run_id)
+        raise
+    except TimeoutError:
+        abandon(process, env, connection, run_id)
     process.wait()
     if not run_id:
         return RunOutcome("", "not-started", f"flwr run exited with {process.returncode}", "")
     status, details = run_status(env, connection, run_id)
     return RunOutcome(run_id, status, details, output_dir)
+
+
+def abandon(process: subprocess.Popen, env: Mapping[str, str], connection: str, run_id: str):
+    """Stop following a run, and stop the run itself: it would go on in the SuperLink."""
+    process.kill()
+    process.wait()
+    if run_id:
+        stop_run(env, connection, run_id)
+
+
+def stop_run(env: Mapping[str, str], connection: str, run_id: str) -> None:
+    """``flwr stop``: the SuperLink ends the run (a stopped run writes no summary)."""
+    subprocess.run(
+        [bin_path("flwr"), "stop", run_id, connection],
+        env=dict(env), capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
 
 
 def run_status(env: Mapping[str, str], connection: str, run_id: str) -> tuple[str, str]:
@@ -317,7 +442,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         AppConfig.from_run_config(overrides)
     except ConfigError as error:
         parser.error(str(error))
-    outcome = simulate(overrides, args.num_supernodes, args.num_cpus, args.num_gpus)
+    try:
+        outcome = simulate(overrides, args.num_supernodes, args.num_cpus, args.num_gpus)
+    except KeyboardInterrupt:  # simulate() has stopped its SuperLink already
+        print("\nfedaug-flwr: interrupted; the simulation was stopped", file=sys.stderr)
+        return 130
     if not outcome.ok:
         print(
             f"\nfedaug-flwr: run {outcome.run_id or '(none)'} did not complete: "

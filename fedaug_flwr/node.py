@@ -1,23 +1,36 @@
 """A client node's work, independent of Flower messages: its data, its synthetic
 images, and each task (train CVAE, impute, train / evaluate the classifier).
 
-Everything is derived from (config, partition id, seed), so a restarted node
+Everything is derived from (config, node config, seed), so a restarted node
 computes the same split; only the synthetic images, which depend on the
 global CVAE, are kept between messages (in the caller's ``context.state``).
+
+A node's data comes from its node config (``flower-supernode --node-config``):
+
+- ``partition-id=<i> data-path='<file or folder>'``: the node's own digits (see
+  :data:`fedaug_flwr.data.NODE_DATA_FORMATS`), split 80/10/10 (val-fraction,
+  test-fraction) with the run seed; ``i`` is then the node's number in the
+  results (and part of its seeds);
+- ``partition-id=<i> num-partitions=<n>``: Dirichlet partition ``i`` of the
+  run's dataset, as in simulation.
+
+Every SuperNode of a federation needs its own partition id.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedaug_flwr.data import Digits, label_counts, load_source
+from fedaug_flwr.data import Digits, label_counts, load_node_data, load_source
 from fedaug_flwr.imputation import generate, synthetic_labels
 from fedaug_flwr.models import CVAE, ExquisiteNetV1, classifier_loss, cvae_loss
-from fedaug_flwr.partition import ClientSplit, client_split
+from fedaug_flwr.partition import ClientSplit, PartitionError, client_split, split_train_val_test
 from fedaug_flwr.protocol import TaskConfig
 from fedaug_flwr.training import TensorData, evaluate_classifier, evaluate_loss, seed_for, train
 
@@ -28,31 +41,112 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+NODE_CONFIG_KEYS = {
+    "partition-id": "an integer >= 0, different on every SuperNode",
+    "num-partitions": "an integer >= 1 (needed without data-path)",
+    "data-path": "the node's own data: an .npz file or an IDX folder (absolute path)",
+}
+
+
+class NodeConfigError(ValueError):
+    """A SuperNode's node config is missing a key, has an unknown one, or a bad value."""
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """What a SuperNode was told about its data, checked."""
+
+    partition_id: int
+    num_partitions: int
+    data_path: str = ""
+
+    @property
+    def own_data(self) -> bool:
+        return bool(self.data_path)
+
+
+def parse_node_config(node_config: Mapping[str, object]) -> NodeConfig:
+    """Check a node config and say what is allowed when it is wrong."""
+    allowed = "; ".join(f"{key}: {rule}" for key, rule in NODE_CONFIG_KEYS.items())
+    unknown = sorted(set(node_config) - set(NODE_CONFIG_KEYS))
+    if unknown:
+        raise NodeConfigError(f"unknown node-config key(s) {unknown}; allowed: {allowed}")
+    for key in ("partition-id", "num-partitions"):
+        value = node_config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise NodeConfigError(
+                f"node-config '{key}' must be {NODE_CONFIG_KEYS[key]}; "
+                f"got {value!r} ({type(value).__name__})"
+            )
+    data_path = node_config.get("data-path", "")
+    if not isinstance(data_path, str):
+        raise NodeConfigError(
+            "node-config 'data-path' must be a quoted path string, e.g. "
+            f"data-path='/data/site.npz'; got {data_path!r} ({type(data_path).__name__})"
+        )
+    partition_id = node_config.get("partition-id")
+    num_partitions = node_config.get("num-partitions")
+    if data_path and num_partitions is None:
+        num_partitions = 1  # not used with the node's own data
+    if partition_id is None or num_partitions is None:
+        raise NodeConfigError(
+            "node config needs partition-id and either num-partitions (a Dirichlet partition) "
+            "or data-path (the node's own data), e.g. flower-supernode --node-config "
+            '"partition-id=0 num-partitions=3" or "partition-id=0 data-path=\'/data/site.npz\'"; '
+            f"got {dict(node_config)}"
+        )
+    if num_partitions < 1:
+        raise NodeConfigError(f"node-config 'num-partitions' must be >= 1; got {num_partitions}")
+    if partition_id < 0 or (not data_path and partition_id >= num_partitions):
+        raise NodeConfigError(
+            f"node-config 'partition-id' must lie in 0..num-partitions-1 "
+            f"(0..{num_partitions - 1}); got {partition_id}"
+        )
+    return NodeConfig(partition_id, num_partitions, data_path)
+
+
 def partition_of(node_config: Mapping[str, object]) -> tuple[int, int]:
     """``(partition-id, num-partitions)`` from a node config, checked."""
-    try:
-        partition_id = node_config["partition-id"]
-        num_partitions = node_config["num-partitions"]
-    except KeyError as error:
-        raise ValueError(
-            f"node config lacks {error}; a SuperNode needs "
-            '--node-config "partition-id=<i> num-partitions=<n>"'
-        ) from None
-    if not isinstance(partition_id, int) or not isinstance(num_partitions, int):
-        raise ValueError(
-            "node config 'partition-id' and 'num-partitions' must be integers; got "
-            f"{partition_id!r}, {num_partitions!r}"
+    config = parse_node_config(node_config)
+    return config.partition_id, config.num_partitions
+
+
+@cache
+def _own_data(path: str) -> Digits:
+    return load_node_data(path)
+
+
+def own_split(task: TaskConfig, digits: Digits, partition_id: int, where: str) -> ClientSplit:
+    """A node's own data cut into train / val / test with the run seed."""
+    app = task.app
+    if len(digits) < app.min_partition_size:
+        raise PartitionError(
+            f"{where} holds {len(digits)} images, fewer than min-partition-size="
+            f"{app.min_partition_size}: too small to split into train/val/test"
         )
-    return partition_id, num_partitions
+    rng = np.random.default_rng([app.seed, partition_id])
+    train_index, val_index, test_index = split_train_val_test(
+        len(digits), app.val_fraction, app.test_fraction, rng
+    )
+    return ClientSplit(
+        partition_id=partition_id,
+        train=digits.subset(train_index),
+        val=digits.subset(val_index),
+        test=digits.subset(test_index),
+    )
 
 
 def load_split(task: TaskConfig, node_config: Mapping[str, object]) -> ClientSplit:
-    partition_id, num_partitions = partition_of(node_config)
+    """This node's real train / val / test data, from its own files or a Dirichlet partition."""
+    config = parse_node_config(node_config)
+    if config.own_data:
+        path = str(Path(config.data_path).expanduser().resolve())
+        return own_split(task, _own_data(path), config.partition_id, f"data-path {path!r}")
     app = task.app
     return client_split(
         load_source(task.data_source, task.data_location).pool,
-        partition_id=partition_id,
-        num_partitions=num_partitions,
+        partition_id=config.partition_id,
+        num_partitions=config.num_partitions,
         beta=app.dirichlet_beta,
         seed=app.seed,
         min_partition_size=app.min_partition_size,

@@ -6,6 +6,13 @@
    every client's real test split and on the global test set,
 then a final per-client evaluation and ``summary.json``. The server only ever
 sees models and numbers, never a client's images.
+
+Clients may fail (an exception, missing data, a dead SuperNode): each failure
+is logged and recorded, with the Flower node id, where it happened
+(``failures`` of every round, of the imputation and of the final evaluation).
+The run fails (``failure.json``, no summary) only when a training round or the
+imputation gets fewer than ``min-clients`` answers: then a phase cannot
+produce its model.
 """
 
 from __future__ import annotations
@@ -46,11 +53,12 @@ from fedaug_flwr.protocol import (
 )
 from fedaug_flwr.quality import generator_quality
 from fedaug_flwr.results import FAILURE, SUMMARY, resolve_output_dir, save_state_dict, write_json
-from fedaug_flwr.strategies import PhaseError, RoundLog, RoutedFedAvg, metric_dict, short_reason
+from fedaug_flwr.strategies import PhaseError, RoundLog, RoutedFedAvg, metric_dict, reply_failures
 from fedaug_flwr.training import TensorData, evaluate_classifier, seed_for
 
 log = logging.getLogger("flwr.fedaug")  # printed by Flower's own log handler
 SAMPLES_PER_LABEL = 10
+NODE_ID = "node-id"  # the Flower node id of a SuperNode, as the server saw it
 NODE_WAIT_S = 300.0
 
 
@@ -102,7 +110,9 @@ def run(grid: Grid, config: AppConfig, run_id: int) -> Path:
         write_json(
             output_dir / FAILURE,
             {
-                "status": "failed",
+                # Ctrl-C reaches us as KeyboardInterrupt; after a SIGKILL nothing is written,
+                # and a folder without summary.json is an incomplete run either way.
+                "status": "interrupted" if isinstance(error, KeyboardInterrupt) else "failed",
                 "run-id": run_id,
                 "error": f"{type(error).__name__}: {error}",
                 "traceback": traceback.format_exc(),
@@ -156,20 +166,26 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
             "generator-quality", lambda: quick_generator_quality(report, cvae_weights, global_test)
         )
 
+    impute_failures: list[dict] = []
     clients = report.timed(
-        "imputation", lambda: impute_on_clients(grid, task, node_ids, cvae_weights)
+        "imputation",
+        lambda: impute_on_clients(grid, task, node_ids, cvae_weights, impute_failures),
     )
     report.sections["imputation"] = {
         "mode": config.imputation,
         "num-synthetic-per-client": config.synthetic_per_client,
         "total-synthetic": sum(c["synthetic-train"] for c in clients.values()),
+        "failures": impute_failures,
     }
 
     if pretrained is not None:
+        pretrained_failures: list[dict] = []
         unchanged = report.timed(
-            "pretrained-evaluation", lambda: evaluate_on_clients(grid, task, node_ids, pretrained)
+            "pretrained-evaluation",
+            lambda: evaluate_on_clients(grid, task, node_ids, pretrained, pretrained_failures),
         )
         report.sections["pretraining"]["pretrained"] = {
+            "failures": pretrained_failures,
             "clients": aggregate_clients(unchanged.values()),
             "per-client": [{PARTITION_ID: pid, **unchanged[pid]} for pid in sorted(unchanged)],
             "global-test": evaluate_classifier(
@@ -177,9 +193,11 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
             ),
         }
 
+    final_failures: list[dict] = []
     if config.pretrain == "local":
         final = report.timed(
-            "local-finetuning", lambda: finetune_locally(grid, task, node_ids, pretrained)
+            "local-finetuning",
+            lambda: finetune_locally(grid, task, node_ids, pretrained, final_failures),
         )
         report.sections["classifier"] = {"skipped": "local fine-tuning: no aggregated model"}
         final_global_test = None
@@ -192,12 +210,14 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
             report.output_dir / "classifier.pt", classifier
         ).name
         final = report.timed(
-            "final-evaluation", lambda: evaluate_on_clients(grid, task, node_ids, classifier)
+            "final-evaluation",
+            lambda: evaluate_on_clients(grid, task, node_ids, classifier, final_failures),
         )
         final_global_test = classifier_section["rounds"][-1]["global-test"]
 
     for partition_id, metrics in final.items():
-        clients[partition_id]["final-test"] = metrics
+        # a client that missed the imputation may still have been evaluated
+        clients.setdefault(partition_id, {"partition-id": partition_id})["final-test"] = metrics
     report.sections["clients"] = [clients[pid] for pid in sorted(clients)]
     report.sections["final"] = {
         "model": {"off": "federated", "federated": "finetuned", "local": "finetuned-locally"}[
@@ -205,6 +225,7 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
         ],
         "clients": aggregate_clients(final.values()),
         "global-test": final_global_test,
+        "failures": final_failures,
     }
 
 
@@ -304,8 +325,9 @@ def _rounds(strategy: RoutedFedAvg, result, extra: Callable[[int], dict] | None 
             "failures": strategy.train_log[server_round].failures,
         }
         evaluation: RoundLog | None = strategy.evaluate_log.get(server_round)
-        if evaluation is not None:
-            row["evaluate"] = metric_dict(result.evaluate_metrics_clientapp[server_round])
+        if evaluation is not None:  # empty when no client could evaluate
+            aggregated = result.evaluate_metrics_clientapp.get(server_round, MetricRecord())
+            row["evaluate"] = metric_dict(aggregated)
             row["evaluate-per-client"] = evaluation.per_client
             row["failures"] = row["failures"] + evaluation.failures
         if extra is not None:
@@ -365,19 +387,29 @@ def send_to_all(
     content: Callable[[], RecordDict],
     timeout: float,
     min_replies: int,
+    failures: list[dict] | None = None,
 ) -> list[dict]:
-    """Send one message per node, wait for the replies, return their metrics."""
+    """Send one message per node, wait for the replies, return their metrics.
+
+    Each answer also holds the replying ``node-id``. Error replies and nodes
+    that did not answer within ``timeout`` are logged and added to ``failures``.
+    """
     messages = [
         Message(content(), dst_node_id=node_id, message_type=message_type) for node_id in node_ids
     ]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
-    failures = [r for r in replies if r.has_error()]
-    for reply in failures:
-        node_id, reason = reply.metadata.src_node_id, short_reason(reply.error.reason)
-        log.warning("%s: node %s failed: %s", message_type, node_id, reason)
-    answers = [metric_dict(r.content[METRICS]) for r in replies if not r.has_error()]
+    failed = reply_failures(replies, messages, timeout)
+    for failure in failed:
+        log.warning("%s: node %s failed: %s", message_type, failure["node-id"], failure["reason"])
+    if failures is not None:
+        failures.extend(failed)
+    answers = [
+        {**metric_dict(r.content[METRICS]), NODE_ID: r.metadata.src_node_id}
+        for r in replies
+        if not r.has_error()
+    ]
     if len(answers) < min_replies:
-        reasons = sorted({short_reason(r.error.reason) for r in failures})
+        reasons = sorted({failure["reason"] for failure in failed})
         raise PhaseError(
             f"{message_type}: only {len(answers)} of {len(node_ids)} clients answered "
             f"(need {min_replies}); client errors: {reasons}"
@@ -386,9 +418,16 @@ def send_to_all(
 
 
 def impute_on_clients(
-    grid: Grid, task: TaskConfig, node_ids: list[int], cvae_weights: dict | None
+    grid: Grid,
+    task: TaskConfig,
+    node_ids: list[int],
+    cvae_weights: dict | None,
+    failures: list[dict] | None = None,
 ) -> dict[int, dict]:
-    """Phase 2: each client generates its synthetic images once and keeps them."""
+    """Phase 2: each client generates its synthetic images once and keeps them.
+
+    Needs ``min-clients`` answers, from SuperNodes with distinct partition ids.
+    """
     generator = ArrayRecord(
         cvae_weights if cvae_weights is not None else CVAE(task.app.cvae_latent_dim).state_dict()
     )
@@ -397,13 +436,21 @@ def impute_on_clients(
         return RecordDict({GENERATOR: generator, CONFIG: task.to_record()})
 
     answers = send_to_all(
-        grid, node_ids, IMPUTE, content, task.app.round_timeout, task.app.min_clients
+        grid, node_ids, IMPUTE, content, task.app.round_timeout, task.app.min_clients, failures
     )
     clients = {}
     for answer in answers:
         real, synthetic = answer["real-label-counts"], answer["synthetic-label-counts"]
-        clients[int(answer[PARTITION_ID])] = {
-            "partition-id": int(answer[PARTITION_ID]),
+        partition_id = int(answer[PARTITION_ID])
+        if partition_id in clients:
+            raise PhaseError(
+                f"SuperNodes {clients[partition_id][NODE_ID]} and {answer[NODE_ID]} both have "
+                f"partition-id {partition_id}: give every SuperNode its own partition-id"
+            )
+        clients[partition_id] = {
+            "partition-id": partition_id,
+            NODE_ID: answer[NODE_ID],
+            "own-data": bool(answer.get("own-data", 0)),
             "real-train": int(answer["real-train"]),
             "val": int(answer["val"]),
             "test": int(answer["test"]),
@@ -459,7 +506,13 @@ def train_classifier(
 
 
 def per_client_with_model(
-    grid: Grid, task: TaskConfig, node_ids: list[int], weights: dict, message_type: str
+    grid: Grid,
+    task: TaskConfig,
+    node_ids: list[int],
+    weights: dict,
+    message_type: str,
+    min_replies: int,
+    failures: list[dict],
 ) -> dict[int, dict]:
     """Send a classifier to every client for ``message_type``; their metrics by partition id."""
     arrays = ArrayRecord(weights)
@@ -468,19 +521,30 @@ def per_client_with_model(
         return RecordDict({ARRAYS: arrays, CONFIG: task.to_record()})
 
     answers = send_to_all(
-        grid, node_ids, message_type, content, task.app.round_timeout, task.app.min_clients
+        grid, node_ids, message_type, content, task.app.round_timeout, min_replies, failures
     )
+    for answer in answers:
+        del answer[NODE_ID]
     return {int(a.pop(PARTITION_ID)): a for a in answers}
 
 
-def evaluate_on_clients(grid: Grid, task: TaskConfig, node_ids: list[int], weights: dict):
-    """A classifier, unchanged, on every client's real test split."""
-    return per_client_with_model(grid, task, node_ids, weights, EVALUATE_CLASSIFIER)
+def evaluate_on_clients(
+    grid: Grid, task: TaskConfig, node_ids: list[int], weights: dict, failures: list[dict]
+) -> dict[int, dict]:
+    """A classifier, unchanged, on every client's real test split.
+
+    The model exists already: clients that fail here are recorded, never fatal.
+    """
+    return per_client_with_model(grid, task, node_ids, weights, EVALUATE_CLASSIFIER, 0, failures)
 
 
-def finetune_locally(grid: Grid, task: TaskConfig, node_ids: list[int], pretrained: dict):
+def finetune_locally(
+    grid: Grid, task: TaskConfig, node_ids: list[int], pretrained: dict, failures: list[dict]
+) -> dict[int, dict]:
     """Each client fine-tunes its own copy of the pretrained model; nothing is aggregated."""
-    return per_client_with_model(grid, task, node_ids, pretrained, FINETUNE_LOCALLY)
+    return per_client_with_model(
+        grid, task, node_ids, pretrained, FINETUNE_LOCALLY, task.app.min_clients, failures
+    )
 
 
 def weights_digest(weights: dict) -> str:

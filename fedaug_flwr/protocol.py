@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord
 
-from fedaug_flwr.config import AppConfig
+from fedaug_flwr.config import AppConfig, ConfigError
 
 # Message types: "<category>.<action>" routes to the ClientApp handler of that name.
 TRAIN_CVAE = "train.cvae"
@@ -28,6 +28,7 @@ METRICS = "metrics"
 SYNTHETIC_STATE = "synthetic"  # key in context.state: this node's synthetic images
 
 DATA_SOURCE = "data-source"
+DATA_SOURCES = ("mnist-5k", "mnist")  # what the server resolved "dataset" to
 DATA_LOCATION = "data-location"
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
@@ -52,8 +53,16 @@ class TaskConfig:
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> TaskConfig:
+        """Rebuild and re-validate what the server sent; :class:`ConfigError` if it is bad."""
         values = dict(record)
-        source = str(values.pop(DATA_SOURCE))
-        location = str(values.pop(DATA_LOCATION))
+        missing = [key for key in (DATA_SOURCE, DATA_LOCATION) if key not in values]
+        if missing:
+            raise ConfigError(f"message config lacks {missing}; the server always sends them")
+        source, location = values.pop(DATA_SOURCE), values.pop(DATA_LOCATION)
+        if source not in DATA_SOURCES or not isinstance(location, str):
+            raise ConfigError(
+                f"message config '{DATA_SOURCE}' must be one of {list(DATA_SOURCES)} and "
+                f"'{DATA_LOCATION}' a string; got {source!r}, {location!r}"
+            )
         values.pop("server-round", None)  # added by Flower strategies
         return cls(AppConfig.from_run_config(values), source, location)

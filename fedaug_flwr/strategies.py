@@ -4,14 +4,18 @@ Flower's FedAvg sends plain "train"/"evaluate" messages and keeps only the
 aggregated metrics. :class:`RoutedFedAvg` retags its messages (e.g.
 "train.cvae"), gives each message its own content (FedAvg shares one
 RecordDict between all of them), records per-client metrics and failures per
-round, and stops the phase when fewer than ``min_replies`` clients answered.
+round (error replies, and clients that did not answer before the round timed
+out, e.g. a dead SuperNode), and stops the phase when fewer than
+``min_replies`` clients answered a training round. Evaluation rounds never
+stop a phase: their failures are recorded and the metrics of those who
+answered are kept.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -33,6 +37,7 @@ class RoundLog:
 
     per_client: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
+    sent: int = 0
 
 
 def short_reason(reason: str) -> str:
@@ -41,8 +46,45 @@ def short_reason(reason: str) -> str:
     if match:
         return match.group(1).strip()
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    # deployment ends with "<class 'pkg.module.SomeError'>:<'message'>"
+    pattern = r"<class '(?:[\w.]+\.)?(\w+)'>:<['\"](.*)['\"]>"
+    if lines and (match := re.fullmatch(pattern, lines[-1])):
+        return f"{match.group(1)}: {match.group(2)}"
     errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception): ", line)]
     return (errors or lines or [reason])[-1]
+
+
+def no_reply_reason(timeout: float | None) -> str:
+    limit = "" if timeout is None else f" ({timeout:g} s)"
+    return f"no reply within round-timeout{limit}: node down or too slow"
+
+
+def reply_failures(
+    replies: list[Message], sent: Sequence[Message], timeout: float | None
+) -> list[dict]:
+    """One ``{"node-id", "reason"}`` per error reply and per node that never replied.
+
+    An error reply made by the SuperLink itself (e.g. "Node Unavailable" for a
+    SuperNode that stopped sending heartbeats) comes from the SuperLink's own
+    node id, so each reply is matched to the message it answers.
+    """
+    destination = {message.metadata.message_id: message.metadata.dst_node_id for message in sent}
+
+    def node_of(reply: Message) -> int:
+        return destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    failures = [
+        {"node-id": node_of(reply), "reason": short_reason(reply.error.reason)}
+        for reply in replies
+        if reply.has_error()
+    ]
+    answered = {node_of(reply) for reply in replies}
+    failures += [
+        {"node-id": message.metadata.dst_node_id, "reason": no_reply_reason(timeout)}
+        for message in sent
+        if message.metadata.dst_node_id not in answered
+    ]
+    return failures
 
 
 def metric_dict(record: MetricRecord) -> dict:
@@ -84,26 +126,41 @@ class RoutedFedAvg(FedAvg):
         self.min_replies = min_replies
         self.train_log: dict[int, RoundLog] = {}
         self.evaluate_log: dict[int, RoundLog] = {}
+        self.round_timeout: float | None = None
+        self._sent: dict[tuple[str, int], list[Message]] = {}
 
-    def _route(self, messages: Iterable[Message], category: str) -> list[Message]:
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        **kwargs,
+    ):
+        self.round_timeout = timeout  # to tell "no reply in time" from other failures
+        return super().start(grid, initial_arrays, num_rounds, timeout, **kwargs)
+
+    def _route(self, messages: Iterable[Message], category: str, server_round: int) -> list:
         routed = []
         for message in messages:
             # FedAvg reuses one RecordDict for every message: give each its own.
             message.content = RecordDict(dict(message.content.items()))
             message.metadata.message_type = f"{category}.{self.action}"
             routed.append(message)
+        self._sent[category, server_round] = routed  # to tell who did not answer
         return routed
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self._route(super().configure_train(server_round, arrays, config, grid), "train")
+        messages = super().configure_train(server_round, arrays, config, grid)
+        return self._route(messages, "train", server_round)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         messages = super().configure_evaluate(server_round, arrays, config, grid)
-        return self._route(messages, "evaluate")
+        return self._route(messages, "evaluate", server_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = in_partition_order(replies)
@@ -118,17 +175,12 @@ class RoutedFedAvg(FedAvg):
         return super().aggregate_evaluate(server_round, replies)
 
     def _record(self, replies: list[Message], kind: str, server_round: int) -> RoundLog:
-        entry = RoundLog()
-        for reply in replies:
-            if reply.has_error():
-                entry.failures.append(
-                    {
-                        "node-id": reply.metadata.src_node_id,
-                        "reason": short_reason(reply.error.reason),
-                    }
-                )
-            else:
-                entry.per_client.append(metric_dict(reply.content["metrics"]))
+        sent = self._sent.pop((kind, server_round), [])
+        entry = RoundLog(sent=len(sent))
+        entry.failures = reply_failures(replies, sent, self.round_timeout)
+        entry.per_client = [
+            metric_dict(reply.content["metrics"]) for reply in replies if not reply.has_error()
+        ]
         for failure in entry.failures:
             log.warning(
                 "%s.%s round %d: node %s failed: %s",
@@ -140,9 +192,12 @@ class RoutedFedAvg(FedAvg):
             )
         if len(entry.per_client) < self.min_replies:
             reasons = sorted({f["reason"] for f in entry.failures})
-            raise PhaseError(
+            summary = (
                 f"{kind}.{self.action} round {server_round}: only {len(entry.per_client)} of "
-                f"{len(replies)} clients answered (need {self.min_replies}); "
+                f"{entry.sent} clients answered (need {self.min_replies}); "
                 f"client errors: {reasons}"
             )
+            if kind == "train":  # no model without enough updates
+                raise PhaseError(summary)
+            log.warning("%s; evaluation kept for those who answered", summary)
         return entry

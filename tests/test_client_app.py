@@ -117,8 +117,10 @@ def test_node_without_partition_config_gets_a_clear_error():
 def test_same_message_same_seed_gives_identical_weights():
     import torch
 
+    initial = CVAE().state_dict()
+
     def train_once():
-        content = RecordDict({"arrays": ArrayRecord(CVAE().state_dict()), "config": task_record()})
+        content = RecordDict({"arrays": ArrayRecord(initial), "config": task_record()})
         return client_app(make_message(content, "train.cvae"), make_context(3, NUM_PARTITIONS))
 
     first = train_once().content["arrays"].to_torch_state_dict()
