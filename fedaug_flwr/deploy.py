@@ -316,7 +316,7 @@ class LocalDeployment:
                 f"a deployment is already up in {self.state_dir}; run `down` first"
             )
         plan = plan.checked()
-        self._clear()
+        self.remove_files()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         threads = {
             "OMP_NUM_THREADS": str(plan.torch_threads),
@@ -393,7 +393,8 @@ class LocalDeployment:
                 f"{result.stdout.strip()} {result.stderr.strip()}"
             ) from None
 
-    def _clear(self) -> None:
+    def remove_files(self) -> None:
+        """Delete what `up` created in the state folder (logs, homes, keys), nothing else."""
         for name in _OWNED:
             path = self.state_dir / name
             if path.is_dir():
@@ -545,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"fedaug-flwr: stopped {', '.join(stopped) or 'nothing (no process was running)'}"
             )
             if args.clean:
-                deployment._clear()
+                deployment.remove_files()
     except (DeploymentError, ConfigError) as error:
         parser.error(str(error))
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord
 
-from fedaug_flwr.config import AppConfig, ConfigError
+from fedaug_flwr.config import DATASETS, AppConfig, ConfigError
 
 # Message types: "<category>.<action>" routes to the ClientApp handler of that name.
 TRAIN_CVAE = "train.cvae"
@@ -27,8 +27,7 @@ CONFIG = "config"
 METRICS = "metrics"
 SYNTHETIC_STATE = "synthetic"  # key in context.state: this node's synthetic images
 
-DATA_SOURCE = "data-source"
-DATA_SOURCES = ("mnist-5k", "mnist")  # what the server resolved "dataset" to
+DATA_SOURCE = "data-source"  # what the server resolved "dataset" to: one of DATASETS
 DATA_LOCATION = "data-location"
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
@@ -59,9 +58,9 @@ class TaskConfig:
         if missing:
             raise ConfigError(f"message config lacks {missing}; the server always sends them")
         source, location = values.pop(DATA_SOURCE), values.pop(DATA_LOCATION)
-        if source not in DATA_SOURCES or not isinstance(location, str):
+        if source not in DATASETS or not isinstance(location, str):
             raise ConfigError(
-                f"message config '{DATA_SOURCE}' must be one of {list(DATA_SOURCES)} and "
+                f"message config '{DATA_SOURCE}' must be one of {list(DATASETS)} and "
                 f"'{DATA_LOCATION}' a string; got {source!r}, {location!r}"
             )
         values.pop("server-round", None)  # added by Flower strategies

@@ -23,7 +23,14 @@ from pathlib import Path
 import pytest
 
 from fedaug_flwr.credentials import make_node_keys
-from fedaug_flwr.deploy import CONNECTION, LocalDeployment, Plan, group_members, port_is_free
+from fedaug_flwr.deploy import (
+    CONNECTION,
+    DeploymentError,
+    LocalDeployment,
+    Plan,
+    group_members,
+    port_is_free,
+)
 from fedaug_flwr.faults import ENV_VAR
 from fedaug_flwr.launch import (
     APP_DIR,
@@ -197,6 +204,8 @@ def test_secure_deployment_with_supernode_auth_refuses_an_unknown_key(
 ):
     plan = loopback_plan(tuple(site_data), secure=True)
     state = deployment.up(plan)
+    with pytest.raises(DeploymentError, match="a deployment is already up in"):
+        deployment.up(plan)
     tls = deployment.tls_dir
     assert "Uvicorn running on https://127.0.0.1" in Path(state.processes[0].log).read_text()
     cli_config = (Path(state.flwr_home) / "config.toml").read_text()
