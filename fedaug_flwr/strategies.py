@@ -5,13 +5,16 @@ aggregated metrics. :class:`RoutedFedAvg` retags its messages (e.g.
 "train.cvae"), gives each message its own content (FedAvg shares one
 RecordDict between all of them), records per-client metrics and failures per
 round, and stops the phase when fewer than ``min_replies`` clients answered.
+It also times every round (send and train, aggregation, federated and
+server-side evaluation), which ``summary.json`` reports and ``bench/`` reads.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -84,6 +87,69 @@ class RoutedFedAvg(FedAvg):
         self.min_replies = min_replies
         self.train_log: dict[int, RoundLog] = {}
         self.evaluate_log: dict[int, RoundLog] = {}
+        self._marks: dict[int, dict[str, float]] = {}
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ):
+        """FedAvg's ``start``, with the server-side evaluation timed per round."""
+        timed_evaluate_fn = None
+        if evaluate_fn is not None:
+
+            def timed_evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+                self._mark(server_round, "global-evaluate-start")
+                try:
+                    return evaluate_fn(server_round, arrays)
+                finally:
+                    self._mark(server_round, "global-evaluate-end")
+
+        return super().start(
+            grid,
+            initial_arrays,
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=timed_evaluate_fn,
+        )
+
+    def _mark(self, server_round: int, event: str) -> None:
+        self._marks.setdefault(server_round, {})[event] = time.perf_counter()
+
+    def round_timing(self, server_round: int) -> dict[str, float]:
+        """Seconds spent in each part of one round (round 0: the initial global evaluation).
+
+        ``train`` runs from configuring the messages to having every reply
+        (the clients' work plus Flower's transport), ``aggregate`` is FedAvg
+        over the replies, ``evaluate`` the federated evaluation round trip,
+        ``global-evaluate`` the server's own evaluation, ``total`` all of it.
+        """
+        marks = self._marks.get(server_round, {})
+        spans = {
+            "train": ("train-start", "train-replies"),
+            "aggregate": ("train-replies", "train-aggregated"),
+            "evaluate": ("evaluate-start", "evaluate-replies"),
+            "global-evaluate": ("global-evaluate-start", "global-evaluate-end"),
+        }
+        timing = {
+            name: round(marks[end] - marks[begin], 3)
+            for name, (begin, end) in spans.items()
+            if begin in marks and end in marks
+        }
+        if marks:
+            timing["total"] = round(max(marks.values()) - min(marks.values()), 3)
+        return timing
+
+    def timing_table(self) -> list[dict[str, float]]:
+        """``round_timing`` of every round so far, each row with its ``round`` number."""
+        return [{"round": r, **self.round_timing(r)} for r in sorted(self._marks)]
 
     def _route(self, messages: Iterable[Message], category: str) -> list[Message]:
         routed = []
@@ -97,20 +163,27 @@ class RoutedFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._mark(server_round, "train-start")
         return self._route(super().configure_train(server_round, arrays, config, grid), "train")
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._mark(server_round, "evaluate-start")
         messages = super().configure_evaluate(server_round, arrays, config, grid)
         return self._route(messages, "evaluate")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        self._mark(server_round, "train-replies")
         replies = in_partition_order(replies)
         self.train_log[server_round] = self._record(replies, "train", server_round)
-        return super().aggregate_train(server_round, replies)
+        try:
+            return super().aggregate_train(server_round, replies)
+        finally:
+            self._mark(server_round, "train-aggregated")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        self._mark(server_round, "evaluate-replies")
         if self.fraction_evaluate == 0.0:
             return None
         replies = in_partition_order(replies)
