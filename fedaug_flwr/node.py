@@ -15,17 +15,24 @@ A node's data comes from its node config (``flower-supernode --node-config``):
   run's dataset, as in simulation.
 
 Every SuperNode of a federation needs its own partition id.
+
+A simulation actor serves hundreds of messages per round, so per-message
+costs that do not change the result are paid once per process: the data and
+partition (cached in ``data`` and ``partition``) and the model objects
+(:func:`reusable_model`), whose every weight and buffer is overwritten by
+``load_state_dict`` before use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from fedaug_flwr.data import Digits, label_counts, load_node_data, load_source
 from fedaug_flwr.imputation import generate, synthetic_labels
@@ -105,6 +112,33 @@ def parse_node_config(node_config: Mapping[str, object]) -> NodeConfig:
     return NodeConfig(partition_id, num_partitions, data_path)
 
 
+_MODELS: dict[tuple, nn.Module] = {}
+
+
+def reusable_model(
+    build: Callable[..., nn.Module], weights: StateDict, run_on: torch.device, *args: int
+) -> nn.Module:
+    """``build(*args)`` on ``run_on`` holding ``weights``; built once per process, then reused.
+
+    Building ExquisiteNetV1 costs ~12 ms of CPU (random initialisation that
+    ``load_state_dict`` overwrites at once), twice per client and round. The
+    load is strict, so every parameter and buffer comes from ``weights``; the
+    random draws the building made came before each task seeds torch, so
+    results do not change. Handlers in one process run one at a time.
+    """
+    key = (build, str(run_on), *args)
+    model = _MODELS.get(key)
+    if model is None:
+        model = _MODELS[key] = build(*args).to(run_on)
+    model.load_state_dict(weights)
+    return model
+
+
+def detached_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as tensors of its own (the model object is reused)."""
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
 def partition_of(node_config: Mapping[str, object]) -> tuple[int, int]:
     """``(partition-id, num-partitions)`` from a node config, checked."""
     config = parse_node_config(node_config)
@@ -168,16 +202,23 @@ def impute(task: TaskConfig, split: ClientSplit, generator_weights: StateDict) -
     real_counts = split.train.label_counts()
     rng = np.random.default_rng([app.seed, split.partition_id, 1])
     labels = synthetic_labels(app.imputation, app.synthetic_per_client, real_counts, rng)
-    cvae = CVAE(app.cvae_latent_dim)
-    cvae.load_state_dict(generator_weights)
+    run_on = device()
+    cvae = reusable_model(CVAE, generator_weights, run_on, app.cvae_latent_dim)
     images = generate(
         cvae,
         labels,
         seed=seed_for(app.seed, split.partition_id, 2),
         batch_size=app.generation_batch_size,
-        device=device(),
+        device=run_on,
     )
     return ImputationReport(real_counts, label_counts(labels), Digits(images, labels))
+
+
+def adam(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam over all parameters at once (``foreach``): on CPU the same numbers as
+    torch's default per-parameter loop, bit for bit, for ~10% less time per
+    ExquisiteNet step (on CUDA it is torch's default anyway)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
 
 
 def train_cvae(
@@ -186,8 +227,7 @@ def train_cvae(
     """Local CVAE epochs on the real training split; returns weights and losses."""
     app = task.app
     run_on = device()
-    model = CVAE(app.cvae_latent_dim).to(run_on)
-    model.load_state_dict(weights)
+    model = reusable_model(CVAE, weights, run_on, app.cvae_latent_dim)
     torch.manual_seed(seed_for(app.seed, server_round, split.partition_id, 3))
 
     def loss_fn(m, x, y):
@@ -197,7 +237,7 @@ def train_cvae(
         model,
         TensorData.from_digits(split.train, device=run_on),
         loss_fn,
-        torch.optim.Adam(model.parameters(), lr=app.cvae_lr),
+        adam(model, lr=app.cvae_lr),
         epochs=app.cvae_local_epochs,
         batch_size=app.cvae_batch_size,
         seed=seed_for(app.seed, server_round, split.partition_id, 4),
@@ -205,7 +245,7 @@ def train_cvae(
     val_loss = evaluate_loss(
         model, TensorData.from_digits(split.val, device=run_on), loss_fn, app.eval_batch_size
     )
-    return model.state_dict(), {"train-loss": train_loss, "val-loss": val_loss}
+    return detached_copy(model), {"train-loss": train_loss, "val-loss": val_loss}
 
 
 def train_classifier(
@@ -218,12 +258,9 @@ def train_classifier(
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Local ExquisiteNet epochs on (real + synthetic) training data."""
     app = task.app
-    model = ExquisiteNetV1().to(training_set.labels.device)
-    model.load_state_dict(weights)
+    model = reusable_model(ExquisiteNetV1, weights, training_set.labels.device)
     torch.manual_seed(seed_for(app.seed, server_round, partition_id, 5))
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=app.clf_lr, weight_decay=app.clf_weight_decay
-    )
+    optimizer = adam(model, lr=app.clf_lr, weight_decay=app.clf_weight_decay)
     loss = train(
         model,
         training_set,
@@ -233,14 +270,13 @@ def train_classifier(
         batch_size=app.clf_batch_size,
         seed=seed_for(app.seed, server_round, partition_id, 6),
     )
-    return model.state_dict(), loss
+    return detached_copy(model), loss
 
 
 def evaluate_on_test(task: TaskConfig, split: ClientSplit, weights: StateDict) -> dict[str, float]:
     """The classifier's loss, accuracy and macro-F1 on this client's REAL test split."""
     run_on = device()
-    model = ExquisiteNetV1().to(run_on)
-    model.load_state_dict(weights)
+    model = reusable_model(ExquisiteNetV1, weights, run_on)
     return evaluate_classifier(
         model, TensorData.from_digits(split.test, device=run_on), task.app.eval_batch_size
     )

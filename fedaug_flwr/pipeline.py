@@ -369,6 +369,7 @@ def train_cvae(grid: Grid, task: TaskConfig) -> tuple[dict, dict]:
     section = {
         "parameters": count_parameters(CVAE(config.cvae_latent_dim)),
         "rounds": _rounds(strategy, result),
+        "round-timing-s": strategy.timing_table(),
     }
     return weights, section
 
@@ -501,6 +502,7 @@ def train_classifier(
         "initial-weights-sha256": weights_digest(initial),
         "initial-global-test": metric_dict(server_metrics[0]),
         "rounds": _rounds(strategy, result, global_test_of),
+        "round-timing-s": strategy.timing_table(),
     }
     return weights, section
 

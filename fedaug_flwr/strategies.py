@@ -9,13 +9,16 @@ out, e.g. a dead SuperNode), and stops the phase when fewer than
 ``min_replies`` clients answered a training round. Evaluation rounds never
 stop a phase: their failures are recorded and the metrics of those who
 answered are kept.
+It also times every round (send and train, aggregation, federated and
+server-side evaluation), which ``summary.json`` reports and ``bench/`` reads.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -128,6 +131,7 @@ class RoutedFedAvg(FedAvg):
         self.evaluate_log: dict[int, RoundLog] = {}
         self.round_timeout: float | None = None
         self._sent: dict[tuple[str, int], list[Message]] = {}
+        self._marks: dict[int, dict[str, float]] = {}
 
     def start(
         self,
@@ -135,10 +139,62 @@ class RoutedFedAvg(FedAvg):
         initial_arrays: ArrayRecord,
         num_rounds: int = 3,
         timeout: float = 3600,
-        **kwargs,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ):
+        """FedAvg's ``start``, with the server-side evaluation timed per round."""
         self.round_timeout = timeout  # to tell "no reply in time" from other failures
-        return super().start(grid, initial_arrays, num_rounds, timeout, **kwargs)
+        timed_evaluate_fn = None
+        if evaluate_fn is not None:
+
+            def timed_evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+                self._mark(server_round, "global-evaluate-start")
+                try:
+                    return evaluate_fn(server_round, arrays)
+                finally:
+                    self._mark(server_round, "global-evaluate-end")
+
+        return super().start(
+            grid,
+            initial_arrays,
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=timed_evaluate_fn,
+        )
+
+    def _mark(self, server_round: int, event: str) -> None:
+        self._marks.setdefault(server_round, {})[event] = time.perf_counter()
+
+    def round_timing(self, server_round: int) -> dict[str, float]:
+        """Seconds spent in each part of one round (round 0: the initial global evaluation).
+
+        ``train`` runs from configuring the messages to having every reply
+        (the clients' work plus Flower's transport), ``aggregate`` is FedAvg
+        over the replies, ``evaluate`` the federated evaluation round trip,
+        ``global-evaluate`` the server's own evaluation, ``total`` all of it.
+        """
+        marks = self._marks.get(server_round, {})
+        spans = {
+            "train": ("train-start", "train-replies"),
+            "aggregate": ("train-replies", "train-aggregated"),
+            "evaluate": ("evaluate-start", "evaluate-replies"),
+            "global-evaluate": ("global-evaluate-start", "global-evaluate-end"),
+        }
+        timing = {
+            name: round(marks[end] - marks[begin], 3)
+            for name, (begin, end) in spans.items()
+            if begin in marks and end in marks
+        }
+        if marks:
+            timing["total"] = round(max(marks.values()) - min(marks.values()), 3)
+        return timing
+
+    def timing_table(self) -> list[dict[str, float]]:
+        """``round_timing`` of every round so far, each row with its ``round`` number."""
+        return [{"round": r, **self.round_timing(r)} for r in sorted(self._marks)]
 
     def _route(self, messages: Iterable[Message], category: str, server_round: int) -> list:
         routed = []
@@ -153,21 +209,28 @@ class RoutedFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._mark(server_round, "train-start")
         messages = super().configure_train(server_round, arrays, config, grid)
         return self._route(messages, "train", server_round)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._mark(server_round, "evaluate-start")
         messages = super().configure_evaluate(server_round, arrays, config, grid)
         return self._route(messages, "evaluate", server_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        self._mark(server_round, "train-replies")
         replies = in_partition_order(replies)
         self.train_log[server_round] = self._record(replies, "train", server_round)
-        return super().aggregate_train(server_round, replies)
+        try:
+            return super().aggregate_train(server_round, replies)
+        finally:
+            self._mark(server_round, "train-aggregated")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        self._mark(server_round, "evaluate-replies")
         if self.fraction_evaluate == 0.0:
             return None
         replies = in_partition_order(replies)

