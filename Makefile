@@ -34,3 +34,25 @@ lint: setup
 
 clean:
 	rm -rf results .pytest_cache .ruff_cache
+
+# Sweeps (fedaug_flwr.experiments): `make sweep EXPERIMENT=conf/smoke.yaml`, then
+# `make figures SWEEP_DIR=results/sweeps/smoke`. A sweep resumes where it stopped.
+EXPERIMENT ?= conf/smoke.yaml
+SWEEP_DIR ?= results/sweeps/smoke
+REPRODUCTION_DIR ?= results/sweeps/reproduction
+
+.PHONY: sweep figures reproduction
+
+sweep: setup
+	$(BIN)/python -m fedaug_flwr.experiments run $(EXPERIMENT)
+
+figures: setup
+	$(BIN)/python -m fedaug_flwr.experiments plot $(SWEEP_DIR)
+
+# docs/reproduction.md: run the reduced grid, draw it, copy tables and figures to docs/results/.
+reproduction: setup
+	$(BIN)/python -m fedaug_flwr.experiments run conf/reproduction.yaml --out $(REPRODUCTION_DIR)
+	$(BIN)/python -m fedaug_flwr.experiments plot $(REPRODUCTION_DIR)
+	mkdir -p docs/results/reproduction
+	cp $(REPRODUCTION_DIR)/sweep.yaml $(REPRODUCTION_DIR)/tables/*.csv \
+		$(REPRODUCTION_DIR)/figures/*.png docs/results/reproduction/
