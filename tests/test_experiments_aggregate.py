@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from fedaug_flwr.experiments import __main__ as cli
 from fedaug_flwr.experiments.aggregate import TABLES_DIR, read_tables, write_tables
 from fedaug_flwr.experiments.grid import SweepError
 from fedaug_flwr.experiments.runner import run_dir
 from fedaug_flwr.results import SUMMARY
 from tests.sweep_fixtures import BEFORE, finetune_sweep, imputation_sweep, write_failure
 
-ROOT = Path(__file__).resolve().parent.parent
 CELL = "dirichlet-beta=0.1__imputation=none__num-synthetic=0"
 
 
@@ -145,12 +142,10 @@ def test_a_folder_without_sweep_yaml_is_refused(tmp_path):
         write_tables(tmp_path)
 
 
-def test_aggregate_command(tmp_path):
+def test_aggregate_command(tmp_path, capsys):
     imputation_sweep(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-m", "fedaug_flwr.experiments", "aggregate", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "18 complete runs in 6 cells" in result.stdout
+    assert cli.main(["aggregate", str(tmp_path)]) == 0
+    assert "18 complete runs in 6 cells" in capsys.readouterr().out
     assert (tmp_path / TABLES_DIR / "final_cells.csv").is_file()
+    assert cli.main(["aggregate", str(tmp_path / "nowhere")]) == 2
+    assert "not a sweep folder" in capsys.readouterr().err

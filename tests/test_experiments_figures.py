@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fedaug_flwr.experiments import figures
+from fedaug_flwr.experiments import __main__ as cli
+from fedaug_flwr.experiments import claims, figures
 from fedaug_flwr.experiments.aggregate import write_tables
 from tests.sweep_fixtures import finetune_sweep, imputation_sweep
 
-ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -108,10 +106,9 @@ def test_table1_markdown(finetune_tables):
     assert len(lines) == 2 + 2  # header, rule, two betas
 
 
-def test_plot_command_draws_everything_a_sweep_supports(tmp_path):
+def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
     imputation_sweep(tmp_path / "sweep")
     finetune_sweep(tmp_path / "finetune")
-    command = [sys.executable, "-m", "fedaug_flwr.experiments", "plot"]
     for name, expected, skipped in (
         (
             "sweep",
@@ -122,19 +119,37 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path):
                 "macro_f1_vs_k_uniform.png",
                 "macro_f1_vs_k_minority.png",
                 "macro_f1_vs_k_averaged.png",
+                "claims.md",
             },
             ["finetune_comparison", "table1"],
         ),
-        ("finetune", {"label_distributions.png", "finetune_comparison.png", "table1.md"}, []),
+        (
+            "finetune",
+            {"label_distributions.png", "finetune_comparison.png", "table1.md"},
+            ["claims"],
+        ),
     ):
-        result = subprocess.run(
-            [*command, str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True, timeout=300
-        )
-        assert result.returncode == 0, result.stderr
+        assert cli.main(["plot", str(tmp_path / name)]) == 0
+        stdout = capsys.readouterr().out
         written = {p.name for p in (tmp_path / name / "figures").iterdir()}
         assert written == expected
-        for png in written - {"table1.md"}:
+        for png in {p for p in written if p.endswith(".png")}:
             assert_png(tmp_path / name / "figures" / png)
         for figure in skipped:
-            assert f"skipped {figure}:" in result.stdout
+            assert f"skipped {figure}:" in stdout
         assert (tmp_path / name / "tables" / "final_cells.csv").is_file()
+
+
+def test_claims_are_paired_by_seed_then_summarized_over_seeds(imputation_tables):
+    table = claims.imputation_claims(imputation_tables.final_runs).set_index("comparison")
+    overall = table.loc["minority - uniform, mean over betas and k > 0"]
+    # per seed: minority (0.75, 0.8, 0.85) - uniform (0.685, 0.745, 0.805)
+    assert overall["mean"] == pytest.approx(0.055)
+    assert overall["std"] == pytest.approx(0.01)
+    assert overall["n"] == 3 and overall["betas"] == "0.1, 10"
+    gain = table[table["betas"] == "10"].loc["minority k = 100 (50%) - no synthetic"]
+    assert gain["mean"] == pytest.approx(0.1) and gain["std"] == pytest.approx(0.0)
+    text = claims.claims_markdown(imputation_tables.final_runs)
+    assert (
+        "| minority - uniform, mean over betas and k > 0 | 0.1, 10 | +0.0550 | 0.0100 | 3 |" in text
+    )

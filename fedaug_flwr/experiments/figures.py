@@ -429,6 +429,14 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
         return write_atomic(out / "table1.md", lambda tmp: tmp.write_text(text))
 
     attempt("table1", table1)
+
+    def claims() -> Path:
+        from fedaug_flwr.experiments.claims import claims_markdown
+
+        text = claims_markdown(tables.final_runs)
+        return write_atomic(out / "claims.md", lambda tmp: tmp.write_text(text))
+
+    attempt("claims", claims)
     return drawn
 
 
