@@ -14,6 +14,7 @@ Exit status: 0 when everything asked for is complete, 1 when a run failed,
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_cleanly_on_signals() -> None:
+    """SIGTERM and SIGINT end the sweep through KeyboardInterrupt, so the running
+    simulation's SuperLink is stopped; a shell starts background jobs with SIGINT
+    ignored, hence the explicit handler."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -69,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for row in runner.statuses(sweep_dir, runs):
                     print(f"{row['status']:9} {row['folder']}  {row['error']}".rstrip())
                 return 0
+            _stop_cleanly_on_signals()
             report = runner.run_sweep(spec, sweep_dir, runs, echo_logs=args.verbose)
             aggregate.write_tables(sweep_dir)
             print(f"tables in {sweep_dir / aggregate.TABLES_DIR}")
