@@ -40,8 +40,9 @@ clean:
 EXPERIMENT ?= conf/smoke.yaml
 SWEEP_DIR ?= results/sweeps/smoke
 REPRODUCTION_DIR ?= results/sweeps/reproduction
+FINETUNE_DIR ?= results/sweeps/reproduction-finetune
 
-.PHONY: sweep figures reproduction
+.PHONY: sweep figures reproduction reproduction-finetune
 
 sweep: setup
 	$(BIN)/python -m fedaug_flwr.experiments run $(EXPERIMENT)
@@ -56,3 +57,11 @@ reproduction: setup
 	mkdir -p docs/results/reproduction
 	cp $(REPRODUCTION_DIR)/sweep.yaml $(REPRODUCTION_DIR)/tables/*.csv \
 		$(REPRODUCTION_DIR)/figures/*.png docs/results/reproduction/
+
+# The finetune half of docs/reproduction.md (needs the finetune variant's run-config keys).
+reproduction-finetune: setup
+	$(BIN)/python -m fedaug_flwr.experiments run conf/reproduction-finetune.yaml --out $(FINETUNE_DIR)
+	$(BIN)/python -m fedaug_flwr.experiments plot $(FINETUNE_DIR)
+	mkdir -p docs/results/reproduction-finetune
+	cp $(FINETUNE_DIR)/sweep.yaml $(FINETUNE_DIR)/tables/*.csv $(FINETUNE_DIR)/figures/*.png \
+		$(FINETUNE_DIR)/figures/table1.md docs/results/reproduction-finetune/

@@ -184,13 +184,18 @@ def test_the_study_grid_has_the_studys_axes_and_five_seeds():
     assert spec.seeds == [0, 1, 2, 3, 4]
 
 
-def test_shipped_finetune_grid_compares_vanilla_and_pretraining_per_beta():
-    spec = load_spec(CONF / "finetune.yaml")
-    assert spec.axes == {
-        "dirichlet-beta": [0.1, 0.3, 0.5, 10.0, 100.0],
-        "pretrain": ["off", "federated"],
-    }
-    assert len(spec.runs()) == 50
+@pytest.mark.parametrize(
+    ("name", "betas", "runs"),
+    [
+        ("finetune", [0.1, 0.3, 0.5, 10.0, 100.0], 50),
+        ("reproduction-finetune", [0.1, 0.3, 100.0], 18),
+    ],
+)
+def test_shipped_finetune_grids_compare_vanilla_and_pretraining_per_beta(name, betas, runs):
+    spec = load_spec(CONF / f"{name}.yaml")
+    assert spec.axes == {"dirichlet-beta": betas, "pretrain": ["off", "federated"]}
+    assert spec.base["imputation"] == "none"
+    assert len(spec.runs()) == runs
     if "pretrain" not in default_run_config():
         pytest.skip("the finetune variant (run-config key 'pretrain') is not merged yet")
     validate(spec)
