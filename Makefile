@@ -56,7 +56,8 @@ reproduction: setup
 	$(BIN)/python -m fedaug_flwr.experiments plot $(REPRODUCTION_DIR)
 	mkdir -p docs/results/reproduction
 	cp $(REPRODUCTION_DIR)/sweep.yaml $(REPRODUCTION_DIR)/tables/*.csv \
-		$(REPRODUCTION_DIR)/figures/*.png docs/results/reproduction/
+		$(REPRODUCTION_DIR)/figures/*.png $(REPRODUCTION_DIR)/figures/claims.md \
+		docs/results/reproduction/
 
 # The finetune half of docs/reproduction.md (needs the finetune variant's run-config keys).
 reproduction-finetune: setup
