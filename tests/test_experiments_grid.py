@@ -164,7 +164,7 @@ def test_load_spec_reads_yaml_and_names_the_file_in_errors(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "runs", "supernodes"),
-    [("smoke", 6, 3), ("imputation", 175, 100), ("reproduction", 42, 10)],
+    [("smoke", 6, 3), ("imputation", 175, 100), ("reproduction", 30, 5)],
 )
 def test_shipped_imputation_grids_expand_and_validate(name, runs, supernodes):
     spec = load_spec(CONF / f"{name}.yaml")
