@@ -45,9 +45,7 @@ def save_figure(figure: Figure, path: Path) -> Path:
 def _require(table: pd.DataFrame, columns: Sequence[str], figure: str) -> None:
     missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise FigureError(
-            f"{figure} needs column(s) {missing}; the table has {list(table.columns)}"
-        )
+        raise FigureError(f"{figure} needs column(s) {missing}, which this sweep's tables lack")
     if table.empty:
         raise FigureError(f"{figure}: the table has no rows (no complete runs yet?)")
 
@@ -202,10 +200,16 @@ def _synthetic_share(table: pd.DataFrame) -> dict[int, float]:
     return {int(k): float(v) for k, v in table.groupby(K)[column].mean().items()}
 
 
-def _k_ticks(axis, ks: Sequence[int], share: dict[int, float]) -> None:
-    axis.set_xticks(list(ks))
+def _k_positions(ks: Sequence[int]) -> dict[int, int]:
+    """Evenly spaced x positions for the k values (the study's k are 0, 100, 500, 1000)."""
+    return {int(k): i for i, k in enumerate(sorted(ks))}
+
+
+def _k_ticks(axis, positions: dict[int, int], share: dict[int, float]) -> None:
+    axis.set_xticks(list(positions.values()))
     axis.set_xticklabels(
-        [f"{k}\n({100 * share[k]:.0f}%)" if k in share else str(k) for k in ks], fontsize=8
+        [f"{k}\n({100 * share[k]:.0f}%)" if k in share else str(k) for k in positions],
+        fontsize=8,
     )
     axis.set_xlabel("k synthetic images per client (share of training data)")
 
@@ -216,19 +220,20 @@ def plot_macro_f1_vs_k(final_cells: pd.DataFrame, path: Path, mode: str) -> Path
     curve = imputation_curve(final_cells, mode)
     if (curve[K] > 0).sum() == 0:
         raise FigureError(f"macro-F1 vs k: no runs with {mode} imputation")
+    positions = _k_positions(curve[K].unique())
     figure = Figure(figsize=(6.5, 4.2))
     axis = figure.subplots()
     for beta, lines in curve.groupby(BETA):
         lines = lines.sort_values(K)
         axis.errorbar(
-            lines[K],
+            lines[K].map(positions),
             lines[f"{F1}-mean"],
             yerr=np.nan_to_num(lines[f"{F1}-std"].to_numpy(float)),
             marker="o",
             capsize=3,
             label=f"beta = {_fmt_beta(beta)} (n={int(lines['n'].min())})",
         )
-    _k_ticks(axis, sorted(curve[K].unique()), _synthetic_share(curve))
+    _k_ticks(axis, positions, _synthetic_share(curve))
     axis.set_ylabel("client test macro-F1 (mean over clients)")
     axis.set_title(f"Macro-F1 against k, {mode} imputation (+-1 std over seeds)")
     axis.legend(fontsize=8)
@@ -256,11 +261,12 @@ def averaged_over_beta(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFra
 def plot_macro_f1_vs_k_averaged(final_runs: pd.DataFrame, path: Path) -> Path:
     """Macro-F1 against k averaged over all betas, uniform against minority."""
     table = averaged_over_beta(final_runs)
+    positions = _k_positions(table[K].unique())
     figure = Figure(figsize=(6.5, 4.2))
     axis = figure.subplots()
     for mode, lines in table.groupby(MODE, sort=False):
         axis.errorbar(
-            lines[K],
+            lines[K].map(positions),
             lines["mean"],
             yerr=np.nan_to_num(lines["std"].to_numpy(float)),
             marker="o",
@@ -272,7 +278,7 @@ def plot_macro_f1_vs_k_averaged(final_runs: pd.DataFrame, path: Path) -> Path:
         share = {
             int(k): float(v) for k, v in final_runs.groupby(K)["synthetic-fraction"].mean().items()
         }
-    _k_ticks(axis, sorted(table[K].unique()), share)
+    _k_ticks(axis, positions, share)
     axis.set_ylabel("client test macro-F1, mean over betas")
     axis.set_title(
         f"Macro-F1 against k, averaged over {int(table['betas'].max())} betas (+-1 std over seeds)"
