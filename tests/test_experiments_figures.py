@@ -10,6 +10,8 @@ import pytest
 from fedaug_flwr.experiments import __main__ as cli
 from fedaug_flwr.experiments import claims, figures
 from fedaug_flwr.experiments.aggregate import write_tables
+from fedaug_flwr.experiments.runner import run_dir
+from fedaug_flwr.results import SUMMARY
 from tests.sweep_fixtures import finetune_sweep, imputation_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -149,7 +151,26 @@ def test_claims_are_paired_by_seed_then_summarized_over_seeds(imputation_tables)
     assert overall["n"] == 3 and overall["betas"] == "0.1, 10"
     gain = table[table["betas"] == "10"].loc["minority k = 100 (50%) - no synthetic"]
     assert gain["mean"] == pytest.approx(0.1) and gain["std"] == pytest.approx(0.0)
+    both = table[table["betas"] == "0.1, 10"].loc["uniform k = 100 (50%) - no synthetic"]
+    assert both["mean"] == pytest.approx(0.045)  # ((0.65 - 0.6) + (0.84 - 0.8)) / 2 per seed
     text = claims.claims_markdown(imputation_tables.final_runs)
     assert (
         "| minority - uniform, mean over betas and k > 0 | 0.1, 10 | +0.0550 | 0.0100 | 3 |" in text
     )
+
+
+def test_averages_over_beta_count_only_seeds_that_have_every_beta(tmp_path):
+    spec = imputation_sweep(tmp_path)
+    missing = next(
+        r
+        for r in spec.runs()
+        if r.seed == 2
+        and r.cell.name == "dirichlet-beta=10.0__imputation=minority__num-synthetic=100"
+    )
+    (run_dir(tmp_path, missing) / SUMMARY).unlink()
+    final_runs = write_tables(tmp_path).final_runs
+    table = figures.averaged_over_beta(final_runs)
+    minority = table[(table["imputation"] == "minority") & (table["num-synthetic"] == 100)].iloc[0]
+    assert minority["n"] == 2 and minority["mean"] == pytest.approx((0.75 + 0.8) / 2)
+    overall = claims.imputation_claims(final_runs).iloc[0]
+    assert overall["n"] == 2 and overall["mean"] == pytest.approx(0.06)  # seeds 0, 1 only

@@ -47,7 +47,7 @@ def _mean_over(table: pd.DataFrame, betas: Sequence[float], k: int | None) -> pd
         for beta, kk in table.columns
         if beta in betas and (kk == k if k is not None else kk > 0)
     ]
-    return table[columns].mean(axis=1)
+    return table[columns].mean(axis=1, skipna=False)  # a seed missing a cell does not count
 
 
 def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
@@ -77,15 +77,24 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
                 _mean_over(tables["minority"], betas, k) - _mean_over(tables["uniform"], betas, k),
             )
         )
+    beta_sets = [betas, *([b] for b in betas)] if len(betas) > 1 else [betas]
     for mode in IMPUTATION_MODES:
-        for beta_set in ([b] for b in betas):
+        table = tables[mode]
+        for beta_set in beta_sets:
             for k in ks:
                 rows.append(
                     _summary(
                         f"{mode} k = {k} ({100 * share[k]:.0f}%) - no synthetic",
                         beta_set,
-                        _mean_over(tables[mode], beta_set, k)
-                        - _mean_over(tables[mode], beta_set, 0),
+                        _mean_over(table, beta_set, k) - _mean_over(table, beta_set, 0),
+                    )
+                )
+            if len(ks) > 1:
+                rows.append(
+                    _summary(
+                        f"{mode} k = {ks[-1]} - {mode} k = {ks[0]} (more synthetic)",
+                        beta_set,
+                        _mean_over(table, beta_set, ks[-1]) - _mean_over(table, beta_set, ks[0]),
                     )
                 )
     return pd.DataFrame(rows)
@@ -99,7 +108,6 @@ def claims_markdown(final_runs: pd.DataFrame, metric: str = F1) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for row in table.itertuples(index=False):
-        lines.append(
-            f"| {row.comparison} | {row.betas} | {row.mean:+.4f} | {row.std:.4f} | {row.n} |"
-        )
+        std = "-" if pd.isna(row.std) else f"{row.std:.4f}"
+        lines.append(f"| {row.comparison} | {row.betas} | {row.mean:+.4f} | {std} | {row.n} |")
     return "\n".join(lines) + "\n"

@@ -248,10 +248,12 @@ def averaged_over_beta(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFra
         curve = imputation_curve(final_runs, mode)
         if (curve[K] > 0).sum() == 0:
             continue
-        per_seed = curve.groupby([K, "seed"])[metric].mean().reset_index()
+        betas = curve[BETA].nunique()
+        grouped = curve.groupby([K, "seed"])[metric]
+        per_seed = grouped.mean()[grouped.count() == betas].reset_index()  # seeds with every beta
         stats = per_seed.groupby(K)[metric].agg(["mean", "std", "count"]).reset_index()
         stats.insert(0, MODE, mode)
-        stats["betas"] = curve[BETA].nunique()
+        stats["betas"] = betas
         frames.append(stats.rename(columns={"count": "n"}))
     if not frames:
         raise FigureError("average over beta: no runs with uniform or minority imputation")
