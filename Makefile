@@ -38,3 +38,35 @@ lint: setup
 
 clean:
 	rm -rf results .pytest_cache .ruff_cache
+
+# Sweeps (fedaug_flwr.experiments): `make sweep EXPERIMENT=conf/smoke.yaml`, then
+# `make figures SWEEP_DIR=results/sweeps/smoke`. A sweep resumes where it stopped.
+EXPERIMENT ?= conf/smoke.yaml
+SWEEP_DIR ?= results/sweeps/smoke
+REPRODUCTION_DIR ?= results/sweeps/reproduction
+FINETUNE_DIR ?= results/sweeps/reproduction-finetune
+
+.PHONY: sweep figures reproduction reproduction-finetune
+
+sweep: setup
+	$(BIN)/python -m fedaug_flwr.experiments run $(EXPERIMENT)
+
+figures: setup
+	$(BIN)/python -m fedaug_flwr.experiments plot $(SWEEP_DIR)
+
+# docs/reproduction.md: run the reduced grid, draw it, copy tables and figures to docs/results/.
+reproduction: setup
+	$(BIN)/python -m fedaug_flwr.experiments run conf/reproduction.yaml --out $(REPRODUCTION_DIR)
+	$(BIN)/python -m fedaug_flwr.experiments plot $(REPRODUCTION_DIR)
+	mkdir -p docs/results/reproduction
+	cp $(REPRODUCTION_DIR)/sweep.yaml $(REPRODUCTION_DIR)/tables/*.csv \
+		$(REPRODUCTION_DIR)/figures/*.png $(REPRODUCTION_DIR)/figures/claims.md \
+		docs/results/reproduction/
+
+# The finetune half of docs/reproduction.md (needs the finetune variant's run-config keys).
+reproduction-finetune: setup
+	$(BIN)/python -m fedaug_flwr.experiments run conf/reproduction-finetune.yaml --out $(FINETUNE_DIR)
+	$(BIN)/python -m fedaug_flwr.experiments plot $(FINETUNE_DIR)
+	mkdir -p docs/results/reproduction-finetune
+	cp $(FINETUNE_DIR)/sweep.yaml $(FINETUNE_DIR)/tables/*.csv $(FINETUNE_DIR)/figures/*.png \
+		$(FINETUNE_DIR)/figures/table1.md docs/results/reproduction-finetune/

@@ -1,0 +1,113 @@
+"""Command line for sweeps.
+
+    python -m fedaug_flwr.experiments run conf/smoke.yaml [--out DIR] [--only seed=0]
+    python -m fedaug_flwr.experiments list conf/smoke.yaml [--out DIR] [--only ...]
+    python -m fedaug_flwr.experiments aggregate results/sweeps/smoke
+    python -m fedaug_flwr.experiments plot results/sweeps/smoke
+
+``run`` aggregates the tables when it finishes; ``plot`` aggregates, then
+draws every figure the results support into ``<sweep folder>/figures/``.
+Exit status: 0 when everything asked for is complete, 1 when a run failed,
+2 for a bad experiment file or argument, 130 when interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedaug_flwr.experiments import aggregate, figures, runner
+from fedaug_flwr.experiments.grid import SweepError, load_spec, parse_filters, select, validate
+
+
+def _sweep_dir(spec_output: str, out: str | None) -> Path:
+    return Path(out if out else spec_output).expanduser().resolve()
+
+
+def _add_selection(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", help="experiment file (YAML), e.g. conf/smoke.yaml")
+    parser.add_argument(
+        "--out", help="sweep folder (default: the file's 'output', relative to the current dir)"
+    )
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="AXIS=V1[,V2]",
+        help="run only cells with these axis values (repeatable; 'seed=0,1' selects seeds)",
+    )  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m fedaug_flwr.experiments",
+        description="Run fedaug-flwr sweeps from YAML, aggregate them over seeds, draw figures.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run every incomplete (cell, seed) of a sweep")
+    _add_selection(run)
+    run.add_argument("--verbose", action="store_true", help="echo each run's Flower log")
+    listing = commands.add_parser("list", help="show the runs of a sweep and their status")
+    _add_selection(listing)
+    for name, text in (
+        ("aggregate", "write tables/*.csv of a sweep folder"),
+        ("plot", "aggregate, then draw figures/*.png and table1.md of a sweep folder"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("sweep_dir", help="a sweep folder (holds sweep.yaml)")
+    return parser
+
+
+def _stop_cleanly_on_signals() -> None:
+    """SIGTERM and SIGINT end the sweep through KeyboardInterrupt, so the running
+    simulation's SuperLink is stopped; a shell starts background jobs with SIGINT
+    ignored, hence the explicit handler."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in ("run", "list"):
+            spec = load_spec(args.experiment)
+            runs = select(spec, parse_filters(args.only))
+            sweep_dir = _sweep_dir(spec.output, args.out)
+            if args.command == "list":
+                validate(spec, runs)
+                for row in runner.statuses(sweep_dir, runs):
+                    print(f"{row['status']:9} {row['folder']}  {row['error']}".rstrip())
+                return 0
+            _stop_cleanly_on_signals()
+            report = runner.run_sweep(spec, sweep_dir, runs, echo_logs=args.verbose)
+            aggregate.write_tables(sweep_dir)
+            print(f"tables in {sweep_dir / aggregate.TABLES_DIR}")
+            return 0 if report.ok else 1
+        sweep_dir = Path(args.sweep_dir).expanduser().resolve()
+        if args.command == "aggregate":
+            tables = aggregate.write_tables(sweep_dir)
+            print(
+                f"{len(tables.final_runs)} complete runs in {len(tables.final_cells)} cells; "
+                f"tables in {sweep_dir / aggregate.TABLES_DIR}"
+            )
+            return 0
+        drawn = figures.draw_all(sweep_dir)
+        for path in drawn.written:
+            print(f"wrote {path}")
+        for name, reason in drawn.skipped.items():
+            print(f"skipped {name}: {reason}")
+        return 0
+    except SweepError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

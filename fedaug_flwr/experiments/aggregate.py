@@ -1,0 +1,254 @@
+"""Tidy tables from a sweep folder: one row per run, and mean / std / n per cell.
+
+Reads ``summary.json`` of every run of the sweep's grid (``sweep.yaml`` in the
+folder says which) and writes CSV files to ``<sweep folder>/tables/``:
+
+- ``final_runs.csv`` / ``final_cells.csv``: final metrics of the classifier
+  (client test splits: unweighted mean over clients, as the study reports, and
+  example-weighted; the global test set), with pretraining numbers when the
+  run had them;
+- ``rounds_runs.csv`` / ``rounds_cells.csv``: per-round curves, one row per
+  (phase, round): ``cvae`` (train / validation loss), ``classifier`` (train
+  loss, client test and global test metrics) and ``pretraining`` (one row
+  per epoch);
+- ``clients_runs.csv``: per client and run: data sizes, label counts before
+  and after imputation, final test metrics;
+- ``status.csv``: every run of the grid and whether it is complete.
+
+Standard deviations are sample standard deviations over seeds (ddof=1), empty
+when a cell has a single seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fedaug_flwr.experiments.grid import Run, SweepSpec
+from fedaug_flwr.experiments.runner import read_spec, run_dir, statuses
+from fedaug_flwr.metrics import METRIC_NAMES
+from fedaug_flwr.results import read_summary, write_atomic
+
+TABLES_DIR = "tables"
+NUM_CLASSES = 10
+# Config values that name what a run studied; kept as columns even when not swept.
+STUDY_KEYS = ("dataset", "dirichlet-beta", "imputation", "num-synthetic", "pretrain")
+
+
+@dataclass
+class Tables:
+    """All tables of one sweep, as pandas DataFrames."""
+
+    final_runs: pd.DataFrame
+    final_cells: pd.DataFrame
+    rounds_runs: pd.DataFrame
+    rounds_cells: pd.DataFrame
+    clients_runs: pd.DataFrame
+    status: pd.DataFrame
+
+    def items(self) -> Iterable[tuple[str, pd.DataFrame]]:
+        return {
+            "final_runs": self.final_runs,
+            "final_cells": self.final_cells,
+            "rounds_runs": self.rounds_runs,
+            "rounds_cells": self.rounds_cells,
+            "clients_runs": self.clients_runs,
+            "status": self.status,
+        }.items()
+
+
+# ------------------------------------------------------------------- one summary
+
+
+def _metrics(prefix: str, values: Mapping[str, Any] | None, weighted: bool = False) -> dict:
+    row: dict[str, float] = {}
+    for name in METRIC_NAMES:
+        for suffix in ("", "-weighted") if weighted else ("",):
+            key = f"{name}{suffix}"
+            if values is not None and values.get(key) is not None:
+                row[f"{prefix}{key}"] = float(values[key])
+    return row
+
+
+def final_row(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Final numbers of one run, flat (no identifying columns)."""
+    clients = summary.get("clients", [])
+    real = sum(int(c["real-train"]) for c in clients)
+    synthetic = sum(int(c["synthetic-train"]) for c in clients)
+    row: dict[str, Any] = {
+        "num-clients": len(clients),
+        "real-train-per-client": real / len(clients) if clients else float("nan"),
+        "synthetic-per-client": summary.get("imputation", {}).get("num-synthetic-per-client", 0),
+        "synthetic-fraction": synthetic / (real + synthetic) if real + synthetic else float("nan"),
+        **_metrics("test-", summary["final"]["clients"], weighted=True),
+        **_metrics("global-test-", summary["final"].get("global-test")),
+    }
+    pretraining = summary.get("pretraining")
+    if pretraining:
+        row.update(_metrics("pretrained-test-", pretraining["pretrained"]["clients"], True))
+        epochs = pretraining.get("epochs") or []
+        if epochs:
+            last = epochs[-1]
+            row["pretrain-epochs"] = len(epochs)
+            row["pretrain-train-loss"] = float(last["train-loss"])
+            row.update(_metrics("pretrain-synthetic-test-", last.get("synthetic-test")))
+            row.update(_metrics("pretrain-real-test-", last.get("real-test")))
+    row["seconds"] = float(summary.get("timing-s", {}).get("total", float("nan")))
+    return row
+
+
+def round_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per-round (and per-epoch) numbers of one run: cvae, pretraining, classifier."""
+    rows: list[dict[str, Any]] = []
+    for entry in summary.get("cvae", {}).get("rounds", []):
+        train = entry.get("train", {})
+        rows.append(
+            {
+                "phase": "cvae",
+                "round": int(entry["round"]),
+                **{k: float(train[k]) for k in ("train-loss", "val-loss") if k in train},
+            }
+        )
+    for entry in (summary.get("pretraining") or {}).get("epochs", []):
+        rows.append(
+            {
+                "phase": "pretraining",
+                "round": int(entry["epoch"]),
+                "train-loss": float(entry["train-loss"]),
+                **_metrics("synthetic-test-", entry.get("synthetic-test")),
+                **_metrics("real-test-", entry.get("real-test")),
+            }
+        )
+    for entry in summary.get("classifier", {}).get("rounds", []):
+        train = entry.get("train", {})
+        row = {"phase": "classifier", "round": int(entry["round"])}
+        if "train-loss" in train:
+            row["train-loss"] = float(train["train-loss"])
+        row.update(_metrics("test-", entry.get("evaluate"), weighted=True))
+        row.update(_metrics("global-test-", entry.get("global-test")))
+        rows.append(row)
+    return rows
+
+
+def client_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per client: sizes, label counts before / synthetic / after, final metrics."""
+    rows = []
+    for client in summary.get("clients", []):
+        row: dict[str, Any] = {
+            key: int(client[key])
+            for key in ("partition-id", "real-train", "val", "test", "synthetic-train")
+        }
+        for which in ("before", "synthetic", "after"):
+            counts = client.get(f"label-counts-{which}", [0] * NUM_CLASSES)
+            row.update({f"{which}-{label}": int(c) for label, c in enumerate(counts)})
+        row.update(_metrics("test-", client.get("final-test")))
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------- a whole sweep
+
+
+def identity(spec: SweepSpec, run: Run, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The columns that say which run a row belongs to."""
+    config = summary.get("config", {})
+    row: dict[str, Any] = {"cell": run.cell.name, **run.cell.as_dict()}
+    for key in STUDY_KEYS:
+        if key not in row and key in config:
+            row[key] = config[key]
+    row["seed"] = run.seed
+    return row
+
+
+def collect(spec: SweepSpec, sweep_dir: Path, runs: Sequence[Run] | None = None) -> Tables:
+    """Read every complete run of ``runs`` (default: the whole grid) into tables."""
+    runs = spec.runs() if runs is None else list(runs)
+    finals, rounds, clients = [], [], []
+    for run in runs:
+        summary = read_summary(run_dir(sweep_dir, run))
+        if summary is None:
+            continue
+        ident = identity(spec, run, summary)
+        finals.append({**ident, **final_row(summary)})
+        rounds.extend({**ident, **row} for row in round_rows(summary))
+        clients.extend({**ident, **row} for row in client_rows(summary))
+    id_columns = _id_columns(spec, finals)
+    final_runs = pd.DataFrame(finals, columns=_ordered(finals, id_columns))
+    rounds_runs = pd.DataFrame(rounds, columns=_ordered(rounds, [*id_columns, "phase", "round"]))
+    clients_runs = pd.DataFrame(clients, columns=_ordered(clients, [*id_columns, "partition-id"]))
+    cell_keys = [c for c in id_columns if c != "seed"]
+    return Tables(
+        final_runs=final_runs,
+        final_cells=over_seeds(final_runs, cell_keys),
+        rounds_runs=rounds_runs,
+        rounds_cells=over_seeds(rounds_runs, [*cell_keys, "phase", "round"]),
+        clients_runs=clients_runs,
+        status=pd.DataFrame(
+            statuses(sweep_dir, runs), columns=["cell", "seed", "folder", "status", "error"]
+        ),
+    )
+
+
+def _id_columns(spec: SweepSpec, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    extra = [k for k in STUDY_KEYS if k not in spec.axes and any(k in r for r in rows)]
+    return ["cell", *spec.axes, *extra, "seed"]
+
+
+def _ordered(rows: Sequence[Mapping[str, Any]], first: Sequence[str]) -> list[str]:
+    """``first``, then every other column in order of first appearance."""
+    columns = list(first)
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    return columns
+
+
+def over_seeds(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Mean, sample std and n of every numeric column per group of ``keys``."""
+    metrics = [
+        c
+        for c in table.columns
+        if c not in (*keys, "seed") and pd.api.types.is_numeric_dtype(table[c])
+    ]
+    columns = [*keys, "n", *(f"{m}-{s}" for m in metrics for s in ("mean", "std"))]
+    if table.empty:
+        return pd.DataFrame(columns=columns)
+    grouped = table.groupby(list(keys), dropna=False, sort=False)
+    stats = grouped[metrics].agg(["mean", "std"])
+    stats.columns = [f"{metric}-{stat}" for metric, stat in stats.columns]
+    stats.insert(0, "n", grouped.size())
+    return stats.reset_index()[columns]
+
+
+def save_tables(tables: Tables, sweep_dir: Path) -> dict[str, Path]:
+    """Write every table as ``<sweep folder>/tables/<name>.csv``; returns name -> path."""
+    paths = {}
+    for name, frame in tables.items():
+        path = Path(sweep_dir) / TABLES_DIR / f"{name}.csv"
+        paths[name] = write_atomic(path, lambda tmp, f=frame: f.to_csv(tmp, index=False))
+    return paths
+
+
+def write_tables(sweep_dir: Path) -> Tables:
+    """Aggregate a sweep folder (its ``sweep.yaml`` grid) and write its CSV tables."""
+    tables = collect(read_spec(sweep_dir), Path(sweep_dir))
+    save_tables(tables, sweep_dir)
+    return tables
+
+
+def read_tables(sweep_dir: Path) -> Tables:
+    """The CSV tables written by :func:`write_tables`."""
+    folder = Path(sweep_dir) / TABLES_DIR
+    frames = {}
+    for name in Tables.__dataclass_fields__:
+        path = folder / f"{name}.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run the 'aggregate' step first")
+        try:
+            frames[name] = pd.read_csv(path)
+        except pd.errors.EmptyDataError:
+            frames[name] = pd.DataFrame()
+    return Tables(**frames)

@@ -1,0 +1,468 @@
+"""The study's figures and Table 1, drawn from a sweep's aggregated tables.
+
+Every function takes tables from :mod:`fedaug_flwr.experiments.aggregate`
+(pandas DataFrames) and writes one PNG (or Markdown file); error bars and
+bands are +- 1 sample standard deviation over seeds, and every figure says
+``n`` (runs per point). Figures are built with matplotlib's object API
+(``Figure``), so they work under any backend, in scripts and notebooks alike.
+
+Runs without synthetic images (``imputation='none'`` or ``num-synthetic=0``)
+are the k = 0 point of both the uniform and the minority curves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from fedaug_flwr.experiments.aggregate import Tables, write_tables
+from fedaug_flwr.experiments.runner import read_spec, run_dir
+from fedaug_flwr.results import read_summary, write_atomic
+
+FIGURES_DIR = "figures"
+BETA, MODE, K = "dirichlet-beta", "imputation", "num-synthetic"
+IMPUTATION_MODES = ("uniform", "minority")
+F1 = "test-macro-f1"
+
+
+class FigureError(ValueError):
+    """The tables do not hold what a figure needs."""
+
+
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Write a PNG atomically, legends outside the axes included."""
+    path = Path(path)
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    return path
+
+
+def _require(table: pd.DataFrame, columns: Sequence[str], figure: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise FigureError(f"{figure} needs column(s) {missing}, which this sweep's tables lack")
+    if table.empty:
+        raise FigureError(f"{figure}: the table has no rows (no complete runs yet?)")
+
+
+def _is_baseline(table: pd.DataFrame) -> pd.Series:
+    return (table[MODE] == "none") | (table[K] == 0)
+
+
+def imputation_curve(table: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Rows of one imputation mode plus the no-synthetic baseline as its k = 0."""
+    rows = table[(table[MODE] == mode) & ~_is_baseline(table)]
+    baseline = table[_is_baseline(table)].copy()
+    baseline[K] = 0
+    return pd.concat([baseline, rows], ignore_index=True)
+
+
+def _fmt_beta(beta: float) -> str:
+    return f"{float(beta):g}"
+
+
+# --------------------------------------------------------------------- data
+
+
+def plot_label_distributions(
+    labels: np.ndarray,
+    betas: Sequence[float],
+    num_clients: int,
+    seed: int,
+    min_partition_size: int,
+    path: Path,
+    max_clients: int = 30,
+) -> Path:
+    """Client label distributions per beta (flwr-datasets' plot, the app's partitioner)."""
+    from flwr_datasets.visualization import plot_label_distributions as flwr_plot
+
+    from fedaug_flwr.partition import dirichlet_partitioner
+
+    if not betas:
+        raise FigureError("label distributions: no dirichlet-beta values to draw")
+    shown = min(num_clients, max_clients)
+    figure = Figure(figsize=(max(4.0, 0.22 * shown + 1.5) * len(betas), 3.8))
+    axes = figure.subplots(1, len(betas), squeeze=False)[0]
+    for index, (axis, beta) in enumerate(zip(axes, betas, strict=True)):
+        partitioner = dirichlet_partitioner(labels, num_clients, beta, seed, min_partition_size)
+        flwr_plot(
+            partitioner,
+            label_name="label",
+            plot_type="bar",
+            size_unit="absolute",
+            max_num_partitions=shown,
+            axis=axis,
+            title=f"beta = {_fmt_beta(beta)}",
+            legend=index == len(betas) - 1,
+            legend_title="label",
+            verbose_labels=False,  # our labels are plain ints, not a ClassLabel feature
+        )
+        axis.set_xlabel("client (partition id)")
+        axis.set_ylabel("images" if index == 0 else "")
+    more = f", first {shown} of {num_clients} clients" if shown < num_clients else ""
+    figure.suptitle(
+        f"Client label distributions (Dirichlet split of {len(labels)} images, seed {seed}{more})",
+        y=1.02,
+    )
+    return save_figure(figure, path)
+
+
+def plot_imputation_example(
+    clients: pd.DataFrame,
+    path: Path,
+    beta: float | None = None,
+    seed: int | None = None,
+    partition_id: int = 0,
+    mode: str = "minority",
+) -> Path:
+    """One client's label counts before and after imputation, one bar group per k."""
+    _require(clients, [BETA, MODE, K, "seed", "partition-id", "before-0"], "imputation example")
+    beta = float(clients[BETA].min()) if beta is None else beta
+    seed = int(clients["seed"].min()) if seed is None else seed
+    chosen = clients[
+        np.isclose(clients[BETA], beta)
+        & (clients["seed"] == seed)
+        & (clients["partition-id"] == partition_id)
+    ]
+    curve = imputation_curve(chosen, mode).sort_values(K)
+    if curve.empty or (curve[K] > 0).sum() == 0:
+        raise FigureError(
+            f"imputation example: no {mode} runs with synthetic images for beta={beta}, "
+            f"seed={seed}, client {partition_id}"
+        )
+    labels = np.arange(10)
+    before = curve.iloc[0][[f"before-{label}" for label in labels]].to_numpy(float)
+    bars = [("before (real only)", before)]
+    for _, row in curve[curve[K] > 0].drop_duplicates(K).iterrows():
+        after = row[[f"after-{label}" for label in labels]].to_numpy(float)
+        bars.append((f"after, k = {int(row[K])}", after))
+    figure = Figure(figsize=(8, 4))
+    axis = figure.subplots()
+    width = 0.8 / len(bars)
+    for i, (name, counts) in enumerate(bars):
+        axis.bar(labels + (i - (len(bars) - 1) / 2) * width, counts, width, label=name)
+    axis.set_xticks(labels)
+    axis.set_xlabel("label")
+    axis.set_ylabel("training images")
+    axis.set_title(
+        f"Client {partition_id}, beta = {_fmt_beta(beta)}, seed {seed}: label counts before and "
+        f"after {mode} imputation"
+    )
+    axis.legend()
+    return save_figure(figure, path)
+
+
+# --------------------------------------------------------------------- imputation grid
+
+
+def plot_test_loss_per_round(
+    rounds_cells: pd.DataFrame, path: Path, modes: Sequence[str] = IMPUTATION_MODES
+) -> Path:
+    """Client test loss per classifier round, one line per k; rows = mode, columns = beta."""
+    _require(rounds_cells, [BETA, MODE, K, "phase", "round", "test-loss-mean"], "test loss")
+    table = rounds_cells[rounds_cells["phase"] == "classifier"]
+    if not any((imputation_curve(table, mode)[K] > 0).any() for mode in modes):
+        raise FigureError(f"test loss per round: no runs with {' or '.join(modes)} imputation")
+    betas = sorted(table[BETA].unique())
+    figure = Figure(figsize=(3.4 * len(betas) + 1.5, 3.0 * len(modes)))
+    axes = figure.subplots(len(modes), len(betas), squeeze=False, sharex=True, sharey=True)
+    for row, mode in enumerate(modes):
+        curve = imputation_curve(table, mode)
+        for col, beta in enumerate(betas):
+            axis = axes[row][col]
+            for k, lines in curve[np.isclose(curve[BETA], beta)].groupby(K):
+                lines = lines.sort_values("round")
+                mean = lines["test-loss-mean"].to_numpy(float)
+                std = np.nan_to_num(lines["test-loss-std"].to_numpy(float))
+                n = int(lines["n"].min())
+                axis.plot(lines["round"], mean, marker="o", ms=3, label=f"k = {int(k)} (n={n})")
+                axis.fill_between(lines["round"], mean - std, mean + std, alpha=0.2)
+            axis.set_title(f"{mode}, beta = {_fmt_beta(beta)}")
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if row == len(modes) - 1:
+                axis.set_xlabel("round")
+            if col == 0:
+                axis.set_ylabel("client test loss")
+            axis.legend(fontsize=7)
+    figure.suptitle("Test loss (mean over clients) per round; band = +-1 std over seeds")
+    return save_figure(figure, path)
+
+
+def _synthetic_share(table: pd.DataFrame) -> dict[int, float]:
+    column = "synthetic-fraction-mean" if "synthetic-fraction-mean" in table else None
+    if column is None:
+        return {}
+    return {int(k): float(v) for k, v in table.groupby(K)[column].mean().items()}
+
+
+def _k_positions(ks: Sequence[int]) -> dict[int, int]:
+    """Evenly spaced x positions for the k values (the study's k are 0, 100, 500, 1000)."""
+    return {int(k): i for i, k in enumerate(sorted(ks))}
+
+
+def _k_ticks(axis, positions: dict[int, int], share: dict[int, float]) -> None:
+    axis.set_xticks(list(positions.values()))
+    axis.set_xticklabels(
+        [f"{k}\n({100 * share[k]:.0f}%)" if k in share else str(k) for k in positions],
+        fontsize=8,
+    )
+    axis.set_xlabel("k synthetic images per client (share of training data)")
+
+
+def plot_macro_f1_vs_k(final_cells: pd.DataFrame, path: Path, mode: str) -> Path:
+    """Final client macro-F1 against k, one line per beta, +-1 std error bars."""
+    _require(final_cells, [BETA, MODE, K, f"{F1}-mean", f"{F1}-std", "n"], "macro-F1 vs k")
+    curve = imputation_curve(final_cells, mode)
+    if (curve[K] > 0).sum() == 0:
+        raise FigureError(f"macro-F1 vs k: no runs with {mode} imputation")
+    positions = _k_positions(curve[K].unique())
+    figure = Figure(figsize=(6.5, 4.2))
+    axis = figure.subplots()
+    for beta, lines in curve.groupby(BETA):
+        lines = lines.sort_values(K)
+        axis.errorbar(
+            lines[K].map(positions),
+            lines[f"{F1}-mean"],
+            yerr=np.nan_to_num(lines[f"{F1}-std"].to_numpy(float)),
+            marker="o",
+            capsize=3,
+            label=f"beta = {_fmt_beta(beta)} (n={int(lines['n'].min())})",
+        )
+    _k_ticks(axis, positions, _synthetic_share(curve))
+    axis.set_ylabel("client test macro-F1 (mean over clients)")
+    axis.set_title(f"Macro-F1 against k, {mode} imputation (+-1 std over seeds)")
+    axis.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
+def averaged_over_beta(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
+    """Per mode and k: mean over betas within each seed, then mean / std / n over seeds."""
+    _require(final_runs, [BETA, MODE, K, "seed", metric], "average over beta")
+    frames = []
+    for mode in IMPUTATION_MODES:
+        curve = imputation_curve(final_runs, mode)
+        if (curve[K] > 0).sum() == 0:
+            continue
+        betas = curve[BETA].nunique()
+        grouped = curve.groupby([K, "seed"])[metric]
+        per_seed = grouped.mean()[grouped.count() == betas].reset_index()  # seeds with every beta
+        stats = per_seed.groupby(K)[metric].agg(["mean", "std", "count"]).reset_index()
+        stats.insert(0, MODE, mode)
+        stats["betas"] = betas
+        frames.append(stats.rename(columns={"count": "n"}))
+    if not frames:
+        raise FigureError("average over beta: no runs with uniform or minority imputation")
+    return pd.concat(frames, ignore_index=True)
+
+
+def plot_macro_f1_vs_k_averaged(final_runs: pd.DataFrame, path: Path) -> Path:
+    """Macro-F1 against k averaged over all betas, uniform against minority."""
+    table = averaged_over_beta(final_runs)
+    positions = _k_positions(table[K].unique())
+    figure = Figure(figsize=(6.5, 4.2))
+    axis = figure.subplots()
+    for mode, lines in table.groupby(MODE, sort=False):
+        axis.errorbar(
+            lines[K].map(positions),
+            lines["mean"],
+            yerr=np.nan_to_num(lines["std"].to_numpy(float)),
+            marker="o",
+            capsize=3,
+            label=f"{mode} (n={int(lines['n'].min())} seeds)",
+        )
+    share = {}
+    if "synthetic-fraction" in final_runs:
+        share = {
+            int(k): float(v) for k, v in final_runs.groupby(K)["synthetic-fraction"].mean().items()
+        }
+    _k_ticks(axis, positions, share)
+    axis.set_ylabel("client test macro-F1, mean over betas")
+    axis.set_title(
+        f"Macro-F1 against k, averaged over {int(table['betas'].max())} betas (+-1 std over seeds)"
+    )
+    axis.legend()
+    return save_figure(figure, path)
+
+
+# --------------------------------------------------------------------- finetune comparison
+
+
+def finetune_comparison(
+    final_cells: pd.DataFrame, pretrain_mode: str = "federated"
+) -> pd.DataFrame:
+    """Per beta: vanilla (pretrain off), pretrained and fine-tuned macro-F1 (mean, std, n)."""
+    needed = [BETA, "pretrain", f"{F1}-mean", f"pretrained-{F1}-mean"]
+    if "pretrain" not in final_cells.columns or f"pretrained-{F1}-mean" not in final_cells:
+        raise FigureError(f"finetune comparison needs column(s) {needed} (runs with pretraining)")
+    vanilla = final_cells[final_cells["pretrain"] == "off"]
+    tuned = final_cells[final_cells["pretrain"] == pretrain_mode]
+    rows = []
+    for beta in sorted(final_cells[BETA].unique()):
+        for name, table, prefix in (
+            ("vanilla", vanilla, ""),
+            ("pretrained", tuned, "pretrained-"),
+            ("finetuned", tuned, ""),
+        ):
+            match = table[np.isclose(table[BETA], beta)]
+            if match.empty:
+                continue
+            row = match.iloc[0]
+            rows.append(
+                {
+                    BETA: beta,
+                    "model": name,
+                    "mean": row[f"{prefix}{F1}-mean"],
+                    "std": row[f"{prefix}{F1}-std"],
+                    "n": int(row["n"]),
+                }
+            )
+    if not rows:
+        raise FigureError(f"finetune comparison: no runs with pretrain 'off' or '{pretrain_mode}'")
+    return pd.DataFrame(rows)
+
+
+def plot_finetune_comparison(
+    final_cells: pd.DataFrame, path: Path, pretrain_mode: str = "federated"
+) -> Path:
+    """Grouped bars per beta: vanilla / pretrained / fine-tuned client macro-F1, +-1 std."""
+    table = finetune_comparison(final_cells, pretrain_mode)
+    betas = sorted(table[BETA].unique())
+    models = [m for m in ("vanilla", "pretrained", "finetuned") if m in set(table["model"])]
+    figure = Figure(figsize=(1.6 * len(betas) + 3, 4.2))
+    axis = figure.subplots()
+    width = 0.8 / len(models)
+    positions = np.arange(len(betas))
+    for i, model in enumerate(models):
+        rows = table[table["model"] == model].set_index(BETA).reindex(betas)
+        axis.bar(
+            positions + (i - (len(models) - 1) / 2) * width,
+            rows["mean"],
+            width,
+            yerr=np.nan_to_num(rows["std"].to_numpy(float)),
+            capsize=3,
+            label=f"{model} (n={int(rows['n'].min())})",
+        )
+    axis.set_xticks(positions, [_fmt_beta(b) for b in betas])
+    axis.set_xlabel("dirichlet beta (smaller = more skewed)")
+    axis.set_ylabel("client test macro-F1 (mean over clients)")
+    axis.set_title(f"Vanilla FedAvg vs {pretrain_mode} pretraining on synthetic data (+-1 std)")
+    axis.legend()
+    return save_figure(figure, path)
+
+
+def table1_markdown(final_runs: pd.DataFrame, pretrain_mode: str = "federated") -> str:
+    """Table 1: final pretraining train loss (synthetic) and test losses, per beta."""
+    needed = ["pretrain", BETA, "pretrain-train-loss", "pretrain-real-test-loss"]
+    _require(final_runs, needed, "Table 1")
+    runs = final_runs[final_runs["pretrain"] == pretrain_mode]
+    if runs.empty:
+        raise FigureError(f"Table 1: no runs with pretrain='{pretrain_mode}'")
+    columns = [
+        ("pretrain-train-loss", "train loss (synthetic)"),
+        ("pretrain-synthetic-test-loss", "test loss (synthetic)"),
+        ("pretrain-real-test-loss", "test loss (real)"),
+    ]
+    columns = [(c, title) for c, title in columns if c in runs]
+    lines = [
+        "| beta | " + " | ".join(title for _, title in columns) + " | n |",
+        "|---:|" + "---:|" * len(columns) + "---:|",
+    ]
+    for beta, group in runs.groupby(BETA):
+        cells = [f"{group[c].mean():.4f} +- {_std(group[c]):.4f}" for c, _ in columns]
+        lines.append(f"| {_fmt_beta(beta)} | " + " | ".join(cells) + f" | {len(group)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _std(values: pd.Series) -> float:
+    return float(values.std()) if len(values) > 1 else float("nan")
+
+
+# --------------------------------------------------------------------- all at once
+
+
+@dataclass
+class Drawn:
+    """What :func:`draw_all` wrote, and what it skipped and why."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
+    """Aggregate a sweep folder, then draw every figure its results support."""
+    sweep_dir = Path(sweep_dir)
+    spec = read_spec(sweep_dir)
+    tables = write_tables(sweep_dir)
+    out = sweep_dir / FIGURES_DIR
+    drawn = Drawn()
+
+    def attempt(name: str, draw) -> None:
+        try:
+            drawn.written.append(draw())
+        except FigureError as error:
+            drawn.skipped[name] = str(error)
+
+    attempt("label_distributions", lambda: _label_distributions(spec, sweep_dir, tables, out))
+    attempt(
+        "imputation_example",
+        lambda: plot_imputation_example(tables.clients_runs, out / "imputation_example.png"),
+    )
+    attempt(
+        "test_loss_per_round",
+        lambda: plot_test_loss_per_round(tables.rounds_cells, out / "test_loss_per_round.png"),
+    )
+    for mode in IMPUTATION_MODES:
+        attempt(
+            f"macro_f1_vs_k_{mode}",
+            lambda m=mode: plot_macro_f1_vs_k(
+                tables.final_cells, out / f"macro_f1_vs_k_{m}.png", m
+            ),
+        )
+    attempt(
+        "macro_f1_vs_k_averaged",
+        lambda: plot_macro_f1_vs_k_averaged(tables.final_runs, out / "macro_f1_vs_k_averaged.png"),
+    )
+    attempt(
+        "finetune_comparison",
+        lambda: plot_finetune_comparison(tables.final_cells, out / "finetune_comparison.png"),
+    )
+
+    def table1() -> Path:
+        text = table1_markdown(tables.final_runs)
+        return write_atomic(out / "table1.md", lambda tmp: tmp.write_text(text))
+
+    attempt("table1", table1)
+
+    def claims() -> Path:
+        from fedaug_flwr.experiments.claims import claims_markdown
+
+        text = claims_markdown(tables.final_runs)
+        return write_atomic(out / "claims.md", lambda tmp: tmp.write_text(text))
+
+    attempt("claims", claims)
+    return drawn
+
+
+def _label_distributions(spec, sweep_dir: Path, tables: Tables, out: Path) -> Path:
+    from fedaug_flwr.data import load_source
+
+    if tables.final_runs.empty or BETA not in tables.final_runs:
+        raise FigureError("label distributions: no complete runs yet")
+    first = tables.final_runs.iloc[0]
+    run = next(r for r in spec.runs() if r.cell.name == first["cell"] and r.seed == first["seed"])
+    summary = read_summary(run_dir(sweep_dir, run))
+    data = load_source(summary["data"]["source"], summary["data"]["location"])
+    config = summary["config"]
+    return plot_label_distributions(
+        data.pool.labels,
+        sorted(float(b) for b in tables.final_runs[BETA].unique()),
+        num_clients=int(summary["data"]["num-clients"]),
+        seed=int(config["seed"]),
+        min_partition_size=int(config["min-partition-size"]),
+        path=out / "label_distributions.png",
+    )

@@ -1,0 +1,271 @@
+"""Run a sweep: one real Flower simulation per (cell, seed), resumable, one at a time.
+
+A run is *complete* when its folder holds a readable ``summary.json`` (the app
+writes it last, atomically). Complete runs are skipped, so an interrupted
+sweep continues where it stopped; a folder without a summary (a run that was
+killed half-way, or one that failed) is cleared and run again. A failing run
+does not stop the sweep: it leaves ``failure.json`` and is reported at the end.
+
+Each run goes through :func:`fedaug_flwr.launch.simulate` (``flwr run`` on a
+private SuperLink); its log goes to ``flwr.log`` in the run's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from fedaug_flwr import launch
+from fedaug_flwr.config import AppConfig
+from fedaug_flwr.experiments.grid import (
+    Run,
+    SweepError,
+    SweepSpec,
+    load_spec,
+    same_value,
+    validate,
+)
+from fedaug_flwr.results import FAILURE, SUMMARY, read_summary, write_atomic, write_json
+
+SPEC_FILE = "sweep.yaml"
+RUN_LOG = "flwr.log"
+# Keys that legitimately differ between a stored summary and the cell's config.
+_NOT_COMPARED = {"output-dir"}
+
+Launcher = Callable[..., launch.RunOutcome]
+
+
+@dataclass
+class SweepReport:
+    """What one invocation of :func:`run_sweep` did."""
+
+    selected: int = 0
+    skipped: list[Run] = field(default_factory=list)
+    completed: list[Run] = field(default_factory=list)
+    failed: list[tuple[Run, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def run_dir(sweep_dir: Path, run: Run) -> Path:
+    return Path(sweep_dir) / run.relative_dir
+
+
+def run_status(sweep_dir: Path, run: Run) -> str:
+    """``complete``, ``failed`` (failure.json, no summary), ``partial`` or ``pending``."""
+    folder = run_dir(sweep_dir, run)
+    if read_summary(folder) is not None:
+        return "complete"
+    if (folder / FAILURE).is_file():
+        return "failed"
+    if folder.exists() and any(folder.iterdir()):
+        return "partial"
+    return "pending"
+
+
+def config_mismatch(summary: dict, run: Run) -> list[str]:
+    """Keys whose stored value differs from what the experiment file asks for now."""
+    expected = AppConfig.from_run_config(run.run_config).to_run_config()
+    stored = summary.get("config", {})
+    return [
+        f"{key}: stored {stored[key]!r}, wanted {value!r}"
+        for key, value in expected.items()
+        if key in stored and key not in _NOT_COMPARED and not same_value(stored[key], value)
+    ]
+
+
+def write_spec(sweep_dir: Path, spec: SweepSpec) -> Path:
+    """Keep the experiment file with its results: aggregation and plots read it."""
+    text = yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    return write_atomic(Path(sweep_dir) / SPEC_FILE, lambda tmp: tmp.write_text(text))
+
+
+def read_spec(sweep_dir: Path) -> SweepSpec:
+    path = Path(sweep_dir) / SPEC_FILE
+    if not path.is_file():
+        raise SweepError(
+            f"{sweep_dir} is not a sweep folder: it has no {SPEC_FILE} "
+            "(it is written when a sweep is run)"
+        )
+    return load_spec(path)
+
+
+def run_sweep(
+    spec: SweepSpec,
+    sweep_dir: Path,
+    runs: Sequence[Run] | None = None,
+    launcher: Launcher = launch.simulate,
+    out: TextIO | None = None,
+    echo_logs: bool = False,
+) -> SweepReport:
+    """Run ``runs`` (default: the whole grid) that are not complete yet, one at a time."""
+    out = sys.stdout if out is None else out
+    sweep_dir = Path(sweep_dir).resolve()
+    runs = list(spec.runs() if runs is None else runs)
+    validate(spec, runs)
+    _check_stored_configs(sweep_dir, runs)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_spec(sweep_dir, spec)
+
+    report = SweepReport(selected=len(runs))
+    report.skipped = [r for r in runs if run_status(sweep_dir, r) == "complete"]
+    todo = [r for r in runs if r not in report.skipped]
+    _say(
+        out,
+        f"sweep '{spec.name}' in {sweep_dir}: {len(runs)} runs selected, "
+        f"{len(report.skipped)} already complete, {len(todo)} to run",
+    )
+    started = time.monotonic()
+    durations: list[float] = []
+    for index, run in enumerate(todo, start=1):
+        _say(out, f"[{index}/{len(todo)}] {run.label} ...")
+        run_start = time.monotonic()
+        error = _execute(run, sweep_dir, spec, launcher, out if echo_logs else None)
+        durations.append(time.monotonic() - run_start)
+        if error is None:
+            report.completed.append(run)
+            verdict = "done"
+        else:
+            report.failed.append((run, error))
+            verdict = f"FAILED: {error}"
+        _say(
+            out,
+            f"[{index}/{len(todo)}] {run.label} {verdict} in {durations[-1]:.0f} s; "
+            f"{_progress(len(report.skipped) + index, len(runs), durations, len(todo) - index)}",
+        )
+    report.seconds = time.monotonic() - started
+    _say(out, _closing_lines(report, sweep_dir))
+    return report
+
+
+def _execute(
+    run: Run, sweep_dir: Path, spec: SweepSpec, launcher: Launcher, echo: TextIO | None
+) -> str | None:
+    """One run in a clean folder; returns None on success, else the reason it failed."""
+    folder = run_dir(sweep_dir, run)
+    if folder.exists():
+        shutil.rmtree(folder)  # half-written or failed before: start from nothing
+    folder.mkdir(parents=True)
+    run_config = {**run.run_config, "output-dir": str(folder)}
+    try:
+        with (folder / RUN_LOG).open("w") as log:
+            stream = _Tee(log, echo) if echo is not None else log
+            outcome = launcher(
+                run_config,
+                num_supernodes=spec.num_supernodes,
+                num_cpus=int(spec.federation["num-cpus"]),
+                num_gpus=float(spec.federation["num-gpus"]),
+                stream=stream,
+            )
+    except Exception as error:  # noqa: BLE001 - one broken run must not end the sweep
+        reason = f"{type(error).__name__}: {error}"
+        _record_failure(folder, run, reason)
+        return reason
+    if outcome.ok and read_summary(folder) is not None:
+        return None
+    if outcome.ok:
+        reason = f"run {outcome.run_id} finished but wrote no {SUMMARY} in {folder}"
+    else:
+        reason = f"run {outcome.run_id or '(none)'} {outcome.status} {outcome.details}".strip()
+    _record_failure(folder, run, reason)
+    return _failure_reason(folder) or reason
+
+
+def _record_failure(folder: Path, run: Run, reason: str) -> None:
+    """Leave failure.json (the app writes its own when its ServerApp failed)."""
+    if not (folder / FAILURE).is_file():
+        write_json(
+            folder / FAILURE,
+            {"status": "failed", "error": reason, "config": run.run_config, "log": RUN_LOG},
+        )
+
+
+def _failure_reason(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / FAILURE).read_text()).get("error", ""))
+    except (OSError, json.JSONDecodeError):
+        return ""
+
+
+def _check_stored_configs(sweep_dir: Path, runs: Sequence[Run]) -> None:
+    """Refuse to mix results of another configuration into this sweep folder."""
+    for run in runs:
+        summary = read_summary(run_dir(sweep_dir, run))
+        if summary is None:
+            continue
+        differences = config_mismatch(summary, run)
+        if differences:
+            raise SweepError(
+                f"{run_dir(sweep_dir, run)} holds a completed run of a different configuration "
+                f"({'; '.join(differences)}); use another sweep folder (--out) or delete it"
+            )
+
+
+def _progress(done: int, total: int, durations: Sequence[float], remaining: int) -> str:
+    mean = sum(durations) / len(durations)
+    eta = _duration(mean * remaining) if remaining else "0 s"
+    return f"{done}/{total} complete, ETA {eta}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _closing_lines(report: SweepReport, sweep_dir: Path) -> str:
+    lines = [
+        f"sweep finished in {_duration(report.seconds)}: {len(report.completed)} ran, "
+        f"{len(report.skipped)} skipped (already complete), {len(report.failed)} failed"
+    ]
+    for run, reason in report.failed:
+        lines.append(f"  FAILED {run.label}: {reason} (see {run_dir(sweep_dir, run) / RUN_LOG})")
+    return "\n".join(lines)
+
+
+def _say(out: TextIO, text: str) -> None:
+    out.write(text + "\n")
+    out.flush()
+
+
+class _Tee:
+    """A write-only stream that copies to two streams (run log and console)."""
+
+    def __init__(self, *streams: TextIO) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+def statuses(sweep_dir: Path, runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One row per run: cell, seed, folder and status (for ``list`` and aggregation)."""
+    return [
+        {
+            "cell": run.cell.name,
+            "seed": run.seed,
+            "folder": str(run.relative_dir),
+            "status": run_status(sweep_dir, run),
+            "error": _failure_reason(run_dir(sweep_dir, run)),
+        }
+        for run in runs
+    ]

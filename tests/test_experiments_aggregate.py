@@ -1,0 +1,151 @@
+"""Aggregation of fixture sweep folders with known numbers into tidy CSV tables."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from fedaug_flwr.experiments import __main__ as cli
+from fedaug_flwr.experiments.aggregate import TABLES_DIR, read_tables, write_tables
+from fedaug_flwr.experiments.grid import SweepError
+from fedaug_flwr.experiments.runner import run_dir
+from fedaug_flwr.results import SUMMARY
+from tests.sweep_fixtures import BEFORE, finetune_sweep, imputation_sweep, write_failure
+
+CELL = "dirichlet-beta=0.1__imputation=none__num-synthetic=0"
+
+
+def row(table: pd.DataFrame, **where) -> pd.Series:
+    mask = pd.Series(True, index=table.index)
+    for key, value in where.items():
+        mask &= table[key] == value
+    assert mask.sum() == 1, f"{mask.sum()} rows match {where}"
+    return table[mask].iloc[0]
+
+
+def test_one_row_per_run_and_mean_std_n_per_cell(tmp_path):
+    imputation_sweep(tmp_path)
+    tables = write_tables(tmp_path)
+    assert len(tables.final_runs) == 18 and len(tables.final_cells) == 6
+    run = row(tables.final_runs, cell=CELL, seed=1)
+    assert run["test-macro-f1"] == pytest.approx(0.6)
+    assert run["test-macro-f1-weighted"] == pytest.approx(0.61)
+    assert run["test-loss"] == pytest.approx(2.0)
+    assert run["global-test-macro-f1"] == pytest.approx(0.65)
+    assert run["synthetic-fraction"] == 0.0 and run["num-clients"] == 3
+    cell = row(tables.final_cells, cell=CELL)
+    assert cell["n"] == 3
+    assert cell["test-macro-f1-mean"] == pytest.approx(0.6)
+    assert cell["test-macro-f1-std"] == pytest.approx(0.1)  # sample std of 0.5, 0.6, 0.7
+    assert cell["test-loss-mean"] == pytest.approx(2.0) and cell["test-loss-std"] == 1.0
+    minority = row(tables.final_cells, **{"dirichlet-beta": 10.0, "imputation": "minority"})
+    assert minority["test-macro-f1-std"] == pytest.approx(0.0)
+    assert minority["synthetic-fraction-mean"] == pytest.approx(100 / 200)
+
+
+def test_axis_columns_come_first_and_tables_land_as_csv(tmp_path):
+    imputation_sweep(tmp_path)
+    write_tables(tmp_path)
+    final = pd.read_csv(tmp_path / TABLES_DIR / "final_runs.csv")
+    columns = ["cell", "dirichlet-beta", "imputation", "num-synthetic", "dataset", "seed"]
+    assert list(final.columns[:6]) == columns
+    cells = pd.read_csv(tmp_path / TABLES_DIR / "final_cells.csv")
+    assert list(cells.columns[:6]) == [*columns[:5], "n"]
+    assert "seed" not in cells.columns
+    assert {p.name for p in (tmp_path / TABLES_DIR).iterdir()} == {
+        f"{name}.csv"
+        for name in (
+            "final_runs",
+            "final_cells",
+            "rounds_runs",
+            "rounds_cells",
+            "clients_runs",
+            "status",
+        )
+    }
+    assert read_tables(tmp_path).final_cells.shape == cells.shape
+
+
+def test_per_round_curves_per_run_and_per_cell(tmp_path):
+    imputation_sweep(tmp_path)
+    tables = write_tables(tmp_path)
+    rounds = tables.rounds_runs
+    classifier = rounds[(rounds["cell"] == CELL) & (rounds["phase"] == "classifier")]
+    assert len(classifier) == 3 * 2  # 3 seeds x 2 rounds
+    first = row(classifier, seed=2, round=1)
+    assert first["test-loss"] == pytest.approx(3.5)  # loss + 0.5 in round 1 of seed 2
+    assert first["test-macro-f1"] == pytest.approx(0.7 - 0.1)
+    assert first["train-loss"] == pytest.approx(3.6)
+    cells = tables.rounds_cells
+    curve = row(cells, cell=CELL, phase="classifier", round=2)
+    assert curve["n"] == 3 and curve["test-loss-mean"] == pytest.approx(2.0)
+    cvae = row(cells, cell=CELL, phase="cvae", round=1)
+    assert cvae["val-loss-mean"] == pytest.approx(190.0)
+    assert math.isnan(cvae["test-loss-mean"])  # not a cvae metric
+
+
+def test_client_table_keeps_label_counts_before_and_after(tmp_path):
+    imputation_sweep(tmp_path)
+    clients = write_tables(tmp_path).clients_runs
+    assert len(clients) == 18 * 3
+    one = row(
+        clients,
+        cell="dirichlet-beta=0.1__imputation=minority__num-synthetic=100",
+        seed=0,
+        **{"partition-id": 2},
+    )
+    before = [one[f"before-{label}"] for label in range(10)]
+    after = [one[f"after-{label}"] for label in range(10)]
+    assert before == BEFORE
+    assert after[0] == BEFORE[0]  # the majority label gets nothing
+    assert sum(after) - sum(before) == one["synthetic-train"] == 100
+
+
+def test_missing_and_failed_runs_are_left_out_and_listed_in_status(tmp_path):
+    spec = imputation_sweep(tmp_path)
+    missing, failed = spec.runs()[0], spec.runs()[1]
+    (run_dir(tmp_path, missing) / SUMMARY).unlink()
+    (run_dir(tmp_path, failed) / SUMMARY).unlink()
+    write_failure(run_dir(tmp_path, failed), "PhaseError: boom")
+    tables = write_tables(tmp_path)
+    assert len(tables.final_runs) == 16
+    cell = row(tables.final_cells, cell=CELL)
+    assert cell["n"] == 1 and cell["test-macro-f1-mean"] == pytest.approx(0.7)
+    assert math.isnan(cell["test-macro-f1-std"])  # one seed: no spread to report
+    status = tables.status.set_index(["cell", "seed"])
+    assert status.loc[(CELL, 0), "status"] == "pending"  # an empty folder
+    assert status.loc[(CELL, 1), "status"] == "failed"
+    assert status.loc[(CELL, 1), "error"] == "PhaseError: boom"
+    assert (status["status"] == "complete").sum() == 16
+
+
+def test_pretraining_numbers_of_the_finetune_contract(tmp_path):
+    finetune_sweep(tmp_path)
+    tables = write_tables(tmp_path)
+    runs = tables.final_runs
+    vanilla = row(runs, cell="dirichlet-beta=0.1__pretrain=off", seed=0)
+    assert math.isnan(vanilla["pretrained-test-macro-f1"])
+    tuned = row(runs, cell="dirichlet-beta=0.1__pretrain=federated", seed=1)
+    assert tuned["test-macro-f1"] == pytest.approx(0.8)
+    assert tuned["pretrained-test-macro-f1"] == pytest.approx(0.3)
+    assert tuned["pretrain-train-loss"] == pytest.approx(0.02)  # last epoch: 0.02 * (3 - 2)
+    assert tuned["pretrain-real-test-loss"] == pytest.approx(2.5)
+    assert tuned["pretrain-synthetic-test-loss"] == pytest.approx(0.04)
+    epochs = tables.rounds_runs[tables.rounds_runs["phase"] == "pretraining"]
+    assert sorted(epochs["round"].unique()) == [1, 2]
+
+
+def test_a_folder_without_sweep_yaml_is_refused(tmp_path):
+    with pytest.raises(SweepError, match="not a sweep folder"):
+        write_tables(tmp_path)
+
+
+def test_aggregate_command(tmp_path, capsys):
+    imputation_sweep(tmp_path)
+    assert cli.main(["aggregate", str(tmp_path)]) == 0
+    assert "18 complete runs in 6 cells" in capsys.readouterr().out
+    assert (tmp_path / TABLES_DIR / "final_cells.csv").is_file()
+    assert cli.main(["aggregate", str(tmp_path / "nowhere")]) == 2
+    assert "not a sweep folder" in capsys.readouterr().err

@@ -1,0 +1,176 @@
+"""Each figure from fixture tables: a non-empty PNG; Table 1 in Markdown; plot command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedaug_flwr.experiments import __main__ as cli
+from fedaug_flwr.experiments import claims, figures
+from fedaug_flwr.experiments.aggregate import write_tables
+from fedaug_flwr.experiments.runner import run_dir
+from fedaug_flwr.results import SUMMARY
+from tests.sweep_fixtures import finetune_sweep, imputation_sweep
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5_000, f"{path}: {len(data)} bytes"
+
+
+@pytest.fixture
+def imputation_tables(tmp_path):
+    imputation_sweep(tmp_path / "sweep")
+    return write_tables(tmp_path / "sweep")
+
+
+@pytest.fixture
+def finetune_tables(tmp_path):
+    finetune_sweep(tmp_path / "finetune")
+    return write_tables(tmp_path / "finetune")
+
+
+def test_baseline_runs_are_the_k0_point_of_each_mode(imputation_tables):
+    curve = figures.imputation_curve(imputation_tables.final_cells, "uniform")
+    assert sorted(set(curve["imputation"])) == ["none", "uniform"]
+    assert sorted(set(curve["num-synthetic"])) == [0, 100]
+    assert len(curve) == 4  # 2 betas x (baseline, k=100)
+
+
+def test_label_distributions_per_beta(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 60)
+    rng.shuffle(labels)
+    path = figures.plot_label_distributions(
+        labels, [0.1, 10.0], num_clients=5, seed=0, min_partition_size=10, path=tmp_path / "l.png"
+    )
+    assert_png(path)
+
+
+def test_imputation_example(imputation_tables, tmp_path):
+    assert_png(
+        figures.plot_imputation_example(imputation_tables.clients_runs, tmp_path / "i.png", 0.1)
+    )
+    with pytest.raises(figures.FigureError, match="no minority runs"):
+        figures.plot_imputation_example(imputation_tables.clients_runs, tmp_path / "x.png", 0.3)
+
+
+def test_test_loss_per_round(imputation_tables, tmp_path):
+    assert_png(figures.plot_test_loss_per_round(imputation_tables.rounds_cells, tmp_path / "t.png"))
+
+
+@pytest.mark.parametrize("mode", ["uniform", "minority"])
+def test_macro_f1_against_k(imputation_tables, tmp_path, mode):
+    assert_png(figures.plot_macro_f1_vs_k(imputation_tables.final_cells, tmp_path / "f.png", mode))
+
+
+def test_average_over_beta_is_taken_per_seed_then_over_seeds(imputation_tables, tmp_path):
+    table = figures.averaged_over_beta(imputation_tables.final_runs)
+    minority = table[(table["imputation"] == "minority") & (table["num-synthetic"] == 100)].iloc[0]
+    # seed s: mean of beta 0.1 (0.6, 0.7, 0.8) and beta 10 (0.9) -> 0.75, 0.8, 0.85
+    assert minority["mean"] == pytest.approx(0.8)
+    assert minority["std"] == pytest.approx(0.05)
+    assert minority["n"] == 3
+    baseline = table[(table["imputation"] == "uniform") & (table["num-synthetic"] == 0)].iloc[0]
+    assert baseline["mean"] == pytest.approx(0.7)  # (0.6 + 0.8) / 2
+    path = figures.plot_macro_f1_vs_k_averaged(imputation_tables.final_runs, tmp_path / "a.png")
+    assert_png(path)
+
+
+def test_finetune_comparison(finetune_tables, tmp_path):
+    table = figures.finetune_comparison(finetune_tables.final_cells)
+    at_01 = table[np.isclose(table["dirichlet-beta"], 0.1)].set_index("model")
+    assert at_01.loc["vanilla", "mean"] == pytest.approx(0.65)
+    assert at_01.loc["finetuned", "mean"] == pytest.approx(0.75)
+    assert at_01.loc["pretrained", "mean"] == pytest.approx(0.3)
+    assert at_01.loc["finetuned", "n"] == 2
+    assert_png(figures.plot_finetune_comparison(finetune_tables.final_cells, tmp_path / "c.png"))
+
+
+def test_finetune_figure_needs_pretraining_runs(imputation_tables, tmp_path):
+    with pytest.raises(figures.FigureError, match="runs with pretraining"):
+        figures.plot_finetune_comparison(imputation_tables.final_cells, tmp_path / "c.png")
+
+
+def test_table1_markdown(finetune_tables):
+    text = figures.table1_markdown(finetune_tables.final_runs)
+    lines = text.strip().splitlines()
+    assert lines[0] == (
+        "| beta | train loss (synthetic) | test loss (synthetic) | test loss (real) | n |"
+    )
+    # seeds 0, 1: train loss 0.01, 0.02; real test loss 1.5, 2.5
+    assert lines[2] == ("| 0.1 | 0.0150 +- 0.0071 | 0.0300 +- 0.0141 | 2.0000 +- 0.7071 | 2 |")
+    assert len(lines) == 2 + 2  # header, rule, two betas
+
+
+def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
+    imputation_sweep(tmp_path / "sweep")
+    finetune_sweep(tmp_path / "finetune")
+    for name, expected, skipped in (
+        (
+            "sweep",
+            {
+                "label_distributions.png",
+                "imputation_example.png",
+                "test_loss_per_round.png",
+                "macro_f1_vs_k_uniform.png",
+                "macro_f1_vs_k_minority.png",
+                "macro_f1_vs_k_averaged.png",
+                "claims.md",
+            },
+            ["finetune_comparison", "table1"],
+        ),
+        (
+            "finetune",
+            {"label_distributions.png", "finetune_comparison.png", "table1.md"},
+            ["claims"],
+        ),
+    ):
+        assert cli.main(["plot", str(tmp_path / name)]) == 0
+        stdout = capsys.readouterr().out
+        written = {p.name for p in (tmp_path / name / "figures").iterdir()}
+        assert written == expected
+        for png in {p for p in written if p.endswith(".png")}:
+            assert_png(tmp_path / name / "figures" / png)
+        for figure in skipped:
+            assert f"skipped {figure}:" in stdout
+        assert (tmp_path / name / "tables" / "final_cells.csv").is_file()
+
+
+def test_claims_are_paired_by_seed_then_summarized_over_seeds(imputation_tables):
+    table = claims.imputation_claims(imputation_tables.final_runs).set_index("comparison")
+    overall = table.loc["minority - uniform, mean over betas and k > 0"]
+    # per seed: minority (0.75, 0.8, 0.85) - uniform (0.685, 0.745, 0.805)
+    assert overall["mean"] == pytest.approx(0.055)
+    assert overall["std"] == pytest.approx(0.01)
+    assert overall["n"] == 3 and overall["betas"] == "0.1, 10"
+    gain = table[table["betas"] == "10"].loc["minority k = 100 (50%) - no synthetic"]
+    assert gain["mean"] == pytest.approx(0.1) and gain["std"] == pytest.approx(0.0)
+    both = table[table["betas"] == "0.1, 10"].loc["uniform k = 100 (50%) - no synthetic"]
+    assert both["mean"] == pytest.approx(0.045)  # ((0.65 - 0.6) + (0.84 - 0.8)) / 2 per seed
+    text = claims.claims_markdown(imputation_tables.final_runs)
+    assert (
+        "| minority - uniform, mean over betas and k > 0 | 0.1, 10 | +0.0550 | 0.0100 | 3 |" in text
+    )
+
+
+def test_averages_over_beta_count_only_seeds_that_have_every_beta(tmp_path):
+    spec = imputation_sweep(tmp_path)
+    missing = next(
+        r
+        for r in spec.runs()
+        if r.seed == 2
+        and r.cell.name == "dirichlet-beta=10.0__imputation=minority__num-synthetic=100"
+    )
+    (run_dir(tmp_path, missing) / SUMMARY).unlink()
+    final_runs = write_tables(tmp_path).final_runs
+    table = figures.averaged_over_beta(final_runs)
+    minority = table[(table["imputation"] == "minority") & (table["num-synthetic"] == 100)].iloc[0]
+    assert minority["n"] == 2 and minority["mean"] == pytest.approx((0.75 + 0.8) / 2)
+    overall = claims.imputation_claims(final_runs).iloc[0]
+    assert overall["n"] == 2 and overall["mean"] == pytest.approx(0.06)  # seeds 0, 1 only

@@ -1,0 +1,199 @@
+"""The sweep runner: resume, half-written runs, failures, and one real Flower sweep."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedaug_flwr.experiments.grid import SweepError, parse_spec
+from fedaug_flwr.experiments.runner import RUN_LOG, run_dir, run_status, run_sweep
+from fedaug_flwr.launch import RunOutcome
+from fedaug_flwr.results import FAILURE, SUMMARY, read_summary, write_json
+from tests.sweep_fixtures import fake_summary, write_failure
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SPEC = {
+    "name": "runner",
+    "federation": {"num-supernodes": 3},
+    "base": {"cvae-rounds": 1, "clf-rounds": 1},
+    "axes": {"num-synthetic": [0, 100]},
+    "seeds": [0, 1],
+}
+
+
+class RecordingLauncher:
+    """Stands in for launch.simulate: records calls, writes what a run would leave behind."""
+
+    def __init__(self, fail_when=None, raise_when=None):
+        self.calls: list[dict] = []
+        self.fail_when = fail_when or (lambda config: False)
+        self.raise_when = raise_when or (lambda config: False)
+
+    def __call__(self, run_config, num_supernodes, num_cpus, num_gpus, stream):
+        self.calls.append(dict(run_config))
+        assert (num_supernodes, num_cpus, num_gpus) == (3, 1, 0.0)
+        stream.write("flower log line\n")
+        folder = Path(run_config["output-dir"])
+        if self.raise_when(run_config):
+            raise RuntimeError("flower-superlink did not start")
+        if self.fail_when(run_config):
+            write_json(folder / FAILURE, {"status": "failed", "error": "PhaseError: no clients"})
+            return RunOutcome("7", "finished:failed", "ServerApp error", str(folder))
+        write_json(folder / SUMMARY, fake_summary(run_config, f1=0.5, loss=1.0))
+        return RunOutcome("7", "finished:completed", "", str(folder))
+
+
+def test_every_run_gets_its_own_folder_log_and_output_dir(tmp_path):
+    spec = parse_spec(SPEC)
+    launcher = RecordingLauncher()
+    out = io.StringIO()
+    report = run_sweep(spec, tmp_path, launcher=launcher, out=out)
+    assert report.ok and len(report.completed) == 4 and not report.skipped
+    folders = {call["output-dir"] for call in launcher.calls}
+    assert folders == {str(run_dir(tmp_path, r)) for r in spec.runs()}
+    for run in spec.runs():
+        assert run_status(tmp_path, run) == "complete"
+        assert (run_dir(tmp_path, run) / RUN_LOG).read_text() == "flower log line\n"
+    assert (tmp_path / "sweep.yaml").is_file()
+    assert "[4/4]" in out.getvalue() and "ETA" in out.getvalue()
+    assert "4/4 complete" in out.getvalue()
+
+
+def test_complete_runs_are_skipped_and_left_untouched(tmp_path):
+    spec = parse_spec(SPEC)
+    done = spec.runs()[1]
+    summary = fake_summary({**done.run_config, "output-dir": "elsewhere"}, f1=0.9, loss=0.1)
+    write_json(run_dir(tmp_path, done) / SUMMARY, summary)
+    launcher = RecordingLauncher()
+    report = run_sweep(spec, tmp_path, launcher=launcher, out=io.StringIO())
+    assert report.skipped == [done]
+    assert len(launcher.calls) == 3
+    assert str(run_dir(tmp_path, done)) not in {c["output-dir"] for c in launcher.calls}
+    assert read_summary(run_dir(tmp_path, done))["final"]["clients"]["macro-f1"] == 0.9
+    # a second invocation has nothing left to do
+    again = RecordingLauncher()
+    assert len(run_sweep(spec, tmp_path, launcher=again, out=io.StringIO()).skipped) == 4
+    assert again.calls == []
+
+
+def test_half_written_and_failed_runs_are_cleared_and_run_again(tmp_path):
+    spec = parse_spec(SPEC)
+    half, failed = spec.runs()[0], spec.runs()[1]
+    (run_dir(tmp_path, half)).mkdir(parents=True)
+    (run_dir(tmp_path, half) / "cvae.pt").write_bytes(b"partial")
+    (run_dir(tmp_path, half) / ".summary.json.123.tmp").write_text("{")  # an unfinished write
+    write_failure(run_dir(tmp_path, failed))
+    assert run_status(tmp_path, half) == "partial"
+    assert run_status(tmp_path, failed) == "failed"
+    launcher = RecordingLauncher()
+    report = run_sweep(spec, tmp_path, runs=[half, failed], launcher=launcher, out=io.StringIO())
+    assert report.completed == [half, failed]
+    assert not (run_dir(tmp_path, half) / "cvae.pt").exists()
+    assert not (run_dir(tmp_path, failed) / FAILURE).exists()
+    assert run_status(tmp_path, half) == run_status(tmp_path, failed) == "complete"
+
+
+def test_an_unreadable_summary_does_not_count_as_complete(tmp_path):
+    spec = parse_spec(SPEC)
+    run = spec.runs()[0]
+    run_dir(tmp_path, run).mkdir(parents=True)
+    (run_dir(tmp_path, run) / SUMMARY).write_text('{"status": "compl')
+    assert run_status(tmp_path, run) == "partial"
+
+
+def test_one_failing_run_does_not_stop_the_sweep_and_is_reported(tmp_path):
+    spec = parse_spec(SPEC)
+    launcher = RecordingLauncher(
+        fail_when=lambda c: c["num-synthetic"] == 100 and c["seed"] == 0,
+        raise_when=lambda c: c["num-synthetic"] == 100 and c["seed"] == 1,
+    )
+    out = io.StringIO()
+    report = run_sweep(spec, tmp_path, launcher=launcher, out=out)
+    assert not report.ok
+    assert len(launcher.calls) == 4 and len(report.completed) == 2
+    failed = {run.label: reason for run, reason in report.failed}
+    assert failed == {
+        "num-synthetic=100 seed=0": "PhaseError: no clients",
+        "num-synthetic=100 seed=1": "RuntimeError: flower-superlink did not start",
+    }
+    for run, _ in report.failed:
+        folder = run_dir(tmp_path, run)
+        assert not (folder / SUMMARY).exists()
+        assert json.loads((folder / FAILURE).read_text())["status"] == "failed"
+    assert "2 failed" in out.getvalue()
+    assert "FAILED num-synthetic=100 seed=1: RuntimeError" in out.getvalue()
+
+
+def test_a_launcher_reporting_failure_without_failure_file_gets_one(tmp_path):
+    spec = parse_spec(SPEC)
+
+    def launcher(run_config, num_supernodes, num_cpus, num_gpus, stream):
+        return RunOutcome("9", "finished:stopped", "stopped by user", run_config["output-dir"])
+
+    run = spec.runs()[0]
+    report = run_sweep(spec, tmp_path, runs=[run], launcher=launcher, out=io.StringIO())
+    assert report.failed == [(run, "run 9 finished:stopped stopped by user")]
+    stored = json.loads((run_dir(tmp_path, run) / FAILURE).read_text())
+    assert stored["error"] == "run 9 finished:stopped stopped by user"
+
+
+def test_results_of_another_configuration_are_not_mixed_in(tmp_path):
+    spec = parse_spec(SPEC)
+    run = spec.runs()[0]
+    stored = fake_summary({**run.run_config, "clf-rounds": 15}, f1=0.9, loss=0.1)
+    write_json(run_dir(tmp_path, run) / SUMMARY, stored)
+    launcher = RecordingLauncher()
+    with pytest.raises(SweepError, match="clf-rounds: stored 15, wanted 1"):
+        run_sweep(spec, tmp_path, launcher=launcher, out=io.StringIO())
+    assert launcher.calls == []
+
+
+def test_an_invalid_grid_runs_nothing(tmp_path):
+    spec = parse_spec({**SPEC, "axes": {"num-synthetic": [0, -5]}})
+    launcher = RecordingLauncher()
+    with pytest.raises(SweepError, match="num-synthetic=-5"):
+        run_sweep(spec, tmp_path, launcher=launcher, out=io.StringIO())
+    assert launcher.calls == [] and not (tmp_path / "sweep.yaml").exists()
+
+
+@pytest.mark.simulation
+def test_a_real_sweep_runs_through_flower_and_resumes(tmp_path):
+    """Two real runs: one completes, one fails in its clients (partitions too large)."""
+    experiment = tmp_path / "tiny.yaml"
+    experiment.write_text(
+        "federation: {num-supernodes: 3}\n"
+        "base: {cvae-rounds: 1, clf-rounds: 1, num-synthetic: 20, imputation: uniform}\n"
+        "axes: {min-partition-size: [10, 2000]}\n"
+        "seeds: [0]\n"
+    )
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "fedaug_flwr.experiments", "run", str(experiment)]
+    command += ["--out", str(sweep)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert first.returncode == 1, first.stdout + first.stderr
+    good, bad = sweep / "min-partition-size=10/seed-0", sweep / "min-partition-size=2000/seed-0"
+    summary = read_summary(good)
+    assert summary is not None and summary["data"]["num-clients"] == 3
+    assert summary["config"]["output-dir"] == str(good)
+    assert not (bad / SUMMARY).exists()
+    assert "min-partition-size" in json.loads((bad / FAILURE).read_text())["error"]
+    assert "FAILED min-partition-size=2000 seed=0" in first.stdout
+    assert (sweep / "tables" / "final_runs.csv").read_text().count("\n") == 2  # header + 1 run
+
+    # resuming the good cell starts no Flower run at all
+    stamp = (good / SUMMARY).stat().st_mtime_ns
+    again = subprocess.run(
+        [*command, "--only", "min-partition-size=10"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 already complete, 0 to run" in again.stdout
+    assert (good / SUMMARY).stat().st_mtime_ns == stamp
