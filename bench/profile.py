@@ -31,7 +31,7 @@ import psutil
 
 from bench.client_apps import VARIANTS
 from bench.common import REPO_ROOT, RESULTS_DIR, default_data_dir, load_average, machine_info
-from fedaug_flwr.launch import stop_process_group
+from fedaug_flwr.launch import SIMULATION_ENV, stop_process_group
 
 ACTOR = "ray::ClientAppActor"
 
@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     child = subprocess.Popen(
         [sys.executable, "-m", "bench.flower_child", "--variant", args.variant,
          "--num-supernodes", str(args.num_supernodes), "--run-config", json.dumps(run_config)],
-        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        cwd=REPO_ROOT, env={**SIMULATION_ENV, **os.environ, "PYTHONPATH": str(REPO_ROOT)},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     lines: list[str] = []
