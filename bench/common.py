@@ -216,10 +216,12 @@ def run_child(
     its own process group, which is killed afterwards, so nothing it started
     (Ray) outlives it.
     """
-    from fedaug_flwr.launch import stop_process_group
+    from fedaug_flwr.launch import SIMULATION_ENV, stop_process_group
 
     command = [sys.executable, "-m", module, *args]
-    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    # Flower children (run_simulation) and the plain loop share the launcher's
+    # scheduling settings, so both sides compete for the CPU on equal terms.
+    env = {**SIMULATION_ENV, **os.environ, "PYTHONPATH": str(cwd)}
     start = time.perf_counter()
     process = subprocess.Popen(
         command,

@@ -258,6 +258,13 @@ def measure_scale(
         }
         if phase == "classifier"
         else None,
+        # The first round of a run also starts the actors (imports, data, partitions)
+        # when it is the run's first phase: the CVAE benchmark's round 1.
+        "first-round-s": {
+            kind: [r["rounds"][0]["parts"]["total"] for r in runs[kind]] for kind in kinds
+        },
+        "run-wall-s": {kind: [r["wall-s"] for r in runs[kind]] for kind in kinds},
+        "run-cpu-s": {kind: [r["memory"]["cpu-s"] for r in runs[kind]] for kind in kinds},
         "peak-memory": {kind: max((r["memory"] for r in runs[kind]), key=_rss) for kind in kinds},
         "plain-torch-threads": {kind: runs[kind][0]["torch-threads"] for kind in kinds[2:]},
         "load-average-before-after": [load_before, load_average()],

@@ -130,8 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=default_data_dir(), help="full MNIST folder")
     parser.add_argument("--output", default=str(RESULTS_DIR / "hotpaths.json"))
     args = parser.parse_args(argv)
+    machine = machine_info()  # before the thread setting below: it records torch's default
     torch.set_num_threads(1)
-    machine = machine_info()
     rows = measure(args.data_dir, args.repeats)
     print_table(
         f"optimised paths, CPU seconds (1 torch thread, median of {args.repeats})",

@@ -116,6 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.k < 1 or args.repeats < 1:
         parser.error("--k and --repeats must be >= 1")
+    machine = machine_info()  # records torch's default threads, before the setting below
     torch.set_num_threads(args.threads)
     full_mnist = find_idx_folder(Path(args.data_dir)) is not None
     config = AppConfig.from_run_config(
@@ -127,7 +128,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     )
     num_clients = 100 if full_mnist else 10
-    machine = machine_info()
     result = measure(config, client_labels(config, num_clients), args.repeats)
     result["client"] = f"partition 0 of {num_clients} on {config.dataset}"
     report = {"benchmark": "imputation", "machine": machine, **result}

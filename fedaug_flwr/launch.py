@@ -48,14 +48,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+# How the simulation's processes share the CPU (docs/performance.md, measured on a
+# 2-core machine shared with other work). Ray starts its client actors at nice 15,
+# below every normal process: on a busy machine they got a small fraction of the
+# CPU a plain training loop gets. OpenMP threads that spin while they wait made
+# the server's two-thread evaluation 7-10x slower whenever the cores were
+# oversubscribed; passive waiting keeps it close to one thread's time. Values
+# already in the environment win.
+SIMULATION_ENV = {"RAY_worker_niceness": "0", "OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def flwr_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for flwr commands: private home, offline, no runtime installs.
 
     It also keeps a simulation's Ray on loopback: by default Ray listens on the
     machine's network address and on all interfaces; as a single-machine
-    "local" Ray (what this variable selects) it binds 127.0.0.1 only.
+    "local" Ray (what this variable selects) it binds 127.0.0.1 only. And it
+    sets the simulation's thread and priority settings (SIMULATION_ENV) unless
+    the caller's environment already does.
     """
-    env = dict(os.environ if base is None else base)
+    env = {**SIMULATION_ENV, **(os.environ if base is None else base)}
     # Flower's processes start each other by name (flower-superexec, flwr-simulation...).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(

@@ -235,3 +235,11 @@ def test_noop_client_answers_like_the_real_one_without_training(task):
     assert evaluation.content["metrics"]["num-examples"] == len(split.test)
     with pytest.raises(ValueError, match="unknown client-app variant"):
         build_client_app("fast")
+
+
+def test_simulations_get_normal_priority_and_passive_openmp_unless_told_otherwise(tmp_path):
+    from fedaug_flwr.launch import flwr_env
+
+    env = flwr_env(tmp_path, base={"PATH": "/usr/bin"})
+    assert env["RAY_worker_niceness"] == "0" and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert flwr_env(tmp_path, base={"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -1,0 +1,99 @@
+"""Wall time of the study's full grid, estimated from the measured benchmarks.
+
+The grid (docs/study.md, seed-summary.md): 5 Dirichlet betas x 5 seeds x
+{k = 0, and k in (100, 500, 1000) x (uniform, minority)} = 175 runs of 100
+clients on full MNIST, 15 CVAE rounds (none when k = 0) and 15 classifier
+rounds each. From the measurements at 100 clients on full MNIST:
+
+- a classifier round = its non-training part (evaluation, aggregation,
+  transport) + the clients' training images / the training throughput
+  measured in the round's ``train`` part (k changes only the images);
+- a CVAE phase = its measured cold first round + 14 warm rounds;
+- per run, the rest (SuperLink and Ray start, data, imputation, the
+  generator-quality check, final evaluation) = the whole ``flwr run`` of
+  ``bench.memory`` minus its rounds.
+
+    python -m bench.grid_estimate
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.common import RESULTS_DIR, print_table, read_json, save_results
+
+BETAS, SEEDS, ROUNDS = 5, 5, 15
+GRID = [(0, BETAS * SEEDS)] + [(k, 2 * BETAS * SEEDS) for k in (100, 500, 1000)]
+CLIENTS = 100
+
+
+def scale_result(path: Path, scale: str) -> dict:
+    for result in read_json(path)["results"]:
+        if result["scale"] == scale:
+            return result
+    raise SystemExit(f"{path} has no result for {scale}; run the benchmark first")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.grid_estimate", description=__doc__)
+    parser.add_argument("--classifier", default=str(RESULTS_DIR / "classifier-round-mnist.json"))
+    parser.add_argument("--cvae", default=str(RESULTS_DIR / "cvae-phase.json"))
+    parser.add_argument("--memory", default=str(RESULTS_DIR / "memory.json"))
+    parser.add_argument("--output", default=str(RESULTS_DIR / "grid-estimate.json"))
+    args = parser.parse_args(argv)
+    classifier = scale_result(Path(args.classifier), "100:mnist")
+    cvae = scale_result(Path(args.cvae), "100:mnist")
+    whole_run = read_json(Path(args.memory))
+    synthetic_in_measurement = whole_run["run-config"]["num-synthetic"]
+
+    clf, cv = classifier["flower"], cvae["flower"]
+    parts = clf["parts-median-s"]
+    images = clf["train-images-per-round"]
+    real_images = images - CLIENTS * synthetic_in_measurement
+    train_throughput = images / parts["train"]  # images per second in the train part
+    rest_of_round = clf["seconds-per-round"] - parts["train"]
+    first_rounds = sorted(cvae["first-round-s"]["flower"])
+    cvae_phase = first_rounds[len(first_rounds) // 2] + (ROUNDS - 1) * cv["seconds-per-round"]
+    timing = whole_run["phase-timing-s"]
+    measured_rounds = sum(timing.get(phase, 0.0) for phase in ("cvae", "classifier"))
+    fixed = whole_run["wall-s"] - measured_rounds
+    quality = timing.get("generator-quality", 0.0)
+    rows, total = [], 0.0
+    for k, runs in GRID:
+        round_s = rest_of_round + (real_images + CLIENTS * k) / train_throughput
+        # k = 0: no CVAE, so no CVAE phase and no generator-quality check
+        run_s = ROUNDS * round_s + (cvae_phase + fixed if k else fixed - quality)
+        total += runs * run_s
+        rows.append(
+            {"k": k, "runs": runs, "classifier round s": round(round_s, 1),
+             "run min": round(run_s / 60, 1), "runs h": round(runs * run_s / 3600, 1)}
+        )  # fmt: skip
+    estimate = {
+        "grid-hours": round(total / 3600, 1),
+        "train-images-per-second": round(train_throughput, 1),
+        "rest-of-round-s": round(rest_of_round, 2),
+        "cvae-phase-s": round(cvae_phase, 1),
+        "fixed-per-run-s": round(fixed, 1),
+        "generator-quality-s": quality,
+    }
+    print_table("estimated run time per grid cell (100 clients, full MNIST, this CPU)", rows,
+                list(rows[0]))  # fmt: skip
+    print(f"full grid of {sum(r for _, r in GRID)} runs ~ {estimate['grid-hours']} h")
+    save_results(
+        args.output,
+        {
+            "benchmark": "grid-estimate",
+            "grid": GRID,
+            "rows": rows,
+            "estimate": estimate,
+            "inputs": [args.classifier, args.cvae, args.memory],
+        },  # fmt: skip
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
