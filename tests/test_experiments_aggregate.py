@@ -49,10 +49,11 @@ def test_axis_columns_come_first_and_tables_land_as_csv(tmp_path):
     imputation_sweep(tmp_path)
     write_tables(tmp_path)
     final = pd.read_csv(tmp_path / TABLES_DIR / "final_runs.csv")
-    columns = ["cell", "dirichlet-beta", "imputation", "num-synthetic", "dataset", "seed"]
-    assert list(final.columns[:6]) == columns
+    # axes first, then the study's other keys (pretrain: the finetune variant), then the seed
+    columns = ["cell", "dirichlet-beta", "imputation", "num-synthetic", "dataset", "pretrain"]
+    assert list(final.columns[:7]) == [*columns, "seed"]
     cells = pd.read_csv(tmp_path / TABLES_DIR / "final_cells.csv")
-    assert list(cells.columns[:6]) == [*columns[:5], "n"]
+    assert list(cells.columns[:7]) == [*columns, "n"]
     assert "seed" not in cells.columns
     assert {p.name for p in (tmp_path / TABLES_DIR).iterdir()} == {
         f"{name}.csv"
