@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fedaug_flwr.data import IDX_FILES
 from fedaug_flwr.experiments.grid import SweepError, parse_spec
 from fedaug_flwr.experiments.runner import RUN_LOG, run_dir, run_status, run_sweep
 from fedaug_flwr.launch import RunOutcome
@@ -155,22 +156,27 @@ def test_results_of_another_configuration_are_not_mixed_in(tmp_path):
     assert launcher.calls == []
 
 
-def test_an_invalid_grid_runs_nothing(tmp_path):
+def test_an_invalid_grid_runs_nothing_not_even_its_valid_cells(tmp_path):
     spec = parse_spec({**SPEC, "axes": {"num-synthetic": [0, -5]}})
     launcher = RecordingLauncher()
+    valid = [run for run in spec.runs() if run.run_config["num-synthetic"] == 0]
     with pytest.raises(SweepError, match="num-synthetic=-5"):
-        run_sweep(spec, tmp_path, launcher=launcher, out=io.StringIO())
+        run_sweep(spec, tmp_path, runs=valid, launcher=launcher, out=io.StringIO())
     assert launcher.calls == [] and not (tmp_path / "sweep.yaml").exists()
 
 
 @pytest.mark.simulation
 def test_a_real_sweep_runs_through_flower_and_resumes(tmp_path):
-    """Two real runs: one completes, one fails in its clients (partitions too large)."""
+    """Two real runs: one completes, one fails in its ServerApp (unreadable MNIST files)."""
+    broken = tmp_path / "broken-mnist"
+    broken.mkdir()
+    for name in IDX_FILES.values():
+        (broken / name).write_bytes(b"not an IDX file")
     experiment = tmp_path / "tiny.yaml"
     experiment.write_text(
         "federation: {num-supernodes: 3}\n"
-        "base: {cvae-rounds: 1, clf-rounds: 1, num-synthetic: 20, imputation: uniform}\n"
-        "axes: {min-partition-size: [10, 2000]}\n"
+        f"base: {{cvae-rounds: 1, clf-rounds: 1, imputation: none, data-dir: '{broken}'}}\n"
+        "axes: {dataset: [mnist-5k, mnist]}\n"
         "seeds: [0]\n"
     )
     sweep = tmp_path / "sweep"
@@ -179,19 +185,19 @@ def test_a_real_sweep_runs_through_flower_and_resumes(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert first.returncode == 1, first.stdout + first.stderr
-    good, bad = sweep / "min-partition-size=10/seed-0", sweep / "min-partition-size=2000/seed-0"
+    good, bad = sweep / "dataset=mnist-5k/seed-0", sweep / "dataset=mnist/seed-0"
     summary = read_summary(good)
     assert summary is not None and summary["data"]["num-clients"] == 3
     assert summary["config"]["output-dir"] == str(good)
     assert not (bad / SUMMARY).exists()
-    assert "min-partition-size" in json.loads((bad / FAILURE).read_text())["error"]
-    assert "FAILED min-partition-size=2000 seed=0" in first.stdout
+    assert "not an IDX file" in json.loads((bad / FAILURE).read_text())["error"]
+    assert "FAILED dataset=mnist seed=0: DataError" in first.stdout
     assert (sweep / "tables" / "final_runs.csv").read_text().count("\n") == 2  # header + 1 run
 
     # resuming the good cell starts no Flower run at all
     stamp = (good / SUMMARY).stat().st_mtime_ns
     again = subprocess.run(
-        [*command, "--only", "min-partition-size=10"],
+        [*command, "--only", "dataset=mnist-5k"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert again.returncode == 0, again.stdout + again.stderr

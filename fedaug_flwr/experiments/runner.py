@@ -112,8 +112,8 @@ def run_sweep(
     """Run ``runs`` (default: the whole grid) that are not complete yet, one at a time."""
     out = sys.stdout if out is None else out
     sweep_dir = Path(sweep_dir).resolve()
+    validate(spec)  # the whole grid, even when running part of it
     runs = list(spec.runs() if runs is None else runs)
-    validate(spec, runs)
     _check_stored_configs(sweep_dir, runs)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_spec(sweep_dir, spec)
