@@ -211,8 +211,9 @@ def run_child(
 ) -> ChildResult:
     """``python -m module args`` in ``cwd`` (a source tree), watching its process tree's memory.
 
-    Only ``cwd`` is on the child's PYTHONPATH, so it runs that tree's code
-    (the interpreter's environment provides the dependencies). The child gets
+    ``cwd`` comes first on the child's PYTHONPATH, so it runs that tree's code;
+    the caller's own PYTHONPATH entries follow (where dependencies may have been
+    unpacked instead of installed, as on a borrowed GPU machine). The child gets
     its own process group, which is killed afterwards, so nothing it started
     (Ray) outlives it.
     """
@@ -221,7 +222,8 @@ def run_child(
     command = [sys.executable, "-m", module, *args]
     # Flower children (run_simulation) and the plain loop share the launcher's
     # scheduling settings, so both sides compete for the CPU on equal terms.
-    env = {**SIMULATION_ENV, **os.environ, "PYTHONPATH": str(cwd)}
+    inherited = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    env = {**SIMULATION_ENV, **os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), *inherited])}
     start = time.perf_counter()
     process = subprocess.Popen(
         command,

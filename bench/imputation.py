@@ -6,6 +6,12 @@ in batches of ``generation-batch-size`` (the app's path) and one decoder call
 per image (the reference). Both give the same images (checked); the CVAE's
 weights are its seeded initial ones, which cost the same to run as trained ones.
 
+The report also says why the ratio is what it is: the decoder's arithmetic
+per image (multiply-adds of its linear layers) and weight bytes, the rates
+both paths reach (GFLOP/s, and the weight bytes the one-at-a-time path must
+re-read per image), and a ``torch.profiler`` table of one call of each path
+(where the time goes: matrix products against everything else).
+
     python -m bench.imputation                   # k = 1000, 5 repeats, 1 torch thread
     python -m bench.imputation --k 500 --threads 2
 """
@@ -13,6 +19,7 @@ weights are its seeded initial ones, which cost the same to run as trained ones.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -26,7 +33,6 @@ from bench.common import (
     default_data_dir,
     load_average,
     machine_info,
-    median,
     print_table,
     ratio,
     save_results,
@@ -56,6 +62,42 @@ def timed(work) -> tuple[float, float, object]:
     wall, cpu = time.perf_counter(), time.process_time()
     result = work()
     return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+def decoder_cost(cvae: CVAE) -> dict:
+    """Multiply-adds per image and weight bytes of the decoder's linear layers."""
+    layers = [m for m in cvae.decoder.modules() if isinstance(m, torch.nn.Linear)]
+    macs = sum(layer.in_features * layer.out_features for layer in layers)
+    weight_bytes = sum(p.numel() * p.element_size() for p in cvae.decoder.parameters())
+    return {"flop-per-image": 2 * macs, "weight-bytes": weight_bytes}
+
+
+def profile_paths(paths: dict, top: int = 6) -> dict:
+    """One call of each path under torch.profiler: the ops holding the most self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    tables = {}
+    for name, work in paths.items():
+        with profile(activities=activities, acc_events=True) as profiler:
+            work()
+        events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total_us = sum(e.self_cpu_time_total for e in events) or 1.0
+        tables[name] = {
+            "self-cpu-ms-total": round(total_us / 1000, 3),
+            "top-ops": [
+                {
+                    "op": e.key,
+                    "calls": e.count,
+                    "self-cpu-ms": round(e.self_cpu_time_total / 1000, 3),
+                    "share": round(e.self_cpu_time_total / total_us, 3),
+                }
+                for e in events[:top]
+            ],
+        }
+    return tables
 
 
 def measure(config: AppConfig, labels: np.ndarray, repeats: int) -> dict:
@@ -91,17 +133,28 @@ def measure(config: AppConfig, labels: np.ndarray, repeats: int) -> dict:
         "repeats": repeats,
         "same-images": True,
     }
+    # Unrounded medians: a batched call on a GPU takes about a millisecond.
+    wall = {name: statistics.median(walls[name]) for name in paths}
+    cpu = {name: statistics.median(cpus[name]) for name in paths}
     for name in paths:
         result[name] = {
-            "seconds": median(walls[name]),
-            "seconds-all": [round(s, 4) for s in walls[name]],
-            "cpu-seconds": median(cpus[name]),
-            "images-per-second": ratio(k, median(walls[name])),
+            "seconds": round(wall[name], 6),
+            "seconds-all": [round(s, 6) for s in walls[name]],
+            "cpu-seconds": round(cpu[name], 6),
+            "images-per-second": ratio(k, wall[name]),
         }
-    result["speed-up"] = ratio(result["one-at-a-time"]["seconds"], result["batched"]["seconds"])
-    result["speed-up-cpu-time"] = ratio(
-        result["one-at-a-time"]["cpu-seconds"], result["batched"]["cpu-seconds"]
+    result["speed-up"] = ratio(wall["one-at-a-time"], wall["batched"])
+    result["speed-up-cpu-time"] = ratio(cpu["one-at-a-time"], cpu["batched"])
+    cost = decoder_cost(cvae)
+    for name in paths:
+        flop = k * cost["flop-per-image"]
+        result[name]["decoder-gflop-per-s"] = round(flop / wall[name] / 1e9, 2)
+    # One image per call multiplies vectors by the weights: every call re-reads them all.
+    result["one-at-a-time"]["weight-gb-per-s"] = round(
+        k * cost["weight-bytes"] / wall["one-at-a-time"] / 1e9, 2
     )
+    result["decoder"] = cost
+    result["profile"] = profile_paths(paths)
     return result
 
 
@@ -151,6 +204,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"batched is {result['speed-up']}x faster ({result['speed-up-cpu-time']}x in CPU time); "
         f"identical images: {result['same-images']}"
     )
+    cost = result["decoder"]
+    print(
+        f"decoder: {cost['flop-per-image'] / 1e6:.2f} MFLOP and {cost['weight-bytes'] / 1e6:.2f} "
+        f"MB of weights per image; batched runs at "
+        f"{result['batched']['decoder-gflop-per-s']} GFLOP/s, one-at-a-time at "
+        f"{result['one-at-a-time']['decoder-gflop-per-s']} GFLOP/s "
+        f"({result['one-at-a-time']['weight-gb-per-s']} GB/s of weights re-read)"
+    )
+    for name, table in result["profile"].items():
+        print(f"profile of one {name} call ({table['self-cpu-ms-total']} ms self CPU in all):")
+        for op in table["top-ops"]:
+            share, ms, calls = op["share"], op["self-cpu-ms"], op["calls"]
+            print(f"  {share:6.1%}  {ms:9.3f} ms  {calls:6d}x  {op['op']}")
     save_results(args.output, report)
     return 0
 

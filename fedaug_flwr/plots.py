@@ -1,4 +1,9 @@
-"""Pictures of a run: a grid of CVAE samples, one row per label."""
+"""Pictures of a run: a grid of CVAE samples, one row per label, and the quality histograms.
+
+Figures are built with matplotlib's object API (``matplotlib.figure.Figure``),
+which needs no pyplot state and no global backend switch, so saving them from
+inside a notebook leaves its inline plotting alone.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torchvision.utils import make_grid
 
 from fedaug_flwr.results import write_atomic
@@ -13,15 +19,11 @@ from fedaug_flwr.results import write_atomic
 
 def save_sample_grid(images: np.ndarray, per_label: int, path: Path) -> Path:
     """Save (10 * per_label, 28, 28) images, label-major, as a PNG with a row per label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tensor = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1)
     grid = make_grid(tensor, nrow=per_label, padding=2, pad_value=0.5)[0].numpy()
     rows = len(images) // per_label
-    figure, axis = plt.subplots(figsize=(per_label * 0.45 + 0.8, rows * 0.45 + 0.6))
+    figure = Figure(figsize=(per_label * 0.45 + 0.8, rows * 0.45 + 0.6))
+    axis = figure.subplots()
     axis.imshow(grid, cmap="gray", vmin=0, vmax=1)
     axis.set_yticks([2 + 30 * r + 14 for r in range(rows)], [str(r) for r in range(rows)])
     axis.set_xticks([])
@@ -29,19 +31,14 @@ def save_sample_grid(images: np.ndarray, per_label: int, path: Path) -> Path:
     axis.set_title("CVAE samples (binarized)")
     figure.tight_layout()
     write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    plt.close(figure)
     return path
 
 
 def save_probability_histograms(quality: dict, path: Path) -> Path:
     """The quality classifier's confidence on real vs synthetic test images (study Fig. 14)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     edges = np.asarray(quality["histogram-bin-edges"])
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    figure = Figure(figsize=(10, 3.6))
+    axes = figure.subplots(1, 2, sharey=True)
     for axis, (key, title) in zip(
         axes,
         [("real-test", "real MNIST test images"), ("synthetic-test", "synthetic test images")],
@@ -65,5 +62,4 @@ def save_probability_histograms(quality: dict, path: Path) -> Path:
     )
     figure.tight_layout()
     write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
-    plt.close(figure)
     return path
