@@ -529,15 +529,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         elif args.command == "run":
             overrides = parse_overrides(args.run_config)
-            outcome = deployment.run(overrides)
-            if not outcome.ok:
-                print(
-                    f"\nfedaug-flwr: run {outcome.run_id or '(none)'} did not complete: "
-                    f"{outcome.status} {outcome.details}",
-                    file=sys.stderr,
-                )
+            if deployment.run(overrides).report() != 0:
                 return 1
-            print(f"\nfedaug-flwr: run {outcome.run_id} completed; results in {outcome.output_dir}")
         elif args.command == "status":
             print(json.dumps(deployment.status(), indent=2))
         elif args.command == "down":

@@ -332,6 +332,18 @@ class RunOutcome:
     def ok(self) -> bool:
         return self.status == "finished:completed"
 
+    def report(self) -> int:
+        """Tell the user how the run ended (stderr when it failed); the exit code to return."""
+        if not self.ok:
+            print(
+                f"\nfedaug-flwr: run {self.run_id or '(none)'} did not complete: "
+                f"{self.status} {self.details}",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"\nfedaug-flwr: run {self.run_id} completed; results in {self.output_dir}")
+        return 0
+
 
 def flwr_run(
     flwr_home: Path,
@@ -459,15 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # simulate() has stopped its SuperLink already
         print("\nfedaug-flwr: interrupted; the simulation was stopped", file=sys.stderr)
         return 130
-    if not outcome.ok:
-        print(
-            f"\nfedaug-flwr: run {outcome.run_id or '(none)'} did not complete: "
-            f"{outcome.status} {outcome.details}",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"\nfedaug-flwr: run {outcome.run_id} completed; results in {outcome.output_dir}")
-    return 0
+    return outcome.report()
 
 
 if __name__ == "__main__":
