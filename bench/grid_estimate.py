@@ -39,10 +39,13 @@ def scale_result(path: Path, scale: str) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.grid_estimate", description=__doc__)
-    parser.add_argument("--classifier", default=str(RESULTS_DIR / "classifier-round-mnist.json"))
-    parser.add_argument("--cvae", default=str(RESULTS_DIR / "cvae-phase.json"))
+    parser.add_argument("--classifier", default=str(RESULTS_DIR / "classifier.json"))
+    parser.add_argument("--cvae", default=str(RESULTS_DIR / "cvae.json"))
     parser.add_argument("--memory", default=str(RESULTS_DIR / "memory.json"))
     parser.add_argument("--output", default=str(RESULTS_DIR / "grid-estimate.json"))
+    parser.add_argument(
+        "--machine", default="this CPU", help="what measured --classifier and --cvae (table title)"
+    )
     args = parser.parse_args(argv)
     classifier = scale_result(Path(args.classifier), "100:mnist")
     cvae = scale_result(Path(args.cvae), "100:mnist")
@@ -79,13 +82,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fixed-per-run-s": round(fixed, 1),
         "generator-quality-s": quality,
     }
-    print_table("estimated run time per grid cell (100 clients, full MNIST, this CPU)", rows,
-                list(rows[0]))  # fmt: skip
+    print_table(f"estimated run time per grid cell (100 clients, full MNIST, {args.machine})",
+                rows, list(rows[0]))  # fmt: skip
     print(f"full grid of {sum(r for _, r in GRID)} runs ~ {estimate['grid-hours']} h")
     save_results(
         args.output,
         {
             "benchmark": "grid-estimate",
+            "machine": args.machine,
             "grid": GRID,
             "rows": rows,
             "estimate": estimate,
