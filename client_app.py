@@ -25,6 +25,7 @@ from fedaug_flwr.protocol import (
     TaskConfig,
 )
 from fedaug_flwr.training import TensorData
+from fedaug_flwr.transport import to_record, to_state_dict
 
 # The mod is a no-op unless a test sets FEDAUG_TEST_FAULTS (see fedaug_flwr.faults).
 app = ClientApp(mods=[fault_injection_mod])
@@ -34,9 +35,7 @@ app = ClientApp(mods=[fault_injection_mod])
 def train_cvae(msg: Message, context: Context) -> Message:
     """Phase 1: local epochs of the CVAE on real training data."""
     task, split = _task_and_split(msg, context)
-    weights, losses = node.train_cvae(
-        task, split, msg.content[ARRAYS].to_torch_state_dict(), _round(msg)
-    )
+    weights, losses = node.train_cvae(task, split, to_state_dict(msg.content[ARRAYS]), _round(msg))
     metrics = {**losses, NUM_EXAMPLES: len(split.train), PARTITION_ID: split.partition_id}
     return _reply(msg, metrics, weights)
 
@@ -45,7 +44,7 @@ def train_cvae(msg: Message, context: Context) -> Message:
 def impute(msg: Message, context: Context) -> Message:
     """Phase 2: generate k synthetic images with the global CVAE; keep them for phase 3."""
     task, split = _task_and_split(msg, context)
-    report = node.impute(task, split, msg.content[GENERATOR].to_torch_state_dict())
+    report = node.impute(task, split, to_state_dict(msg.content[GENERATOR]))
     context.state[SYNTHETIC_STATE] = ArrayRecord(
         {"images": Array(report.synthetic.images), "labels": Array(report.synthetic.labels)}
     )
@@ -99,7 +98,7 @@ def finetune_locally(msg: Message, context: Context) -> Message:
 def evaluate_classifier(msg: Message, context: Context) -> Message:
     """Loss, accuracy, macro-F1 on this client's real (never imputed) test split."""
     task, split = _task_and_split(msg, context)
-    metrics = node.evaluate_on_test(task, split, msg.content[ARRAYS].to_torch_state_dict())
+    metrics = node.evaluate_on_test(task, split, to_state_dict(msg.content[ARRAYS]))
     return _reply(msg, {**metrics, NUM_EXAMPLES: len(split.test), PARTITION_ID: split.partition_id})
 
 
@@ -109,7 +108,7 @@ def _train_classifier(msg: Message, context: Context, task: TaskConfig, split, e
     weights, loss = node.train_classifier(
         task,
         training_set,
-        msg.content[ARRAYS].to_torch_state_dict(),
+        to_state_dict(msg.content[ARRAYS]),
         _round(msg),
         split.partition_id,
         epochs=epochs,
@@ -142,5 +141,5 @@ def _round(msg: Message) -> int:
 def _reply(msg: Message, metrics: dict, weights: dict | None = None) -> Message:
     content = RecordDict({METRICS: MetricRecord(metrics)})
     if weights is not None:
-        content[ARRAYS] = ArrayRecord(weights)
+        content[ARRAYS] = to_record(weights)
     return Message(content, reply_to=msg)

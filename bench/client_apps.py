@@ -17,11 +17,12 @@ Flower and the app's own bookkeeping cost, with no training or evaluation.
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 import client_app as app_module
-from fedaug_flwr.protocol import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID, SYNTHETIC_STATE
+from fedaug_flwr.protocol import ARRAYS, NUM_EXAMPLES, PARTITION_ID, SYNTHETIC_STATE
+from fedaug_flwr.transport import to_state_dict
 
 VARIANTS = ("real", "noop-clf", "noop")
 # Fixed answers of the no-op evaluation: the server aggregates them like real ones.
@@ -29,15 +30,12 @@ NOOP_EVALUATION = {"loss": 0.0, "accuracy": 0.0, "macro-f1": 0.0}
 
 
 def _echo_weights(msg: Message) -> dict:
-    """The received model, through the same conversions a real handler makes."""
-    return msg.content[ARRAYS].to_torch_state_dict()
+    """The received model, through the same conversion a real handler makes."""
+    return to_state_dict(msg.content[ARRAYS])
 
 
-def _reply(msg: Message, metrics: dict, weights: dict | None = None) -> Message:
-    content = RecordDict({METRICS: MetricRecord(metrics)})
-    if weights is not None:
-        content[ARRAYS] = ArrayRecord(weights)
-    return Message(content, reply_to=msg)
+# The real handlers' reply: the same records, the same conversion of the weights.
+_reply = app_module._reply
 
 
 def noop_train_cvae(msg: Message, context: Context) -> Message:

@@ -55,6 +55,7 @@ from fedaug_flwr.quality import generator_quality
 from fedaug_flwr.results import FAILURE, SUMMARY, resolve_output_dir, save_state_dict, write_json
 from fedaug_flwr.strategies import PhaseError, RoundLog, RoutedFedAvg, metric_dict, reply_failures
 from fedaug_flwr.training import TensorData, evaluate_classifier, seed_for
+from fedaug_flwr.transport import to_state_dict
 
 log = logging.getLogger("flwr.fedaug")  # printed by Flower's own log handler
 SAMPLES_PER_LABEL = 10
@@ -365,7 +366,7 @@ def train_cvae(grid: Grid, task: TaskConfig) -> tuple[dict, dict]:
         timeout=config.round_timeout,
         train_config=task.to_record(),
     )
-    weights = _require_model(result, "cvae").to_torch_state_dict()
+    weights = to_state_dict(_require_model(result, "cvae"))
     section = {
         "parameters": count_parameters(CVAE(config.cvae_latent_dim)),
         "rounds": _rounds(strategy, result),
@@ -467,7 +468,7 @@ def global_evaluator(test: TensorData, batch_size: int):
     """Server-side evaluation of the global classifier on the global MNIST test set."""
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model = _classifier(arrays.to_torch_state_dict())
+        model = _classifier(to_state_dict(arrays))
         return MetricRecord(evaluate_classifier(model, test, batch_size))
 
     return evaluate
@@ -490,7 +491,7 @@ def train_classifier(
         evaluate_config=task.to_record(),
         evaluate_fn=global_evaluator(global_test, config.eval_batch_size),
     )
-    weights = _require_model(result, "classifier").to_torch_state_dict()
+    weights = to_state_dict(_require_model(result, "classifier"))
     server_metrics = result.evaluate_metrics_serverapp
 
     def global_test_of(server_round: int) -> dict:

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedaug_flwr.metrics import aggregate_clients
+from fedaug_flwr.transport import weighted_mean
 
 log = logging.getLogger(__name__)
 
@@ -225,9 +226,23 @@ class RoutedFedAvg(FedAvg):
         replies = in_partition_order(replies)
         self.train_log[server_round] = self._record(replies, "train", server_round)
         try:
-            return super().aggregate_train(server_round, replies)
+            return self._fedavg(replies)
         finally:
             self._mark(server_round, "train-aggregated")
+
+    def _fedavg(self, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg's ``aggregate_train`` with the faster array reader of :mod:`transport`."""
+        valid_replies, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid_replies:
+            return None, None
+        contents = [reply.content for reply in valid_replies]
+        weights = [
+            next(iter(content.metric_records.values()))[self.weighted_by_key]
+            for content in contents
+        ]
+        records = [next(iter(content.array_records.values())) for content in contents]
+        arrays = weighted_mean(records, weights)
+        return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         self._mark(server_round, "evaluate-replies")

@@ -12,11 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from bench.client_apps import build_client_app
 from bench.plain_loop import fedavg, run_plain
-from fedaug_flwr import node
+from fedaug_flwr import node, transport
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.data import binarize, load_mnist5k, read_mnist5k
 from fedaug_flwr.imputation import generate
@@ -243,3 +244,62 @@ def test_simulations_get_normal_priority_and_passive_openmp_unless_told_otherwis
     env = flwr_env(tmp_path, base={"PATH": "/usr/bin"})
     assert env["RAY_worker_niceness"] == "0" and env["OMP_WAIT_POLICY"] == "PASSIVE"
     assert flwr_env(tmp_path, base={"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+# ---------------------------------------------------- weights in messages (transport)
+
+
+def trained_like_state(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """A state dict with every kind of array a real one has (floats, BN buffers, int64 counter)."""
+    generator = torch.Generator().manual_seed(seed)
+    state = model.state_dict()
+    return {
+        name: (
+            tensor + 7 * seed
+            if not tensor.is_floating_point()
+            else torch.randn(tensor.shape, generator=generator)
+        )
+        for name, tensor in state.items()
+    }
+
+
+@pytest.mark.parametrize("model", [ExquisiteNetV1, lambda: CVAE(20)], ids=["exquisitenet", "cvae"])
+def test_fast_array_codec_writes_and_reads_exactly_what_flower_does(model):
+    state = trained_like_state(model(), seed=1)
+    ours, flowers = transport.to_record(state), ArrayRecord(state)
+    assert list(ours) == list(flowers)
+    for name in flowers:
+        a, b = ours[name], flowers[name]
+        assert (a.dtype, tuple(a.shape), a.stype) == (b.dtype, tuple(b.shape), b.stype)
+        assert a.data == b.data
+    decoded = transport.to_state_dict(flowers)
+    reference = flowers.to_torch_state_dict()
+    assert list(decoded) == list(reference)
+    for name in reference:
+        assert decoded[name].dtype == reference[name].dtype
+        assert torch.equal(decoded[name], reference[name])
+        assert decoded[name].numpy().flags.writeable
+
+
+def test_fast_array_reader_hands_unusual_layouts_to_flower():
+    fortran = np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4))
+    big_endian = np.arange(5, dtype=">i4")
+    for array in (fortran, big_endian, np.array(3.5), np.zeros((0, 4), dtype=np.float32)):
+        flowers = Array(array)
+        assert np.array_equal(transport.from_array(flowers), flowers.numpy())
+        assert transport.from_array(flowers).dtype == flowers.numpy().dtype
+        assert np.array_equal(transport.from_array(transport.to_array(array)), array)
+
+
+def test_fedavg_mean_is_flowers_bit_for_bit():
+    records = [ArrayRecord(trained_like_state(ExquisiteNetV1(), seed)) for seed in range(4)]
+    weights = [590, 13, 77, 1000]
+    contents = [
+        RecordDict({"arrays": r, "metrics": MetricRecord({"num-examples": w})})
+        for r, w in zip(records, weights, strict=True)
+    ]
+    reference = aggregate_arrayrecords(contents, "num-examples")
+    ours = transport.weighted_mean(records, weights)
+    assert list(ours) == list(reference)
+    for name in reference:
+        assert ours[name].data == reference[name].data, name
