@@ -139,7 +139,9 @@ def interrupt_a_run(deployment: LocalDeployment, run_config: dict) -> str:
         for line in process.stdout:
             if match := re.search(r"Successfully started run (\d+)", line):
                 run_id = match.group(1)
-            if "writes its results to" in line:
+            # The first lines the server logs can be missed by `flwr run --stream`, which
+            # attaches after the run starts: any of the run's own log lines will do.
+            if "writes its results to" in line or "[fedaug] phase '" in line:
                 os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
                 break
         rest = process.communicate(timeout=120)[0]
