@@ -64,6 +64,10 @@ def merge_base(first: str, second: str) -> str:
 def comparable(summary: dict) -> dict:
     """The seed-determined results of a run (no timings, paths or dates)."""
     result = {key: summary.get(key) for key in RESULT_KEYS}
+    # Node ids are drawn anew by every simulation; partition ids identify the clients.
+    result["clients"] = [
+        {k: v for k, v in client.items() if k != "node-id"} for client in result["clients"] or []
+    ]
     for phase in ("cvae", "classifier"):
         rounds = summary.get(phase, {}).get("rounds", [])
         result[phase] = rounds
