@@ -133,6 +133,9 @@ def interrupt_a_run(deployment: LocalDeployment, run_config: dict) -> str:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # A terminal's Ctrl-C reaches a process that handles SIGINT; a test run started
+        # in the background ignores SIGINT, and its children would inherit that.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     run_id = ""
     try:
