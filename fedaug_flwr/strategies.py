@@ -232,6 +232,7 @@ class RoutedFedAvg(FedAvg):
 
     def _fedavg(self, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg's ``aggregate_train`` with the faster array reader of :mod:`transport`."""
+        # FedAvg's own reply check (flwr is pinned to 1.42, where this helper is FedAvg's).
         valid_replies, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid_replies:
             return None, None
