@@ -17,10 +17,12 @@ from fedaug_flwr.faults import fault_injection_mod
 from fedaug_flwr.protocol import (
     ARRAYS,
     CONFIG,
+    EVALUATE_RECEIVED,
     GENERATOR,
     METRICS,
     NUM_EXAMPLES,
     PARTITION_ID,
+    RECEIVED_EVALUATION,
     SYNTHETIC_STATE,
     TaskConfig,
 )
@@ -65,13 +67,22 @@ def impute(msg: Message, context: Context) -> Message:
 
 @app.train("clf")
 def train_classifier(msg: Message, context: Context) -> Message:
-    """Phase 3: local epochs of ExquisiteNet on real + synthetic training data."""
+    """Phase 3: local epochs of ExquisiteNet on real + synthetic training data.
+
+    When the server asks (evaluation on receipt), the received global model is
+    first evaluated on the real test split, as an ``evaluate.clf`` message would.
+    """
     task, split = _task_and_split(msg, context)
+    received = to_state_dict(msg.content[ARRAYS])
+    evaluation = _test_metrics(task, split, received) if _evaluate_received(msg) else None
     weights, loss, examples = _train_classifier(
-        msg, context, task, split, task.app.classifier_local_epochs
+        received, context, task, split, _round(msg), task.app.classifier_local_epochs
     )
     metrics = {"train-loss": loss, NUM_EXAMPLES: examples}
-    return _reply(msg, {**metrics, PARTITION_ID: split.partition_id}, weights)
+    reply = _reply(msg, {**metrics, PARTITION_ID: split.partition_id}, weights)
+    if evaluation is not None:
+        reply.content[RECEIVED_EVALUATION] = MetricRecord(evaluation)
+    return reply
 
 
 @app.train("local")
@@ -79,7 +90,12 @@ def finetune_locally(msg: Message, context: Context) -> Message:
     """Finetune variant, local: fine-tune a private copy, report only its test metrics."""
     task, split = _task_and_split(msg, context)
     weights, loss, examples = _train_classifier(
-        msg, context, task, split, task.app.finetune_local_epochs
+        to_state_dict(msg.content[ARRAYS]),
+        context,
+        task,
+        split,
+        _round(msg),
+        task.app.finetune_local_epochs,
     )
     metrics = node.evaluate_on_test(task, split, weights)
     return _reply(
@@ -98,20 +114,22 @@ def finetune_locally(msg: Message, context: Context) -> Message:
 def evaluate_classifier(msg: Message, context: Context) -> Message:
     """Loss, accuracy, macro-F1 on this client's real (never imputed) test split."""
     task, split = _task_and_split(msg, context)
-    metrics = node.evaluate_on_test(task, split, to_state_dict(msg.content[ARRAYS]))
-    return _reply(msg, {**metrics, NUM_EXAMPLES: len(split.test), PARTITION_ID: split.partition_id})
+    return _reply(msg, _test_metrics(task, split, to_state_dict(msg.content[ARRAYS])))
 
 
-def _train_classifier(msg: Message, context: Context, task: TaskConfig, split, epochs: int):
+def _test_metrics(task: TaskConfig, split, weights: dict) -> dict:
+    """What a client reports about a classifier: its metrics on the real test split."""
+    metrics = node.evaluate_on_test(task, split, weights)
+    return {**metrics, NUM_EXAMPLES: len(split.test), PARTITION_ID: split.partition_id}
+
+
+def _train_classifier(
+    weights: dict, context: Context, task: TaskConfig, split, server_round: int, epochs: int
+):
     """Local epochs on the real training split plus this node's synthetic images."""
     training_set = _training_set(task, split, context)
     weights, loss = node.train_classifier(
-        task,
-        training_set,
-        to_state_dict(msg.content[ARRAYS]),
-        _round(msg),
-        split.partition_id,
-        epochs=epochs,
+        task, training_set, weights, server_round, split.partition_id, epochs=epochs
     )
     return weights, loss, len(training_set)
 
@@ -136,6 +154,10 @@ def _task_and_split(msg: Message, context: Context):
 
 def _round(msg: Message) -> int:
     return int(msg.content[CONFIG].get("server-round", 0))
+
+
+def _evaluate_received(msg: Message) -> bool:
+    return bool(msg.content[CONFIG].get(EVALUATE_RECEIVED, False))
 
 
 def _reply(msg: Message, metrics: dict, weights: dict | None = None) -> Message:

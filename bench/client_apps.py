@@ -17,11 +17,17 @@ Flower and the app's own bookkeeping cost, with no training or evaluation.
 from __future__ import annotations
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 import client_app as app_module
-from fedaug_flwr.protocol import ARRAYS, NUM_EXAMPLES, PARTITION_ID, SYNTHETIC_STATE
+from fedaug_flwr.protocol import (
+    ARRAYS,
+    NUM_EXAMPLES,
+    PARTITION_ID,
+    RECEIVED_EVALUATION,
+    SYNTHETIC_STATE,
+)
 from fedaug_flwr.transport import to_state_dict
 
 VARIANTS = ("real", "noop-clf", "noop")
@@ -56,14 +62,20 @@ def noop_train_classifier(msg: Message, context: Context) -> Message:
         # what Ray gave this actor: summary.json then shows the actors' thread setting
         "torch-threads": torch.get_num_threads(),
     }
-    return _reply(msg, metrics, _echo_weights(msg))
+    reply = _reply(msg, metrics, _echo_weights(msg))
+    if app_module._evaluate_received(msg):  # as the real handler, minus the evaluation
+        reply.content[RECEIVED_EVALUATION] = MetricRecord(_noop_evaluation(split))
+    return reply
 
 
 def noop_evaluate_classifier(msg: Message, context: Context) -> Message:
     task, split = app_module._task_and_split(msg, context)
     _echo_weights(msg)
-    metrics = {**NOOP_EVALUATION, NUM_EXAMPLES: len(split.test), PARTITION_ID: split.partition_id}
-    return _reply(msg, metrics)
+    return _reply(msg, _noop_evaluation(split))
+
+
+def _noop_evaluation(split) -> dict:
+    return {**NOOP_EVALUATION, NUM_EXAMPLES: len(split.test), PARTITION_ID: split.partition_id}
 
 
 def build_client_app(variant: str) -> ClientApp:

@@ -42,6 +42,7 @@ from fedaug_flwr.results import read_summary
 
 PHASES = {"classifier": "classifier", "cvae": "cvae"}  # phase -> section in summary.json
 CHILD_TIMEOUT_S = 3 * 3600
+EVALUATE_MESSAGES = "-evaluate-messages"  # suffix of the kinds run with evaluate-on-receipt off
 
 
 @dataclass(frozen=True)
@@ -133,10 +134,16 @@ def summarize(stats: list[dict], without_global: bool = False) -> dict:
     return {
         "rounds-measured": len(stats),
         "seconds-per-round": seconds,
+        # With evaluation on receipt the last round also evaluates on its own: the mean
+        # counts that; the median is a round in the middle of a phase.
+        "seconds-per-round-mean": round(sum(all_seconds) / len(all_seconds), 3),
         "seconds-per-round-all": all_seconds,
         "train-images-per-round": images,
         "images-per-second": ratio(images, seconds),
-        "parts-median-s": {name: median(s["parts"].get(name) for s in stats) for name in parts},
+        # over the rounds that have the part (evaluate messages: only the last round on receipt)
+        "parts-median-s": {
+            name: median(s["parts"][name] for s in stats if name in s["parts"]) for name in parts
+        },
     }
 
 
@@ -221,27 +228,41 @@ def measure_scale(
     resources: dict,
     loop_threads: Sequence[int],
     workdir: Path,
+    evaluate_messages: bool = False,
 ) -> dict:
-    """Every kind of run, ``repeats`` times, interleaved so that load changes hit all alike."""
+    """Every kind of run, ``repeats`` times, interleaved so that load changes hit all alike.
+
+    With ``evaluate_messages`` the Flower runs are repeated with
+    ``evaluate-on-receipt = false`` (kinds ``flower-evaluate-messages`` and
+    ``overhead-evaluate-messages``): the app's two message schemes, side by side.
+    """
     variants = flower_variants(phase)
-    kinds = ["flower", "overhead", *(plain_kind(t) for t in loop_threads)]
+    flower_kinds = ["flower", "overhead"]
+    if evaluate_messages:  # the same two runs with Flower's separate evaluate messages
+        flower_kinds += [f"{kind}{EVALUATE_MESSAGES}" for kind in flower_kinds]
+    threads_of = {plain_kind(t): t for t in loop_threads}
+    plain_kinds = list(threads_of)
+    kinds = flower_kinds + plain_kinds
     runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
     load_before = load_average()
     for repeat in range(repeats):
         for kind in kinds:
             print(f"[bench] {phase} {scale} repeat {repeat + 1}/{repeats}: {kind}", flush=True)
-            if kind.startswith("plain"):
-                threads = loop_threads[kinds.index(kind) - 2] or None
-                run = plain_run(scale, config, phase, threads, workdir)
+            if kind in threads_of:
+                run = plain_run(scale, config, phase, threads_of[kind] or None, workdir)
+            elif kind.endswith(EVALUATE_MESSAGES):
+                base = kind.removesuffix(EVALUATE_MESSAGES)
+                separate = {**config, "evaluate-on-receipt": False}
+                run = flower_run(variants[base], scale, separate, resources, phase, workdir)
             else:
                 run = flower_run(variants[kind], scale, config, resources, phase, workdir)
             runs[kind].append(run)
     stats = {}
     for kind in kinds:
         rounds = [s for r in runs[kind] for s in r["rounds"]]
-        stats[kind] = summarize(rounds, without_global=kind == "overhead")
+        stats[kind] = summarize(rounds, without_global=kind.startswith("overhead"))
     # The baseline is the faster of the plain loop's thread settings.
-    baseline = min(kinds[2:], key=lambda kind: stats[kind]["seconds-per-round"])
+    baseline = min(plain_kinds, key=lambda kind: stats[kind]["seconds-per-round"])
     return {
         "scale": str(scale),
         "clients": scale.clients,
@@ -254,7 +275,8 @@ def measure_scale(
         ),
         "metrics-max-difference": {
             kind: agreement(runs["flower"][0]["global-test"], runs[kind][0]["global-test"])
-            for kind in kinds[2:]
+            for kind in kinds
+            if kind != "flower" and not kind.startswith("overhead")
         }
         if phase == "classifier"
         else None,
@@ -266,7 +288,7 @@ def measure_scale(
         "run-wall-s": {kind: [r["wall-s"] for r in runs[kind]] for kind in kinds},
         "run-cpu-s": {kind: [r["memory"]["cpu-s"] for r in runs[kind]] for kind in kinds},
         "peak-memory": {kind: max((r["memory"] for r in runs[kind]), key=_rss) for kind in kinds},
-        "plain-torch-threads": {kind: runs[kind][0]["torch-threads"] for kind in kinds[2:]},
+        "plain-torch-threads": {kind: runs[kind][0]["torch-threads"] for kind in plain_kinds},
         "load-average-before-after": [load_before, load_average()],
         "runs": runs,
     }
@@ -281,6 +303,7 @@ def compare(
     data_dir: str,
     extra: dict,
     loop_threads: Sequence[int],
+    evaluate_messages: bool = False,
 ) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="fedaug-bench-"))
     try:
@@ -293,6 +316,7 @@ def compare(
                 resources,
                 loop_threads,
                 workdir,
+                evaluate_messages,
             )
             for scale in scales
         ]
@@ -304,6 +328,7 @@ def compare(
         "repeats": repeats,
         "resources": resources,
         "loop-threads": list(loop_threads),
+        "evaluate-messages-compared": evaluate_messages,
         "results": results,
     }
 
@@ -323,6 +348,18 @@ def table_rows(results: list[dict]) -> list[dict]:
             "flower img/s": r["flower"]["images-per-second"],
             "plain img/s": r[r["plain-baseline"]]["images-per-second"],
             "overhead s/round": r["overhead"]["seconds-per-round"],
+            **(
+                {
+                    "flower s/round, evaluate messages": r[f"flower{EVALUATE_MESSAGES}"][
+                        "seconds-per-round"
+                    ],
+                    "overhead s/round, evaluate messages": r[f"overhead{EVALUATE_MESSAGES}"][
+                        "seconds-per-round"
+                    ],
+                }
+                if f"overhead{EVALUATE_MESSAGES}" in r
+                else {}
+            ),
             "flower peak GiB (PSS)": r["peak-memory"]["flower"]["peak-pss-sum-gib"],
         }
         for r in results
@@ -353,6 +390,11 @@ def main(phase: str, argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--run-config", default="{}", help="JSON object of extra run-config values for both sides"
     )
+    if phase == "classifier":
+        parser.add_argument(
+            "--evaluate-messages", action="store_true",
+            help="also run Flower with evaluate-on-receipt = false (separate evaluate messages)",
+        )  # fmt: skip
     parser.add_argument("--output", default=str(RESULTS_DIR / f"{phase}.json"))
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1:
@@ -377,6 +419,7 @@ def main(phase: str, argv: Sequence[str] | None = None) -> int:
         args.data_dir,
         json.loads(args.run_config),
         args.loop_threads,
+        getattr(args, "evaluate_messages", False),
     )
     report = {"benchmark": f"{phase}-round", "machine": machine, **report}
     report["load-average-at-end"] = load_average()

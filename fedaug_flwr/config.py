@@ -65,6 +65,7 @@ class AppConfig:
     quality_epochs: int
     fraction_train: float
     fraction_evaluate: float
+    evaluate_on_receipt: bool
     min_clients: int
     round_timeout: float
     output_dir: str
@@ -173,6 +174,7 @@ _RULES: dict[str, _Rule] = {
     "quality-epochs": (int, _positive, "an integer >= 1"),
     "fraction-train": (float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     "fraction-evaluate": (float, _fraction_closed, "a number in [0, 1]"),
+    "evaluate-on-receipt": (bool, _any, "true or false"),
     "min-clients": (int, _positive, "an integer >= 1"),
     "round-timeout": (float, _positive, "a number of seconds > 0"),
     "output-dir": (str, _any, "a folder path (or empty for a timestamped one)"),

@@ -341,6 +341,7 @@ def _strategy(config: AppConfig, action: str, evaluate: bool) -> RoutedFedAvg:
     return RoutedFedAvg(
         action,
         min_replies=config.min_clients,
+        evaluate_on_receipt=evaluate and config.evaluate_on_receipt,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate if evaluate else 0.0,
         min_train_nodes=config.min_clients,
@@ -502,6 +503,7 @@ def train_classifier(
         "local-epochs": config.classifier_local_epochs,
         "initial-weights-sha256": weights_digest(initial),
         "initial-global-test": metric_dict(server_metrics[0]),
+        "federated-evaluation": strategy.federated_evaluation,
         "rounds": _rounds(strategy, result, global_test_of),
         "round-timing-s": strategy.timing_table(),
     }

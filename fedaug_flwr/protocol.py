@@ -25,6 +25,10 @@ ARRAYS = "arrays"  # the model being trained / evaluated
 GENERATOR = "generator"  # the frozen CVAE, for imputation
 CONFIG = "config"
 METRICS = "metrics"
+# Evaluation on receipt (``evaluate-on-receipt``): a train message's config flag asking the
+# client to evaluate the model it brings before training, and the reply's record of that.
+EVALUATE_RECEIVED = "evaluate-received"
+RECEIVED_EVALUATION = "received-evaluation"
 SYNTHETIC_STATE = "synthetic"  # key in context.state: this node's synthetic images
 
 DATA_SOURCE = "data-source"  # what the server resolved "dataset" to: one of DATASETS
@@ -64,4 +68,5 @@ class TaskConfig:
                 f"'{DATA_LOCATION}' a string; got {source!r}, {location!r}"
             )
         values.pop("server-round", None)  # added by Flower strategies
+        values.pop(EVALUATE_RECEIVED, None)  # added by RoutedFedAvg, read by the handler
         return cls(AppConfig.from_run_config(values), source, location)

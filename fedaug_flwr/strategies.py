@@ -9,6 +9,13 @@ out, e.g. a dead SuperNode), and stops the phase when fewer than
 ``min_replies`` clients answered a training round. Evaluation rounds never
 stop a phase: their failures are recorded and the metrics of those who
 answered are kept.
+
+With ``evaluate_on_receipt`` the clients evaluate each global model when the
+next round's train message brings it, before training on it, and send those
+metrics with their update; only the last model gets evaluate messages of its
+own. A round then costs one message per client instead of two, with the same
+numbers: round r's federated evaluation is still that of round r's global
+model, recorded under round r (it arrives during round r + 1).
 It also times every round (send and train, aggregation, federated and
 server-side evaluation), which ``summary.json`` reports and ``bench/`` reads.
 """
@@ -26,6 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedaug_flwr.metrics import aggregate_clients
+from fedaug_flwr.protocol import EVALUATE_RECEIVED, METRICS, RECEIVED_EVALUATION
 from fedaug_flwr.transport import weighted_mean
 
 log = logging.getLogger(__name__)
@@ -96,7 +104,7 @@ def metric_dict(record: MetricRecord) -> dict:
 
 
 def _aggregate(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
-    rows = [metric_dict(content["metrics"]) for content in contents]
+    rows = [metric_dict(content[METRICS]) for content in contents]
     aggregated = aggregate_clients(rows, weighted_by_key)
     for key in ("train-loss", "val-loss"):  # training-side losses, example-weighted
         if rows and all(key in row for row in rows):
@@ -112,9 +120,9 @@ def in_partition_order(replies: Iterable[Message]) -> list[Message]:
     """Replies sorted by partition id: floating-point sums, hence a run, become repeatable."""
 
     def key(reply: Message) -> tuple[int, int]:
-        if reply.has_error() or "metrics" not in reply.content:
+        if reply.has_error() or METRICS not in reply.content:
             return (1, reply.metadata.src_node_id)
-        return (0, int(reply.content["metrics"].get("partition-id", reply.metadata.src_node_id)))
+        return (0, int(reply.content[METRICS].get("partition-id", reply.metadata.src_node_id)))
 
     return sorted(replies, key=key)
 
@@ -122,17 +130,32 @@ def in_partition_order(replies: Iterable[Message]) -> list[Message]:
 class RoutedFedAvg(FedAvg):
     """FedAvg whose messages go to ``train.<action>`` / ``evaluate.<action>``."""
 
-    def __init__(self, action: str, min_replies: int = 1, **kwargs) -> None:
+    def __init__(
+        self, action: str, min_replies: int = 1, evaluate_on_receipt: bool = False, **kwargs
+    ) -> None:
         kwargs.setdefault("train_metrics_aggr_fn", _aggregate)
         kwargs.setdefault("evaluate_metrics_aggr_fn", _aggregate)
         super().__init__(**kwargs)
         self.action = action
         self.min_replies = min_replies
+        # Only sound when the clients that train are those that evaluate: all of them.
+        self.evaluate_on_receipt = (
+            evaluate_on_receipt and self.fraction_train == 1.0 and self.fraction_evaluate == 1.0
+        )
         self.train_log: dict[int, RoundLog] = {}
         self.evaluate_log: dict[int, RoundLog] = {}
         self.round_timeout: float | None = None
+        self._num_rounds = 0
+        self._received_evaluations: dict[int, MetricRecord] = {}
         self._sent: dict[tuple[str, int], list[Message]] = {}
         self._marks: dict[int, dict[str, float]] = {}
+
+    @property
+    def federated_evaluation(self) -> str:
+        """How the clients evaluate the global models: what ``summary.json`` records."""
+        if self.fraction_evaluate == 0.0:
+            return "off"
+        return "on receipt" if self.evaluate_on_receipt else "evaluate messages"
 
     def start(
         self,
@@ -144,8 +167,13 @@ class RoutedFedAvg(FedAvg):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ):
-        """FedAvg's ``start``, with the server-side evaluation timed per round."""
+        """FedAvg's ``start``, with the server-side evaluation timed per round.
+
+        Evaluations received with the next round's updates are added to the
+        result under the round of the model they evaluated.
+        """
         self.round_timeout = timeout  # to tell "no reply in time" from other failures
+        self._num_rounds = num_rounds
         timed_evaluate_fn = None
         if evaluate_fn is not None:
 
@@ -156,7 +184,7 @@ class RoutedFedAvg(FedAvg):
                 finally:
                     self._mark(server_round, "global-evaluate-end")
 
-        return super().start(
+        result = super().start(
             grid,
             initial_arrays,
             num_rounds=num_rounds,
@@ -165,6 +193,14 @@ class RoutedFedAvg(FedAvg):
             evaluate_config=evaluate_config,
             evaluate_fn=timed_evaluate_fn,
         )
+        if self._received_evaluations:
+            by_round = {**result.evaluate_metrics_clientapp, **self._received_evaluations}
+            result.evaluate_metrics_clientapp = dict(sorted(by_round.items()))
+        return result
+
+    def _evaluated_on_receipt(self, server_round: int) -> bool:
+        """Round ``server_round``'s model is evaluated by the next round's train messages."""
+        return self.evaluate_on_receipt and server_round < self._num_rounds
 
     def _mark(self, server_round: int, event: str) -> None:
         self._marks.setdefault(server_round, {})[event] = time.perf_counter()
@@ -174,7 +210,9 @@ class RoutedFedAvg(FedAvg):
 
         ``train`` runs from configuring the messages to having every reply
         (the clients' work plus Flower's transport), ``aggregate`` is FedAvg
-        over the replies, ``evaluate`` the federated evaluation round trip,
+        over the replies, ``evaluate`` the federated evaluation round trip
+        (with evaluation on receipt, only the last round has one: the others'
+        evaluation is part of the next round's ``train``),
         ``global-evaluate`` the server's own evaluation, ``total`` all of it.
         """
         marks = self._marks.get(server_round, {})
@@ -211,12 +249,16 @@ class RoutedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._mark(server_round, "train-start")
+        if self.evaluate_on_receipt:  # ``arrays`` is round (server_round - 1)'s global model
+            config[EVALUATE_RECEIVED] = server_round > 1
         messages = super().configure_train(server_round, arrays, config, grid)
         return self._route(messages, "train", server_round)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self._evaluated_on_receipt(server_round):
+            return []
         self._mark(server_round, "evaluate-start")
         messages = super().configure_evaluate(server_round, arrays, config, grid)
         return self._route(messages, "evaluate", server_round)
@@ -224,6 +266,8 @@ class RoutedFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         self._mark(server_round, "train-replies")
         replies = in_partition_order(replies)
+        if self.evaluate_on_receipt and server_round > 1:
+            self._record_received_evaluations(server_round - 1, replies, server_round)
         self.train_log[server_round] = self._record(replies, "train", server_round)
         try:
             return self._fedavg(replies)
@@ -245,7 +289,39 @@ class RoutedFedAvg(FedAvg):
         arrays = weighted_mean(records, weights)
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
+    def _record_received_evaluations(
+        self, evaluated_round: int, replies: list[Message], server_round: int
+    ) -> None:
+        """Take the clients' evaluations of round ``evaluated_round``'s model out of the
+        train replies of ``server_round`` (FedAvg wants one MetricRecord per reply)."""
+        sent = self._sent.get(("train", server_round), [])
+        entry = RoundLog(sent=len(sent))
+        entry.failures = reply_failures(replies, sent, self.round_timeout)
+        contents = []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            evaluation = reply.content.pop(RECEIVED_EVALUATION, None)
+            if evaluation is None:
+                entry.failures.append(
+                    {
+                        "node-id": reply.metadata.src_node_id,
+                        "reason": "the train reply lacks its evaluation of the received model",
+                    }
+                )
+                continue
+            entry.per_client.append(metric_dict(evaluation))
+            contents.append(RecordDict({METRICS: evaluation}))
+        self._check_enough(entry, "evaluate", evaluated_round)
+        self.evaluate_log[evaluated_round] = entry
+        if contents:
+            aggregated = self.evaluate_metrics_aggr_fn(contents, self.weighted_by_key)
+            log.info("evaluation of round %d (received): %s", evaluated_round, aggregated)
+            self._received_evaluations[evaluated_round] = aggregated
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        if self._evaluated_on_receipt(server_round):
+            return None  # recorded from the next round's train replies
         self._mark(server_round, "evaluate-replies")
         if self.fraction_evaluate == 0.0:
             return None
@@ -260,6 +336,11 @@ class RoutedFedAvg(FedAvg):
         entry.per_client = [
             metric_dict(reply.content["metrics"]) for reply in replies if not reply.has_error()
         ]
+        self._check_enough(entry, kind, server_round)
+        return entry
+
+    def _check_enough(self, entry: RoundLog, kind: str, server_round: int) -> None:
+        """Log each failure; too few training replies end the phase (no model)."""
         for failure in entry.failures:
             log.warning(
                 "%s.%s round %d: node %s failed: %s",
@@ -279,4 +360,3 @@ class RoutedFedAvg(FedAvg):
             if kind == "train":  # no model without enough updates
                 raise PhaseError(summary)
             log.warning("%s; evaluation kept for those who answered", summary)
-        return entry

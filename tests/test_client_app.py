@@ -127,3 +127,28 @@ def test_same_message_same_seed_gives_identical_weights():
     torch.rand(17)  # disturb the global RNG: the handler must seed itself
     second = train_once().content["arrays"].to_torch_state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_train_message_asking_for_it_also_evaluates_the_received_model_first():
+    context = make_context(2, NUM_PARTITIONS)
+    impute(context, **{"num-synthetic": 20})
+    received = ArrayRecord(ExquisiteNetV1().state_dict())
+
+    def train(evaluate_received: bool):
+        record = task_record()
+        record["evaluate-received"] = evaluate_received
+        content = RecordDict({"arrays": received, "config": record})
+        return client_app(make_message(content, "train.clf"), context)
+
+    plain, asked = train(False), train(True)
+    assert "received-evaluation" not in plain.content
+    evaluation = client_app(
+        make_message(RecordDict({"arrays": received, "config": task_record()}), "evaluate.clf"),
+        context,
+    )
+    # the same numbers as an evaluate message with that model ...
+    assert dict(asked.content["received-evaluation"]) == dict(evaluation.content["metrics"])
+    # ... and the same update as without the evaluation
+    assert dict(asked.content["metrics"]) == dict(plain.content["metrics"])
+    before, after = (r.content["arrays"].to_torch_state_dict() for r in (plain, asked))
+    assert all(np.array_equal(before[k].numpy(), after[k].numpy()) for k in before)

@@ -41,6 +41,8 @@ def test_int_given_for_float_key_is_accepted():
         ("seed", -5),
         ("fraction-train", 0.0),
         ("fraction-evaluate", 1.5),
+        ("evaluate-on-receipt", "false"),
+        ("evaluate-on-receipt", 0),
         ("val-fraction", 1.0),
         ("min-clients", 0),
         ("min-partition-size", 2),

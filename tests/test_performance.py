@@ -303,3 +303,19 @@ def test_fedavg_mean_is_flowers_bit_for_bit():
     assert list(ours) == list(reference)
     for name in reference:
         assert ours[name].data == reference[name].data, name
+
+
+def test_round_summary_takes_each_part_over_the_rounds_that_have_it():
+    from bench.federated import summarize
+
+    # evaluation on receipt: only the last round has an evaluate round trip of its own
+    rounds = [
+        {"images": 100, "parts": {"train": 2.0, "total": 2.5, "global-evaluate": 0.5}},
+        {"images": 100, "parts": {"train": 3.0, "total": 3.5, "global-evaluate": 0.5}},
+        {"images": 100, "parts": {"train": 3.0, "total": 4.5, "evaluate": 1.0}},
+    ]
+    stats = summarize(rounds, without_global=True)
+    assert stats["parts-median-s"]["evaluate"] == 1.0
+    assert stats["seconds-per-round-all"] == [2.0, 3.0, 4.5]
+    assert stats["seconds-per-round"] == 3.0 and stats["seconds-per-round-mean"] == 3.167
+    assert stats["images-per-second"] == pytest.approx(100 / 3.0, rel=1e-3)

@@ -24,7 +24,14 @@ def simulated_run(tmp_path_factory):
     from flwr.simulation import run_simulation
 
     output = tmp_path_factory.mktemp("sim") / "run"
-    overrides = {**TINY, "imputation": "minority", "num-synthetic": 40, "output-dir": str(output)}
+    # two classifier rounds: round 1's model is evaluated through Ray on receipt (round 2)
+    overrides = {
+        **TINY,
+        "clf-rounds": 2,
+        "imputation": "minority",
+        "num-synthetic": 40,
+        "output-dir": str(output),
+    }
     run_simulation(
         server_app=build_server_app(overrides),
         client_app=client_app,
@@ -46,7 +53,10 @@ def test_summary_is_complete(simulated_run):
     assert len(summary["cvae"]["rounds"]) == config.cvae_rounds
     rounds = summary["classifier"]["rounds"]
     assert len(rounds) == config.clf_rounds
-    assert len(rounds[-1]["evaluate-per-client"]) == NUM_CLIENTS
+    assert summary["classifier"]["federated-evaluation"] == "on receipt"
+    for evaluated in rounds:  # every round's model, each by every client
+        assert len(evaluated["evaluate-per-client"]) == NUM_CLIENTS
+        assert evaluated["evaluate"]["num-clients"] == NUM_CLIENTS
     for key in ("loss", "accuracy", "macro-f1", "accuracy-weighted", "macro-f1-weighted"):
         assert key in rounds[-1]["evaluate"] and key in summary["final"]["clients"]
     assert set(summary["final"]["global-test"]) >= {"loss", "accuracy", "macro-f1"}

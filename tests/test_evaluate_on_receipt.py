@@ -1,0 +1,123 @@
+"""Evaluation on receipt: one message per client and round, the same recorded numbers.
+
+The real pipeline and the real ClientApp run in this process (``LocalGrid``),
+once with ``evaluate-on-receipt`` and once with Flower's separate evaluate
+messages; the full simulation runs it through Flower in test_simulation.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+import client_app
+from fedaug_flwr import pipeline
+from fedaug_flwr.config import AppConfig
+from fedaug_flwr.faults import ENV_VAR
+from fedaug_flwr.results import SUMMARY
+from fedaug_flwr.strategies import RoutedFedAvg
+from tests.data_files import real_digits, write_npz
+from tests.local_grid import FIRST_NODE_ID, LocalGrid, set_task_identity
+
+ROUNDS = 3
+SMALL = {
+    "cvae-rounds": 1,
+    "clf-rounds": ROUNDS,
+    "num-synthetic": 10,
+    "min-clients": 2,
+    "eval-batch-size": 500,
+    "round-timeout": 30.0,
+    "quality-samples": 0,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_a_task_identity():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    set_task_identity()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory) -> list[dict]:
+    folder = tmp_path_factory.mktemp("node-data")
+    return [
+        {
+            "partition-id": i,
+            "data-path": str(write_npz(folder / f"site-{i}.npz", *real_digits(90, offset=i))),
+        }
+        for i in range(3)
+    ]
+
+
+def run(nodes, tmp_path, name: str, **overrides) -> tuple[dict, LocalGrid]:
+    grid = LocalGrid(client_app.app, nodes)
+    config = AppConfig.from_run_config({**SMALL, **overrides, "output-dir": str(tmp_path / name)})
+    output_dir = pipeline.run(grid, config, run_id=1)
+    return json.loads((output_dir / SUMMARY).read_text()), grid
+
+
+def classifier_messages(grid: LocalGrid) -> Counter:
+    return Counter(kind for _, kind in grid.delivered if kind.endswith(".clf"))
+
+
+def test_on_receipt_halves_the_messages_and_records_the_same_numbers(nodes, tmp_path):
+    on_receipt, fused_grid = run(nodes, tmp_path, "on-receipt", **{"evaluate-on-receipt": True})
+    separate, separate_grid = run(nodes, tmp_path, "separate", **{"evaluate-on-receipt": False})
+
+    assert on_receipt["classifier"]["federated-evaluation"] == "on receipt"
+    assert separate["classifier"]["federated-evaluation"] == "evaluate messages"
+    # 3 clients: a train message per round each; evaluate messages only for the last model
+    # (and the final per-client report, which both runs send)
+    assert classifier_messages(separate_grid) == {"train.clf": 9, "evaluate.clf": 9 + 3}
+    assert classifier_messages(fused_grid) == {"train.clf": 9, "evaluate.clf": 3 + 3}
+    fused_rounds, separate_rounds = (s["classifier"]["rounds"] for s in (on_receipt, separate))
+    assert [r["round"] for r in fused_rounds] == [1, 2, 3]
+    for fused, plain in zip(fused_rounds, separate_rounds, strict=True):
+        assert fused["evaluate-per-client"] == plain["evaluate-per-client"]
+        assert len(fused["evaluate-per-client"]) == 3
+        assert fused["evaluate"] == plain["evaluate"]
+        assert fused["global-test"] == plain["global-test"]
+        assert fused["train-per-client"] == plain["train-per-client"]
+        assert fused["failures"] == plain["failures"] == []
+    assert on_receipt["clients"] == separate["clients"]
+    # only the last round has a separate federated evaluation to time
+    timing = on_receipt["classifier"]["round-timing-s"]
+    assert ["evaluate" in row for row in timing] == [False, False, False, True]
+
+
+def test_a_client_failing_to_train_also_misses_its_evaluation_of_the_previous_model(
+    nodes, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(ENV_VAR, "train.clf@1:2")  # partition 1 fails round 2's training
+    summary, _ = run(nodes, tmp_path, "fault", **{"evaluate-on-receipt": True})
+
+    first, second, third = summary["classifier"]["rounds"]
+    failed = FIRST_NODE_ID + 1
+    # round 1's model was to be evaluated by round 2's train message, which failed
+    assert [f["node-id"] for f in first["failures"]] == [failed]
+    assert "injected test fault: train.clf on partition 1" in first["failures"][0]["reason"]
+    assert sorted(c["partition-id"] for c in first["evaluate-per-client"]) == [0, 2]
+    assert first["evaluate"]["num-clients"] == 2.0
+    assert [f["node-id"] for f in second["failures"]] == [failed]
+    assert len(second["train-per-client"]) == 2
+    assert len(second["evaluate-per-client"]) == 3 and third["failures"] == []
+
+
+@pytest.mark.parametrize(
+    ("fractions", "expected"),
+    [
+        ({}, "on receipt"),
+        ({"fraction_train": 0.5}, "evaluate messages"),
+        ({"fraction_evaluate": 0.5}, "evaluate messages"),
+        ({"fraction_evaluate": 0.0}, "off"),
+    ],
+)
+def test_on_receipt_only_when_every_client_trains_and_evaluates(fractions, expected):
+    strategy = RoutedFedAvg("clf", evaluate_on_receipt=True, **fractions)
+    assert strategy.federated_evaluation == expected
