@@ -26,6 +26,22 @@ TINY = {
 
 
 @pytest.fixture
+def in_process_run():
+    """For the real pipeline run in this process (``LocalGrid``): one torch thread (tests
+    share 2 cores with other work: more threads only slow each other down) and the task
+    identity that building Messages outside a Flower run needs."""
+    import torch
+
+    from tests.local_grid import set_task_identity
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    set_task_identity()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_config(tmp_path) -> AppConfig:
     return AppConfig.from_run_config({**TINY, "output-dir": str(tmp_path / "out")})
 

@@ -20,6 +20,16 @@ from flwr.supercore.task_identity import TaskIdentity
 
 FIRST_NODE_ID = 1000
 
+# A run small enough for seconds in one process: one round per phase, 10 images imputed.
+SMALL_RUN = {
+    "cvae-rounds": 1,
+    "clf-rounds": 1,
+    "num-synthetic": 10,
+    "min-clients": 2,
+    "eval-batch-size": 500,
+    "round-timeout": 30.0,
+}
+
 
 class LocalGrid:
     def __init__(

@@ -11,7 +11,6 @@ import json
 from collections import Counter
 
 import pytest
-import torch
 
 import client_app
 from fedaug_flwr import pipeline
@@ -20,27 +19,12 @@ from fedaug_flwr.faults import ENV_VAR
 from fedaug_flwr.results import SUMMARY
 from fedaug_flwr.strategies import RoutedFedAvg
 from tests.data_files import real_digits, write_npz
-from tests.local_grid import FIRST_NODE_ID, LocalGrid, set_task_identity
+from tests.local_grid import FIRST_NODE_ID, SMALL_RUN, LocalGrid
 
 ROUNDS = 3
-SMALL = {
-    "cvae-rounds": 1,
-    "clf-rounds": ROUNDS,
-    "num-synthetic": 10,
-    "min-clients": 2,
-    "eval-batch-size": 500,
-    "round-timeout": 30.0,
-    "quality-samples": 0,
-}
+pytestmark = pytest.mark.usefixtures("in_process_run")
 
-
-@pytest.fixture(autouse=True)
-def one_thread_and_a_task_identity():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    set_task_identity()
-    yield
-    torch.set_num_threads(threads)
+SMALL = {**SMALL_RUN, "clf-rounds": ROUNDS, "quality-samples": 0}
 
 
 @pytest.fixture(scope="module")

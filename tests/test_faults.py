@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import client_app
 from fedaug_flwr import pipeline
@@ -20,26 +19,9 @@ from fedaug_flwr.faults import ENV_VAR, InjectedFault, parse_faults
 from fedaug_flwr.results import FAILURE, SUMMARY, load_state_dict
 from fedaug_flwr.strategies import PhaseError
 from tests.data_files import real_digits, write_idx_folder, write_npz
-from tests.local_grid import FIRST_NODE_ID, LocalGrid, set_task_identity
+from tests.local_grid import FIRST_NODE_ID, SMALL_RUN, LocalGrid
 
-SMALL = {
-    "cvae-rounds": 1,
-    "clf-rounds": 1,
-    "num-synthetic": 10,
-    "min-clients": 2,
-    "eval-batch-size": 500,
-    "round-timeout": 30.0,
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread_and_a_task_identity():
-    """Tests share 2 cores with other work: more torch threads only slow each other down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    set_task_identity()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("in_process_run")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +52,7 @@ def test_run_survives_failing_clients_and_records_each_failure(own_data, tmp_pat
     nodes += [{"partition-id": 3, "data-path": str(tmp_path / "gone.npz")}]
     nodes += [{"partition-id": 4, "num-partitions": 5}]
     grid = LocalGrid(client_app.app, nodes, silent=[node_id(4)])
-    config = AppConfig.from_run_config({**SMALL, "output-dir": str(tmp_path / "run")})
+    config = AppConfig.from_run_config({**SMALL_RUN, "output-dir": str(tmp_path / "run")})
 
     output_dir = pipeline.run(grid, config, run_id=1)
 
@@ -105,7 +87,7 @@ def test_run_fails_with_a_reason_when_a_phase_gets_too_few_clients(own_data, tmp
     monkeypatch.setenv(ENV_VAR, "train.cvae@0, train.cvae@1")
     nodes = [{"partition-id": i, "data-path": path} for i, path in enumerate(own_data)]
     grid = LocalGrid(client_app.app, nodes)
-    config = AppConfig.from_run_config({**SMALL, "output-dir": str(tmp_path / "run")})
+    config = AppConfig.from_run_config({**SMALL_RUN, "output-dir": str(tmp_path / "run")})
 
     with pytest.raises(PhaseError, match=r"train.cvae round 1: only 1 of 3 clients answered"):
         pipeline.run(grid, config, run_id=2)
@@ -131,7 +113,7 @@ class InterruptedGrid(LocalGrid):
 
 def test_interrupted_run_leaves_only_whole_files_and_can_be_rerun(own_data, tmp_path):
     nodes = [{"partition-id": i, "data-path": path} for i, path in enumerate(own_data)]
-    config = AppConfig.from_run_config({**SMALL, "output-dir": str(tmp_path / "run")})
+    config = AppConfig.from_run_config({**SMALL_RUN, "output-dir": str(tmp_path / "run")})
     output_dir = tmp_path / "run"
 
     with pytest.raises(KeyboardInterrupt):
@@ -178,7 +160,7 @@ def test_kill_fault_outside_a_deployment_raises_instead(monkeypatch):
 def test_two_supernodes_with_the_same_partition_id_are_refused(own_data, tmp_path):
     nodes = [{"partition-id": 0, "data-path": path} for path in own_data[:2]]
     config = AppConfig.from_run_config(
-        {**SMALL, "imputation": "none", "output-dir": str(tmp_path / "run")}
+        {**SMALL_RUN, "imputation": "none", "output-dir": str(tmp_path / "run")}
     )
     with pytest.raises(PhaseError, match=r"SuperNodes 1000 and 1001 both have partition-id 0"):
         pipeline.run(LocalGrid(client_app.app, nodes), config, run_id=5)
