@@ -53,7 +53,14 @@ from fedaug_flwr.protocol import (
 )
 from fedaug_flwr.quality import generator_quality
 from fedaug_flwr.results import FAILURE, SUMMARY, resolve_output_dir, save_state_dict, write_json
-from fedaug_flwr.strategies import PhaseError, RoundLog, RoutedFedAvg, metric_dict, reply_failures
+from fedaug_flwr.strategies import (
+    PhaseError,
+    RoundLog,
+    RoutedFedAvg,
+    in_partition_order,
+    metric_dict,
+    reply_failures,
+)
 from fedaug_flwr.training import TensorData, evaluate_classifier, seed_for
 from fedaug_flwr.transport import to_state_dict
 
@@ -394,13 +401,14 @@ def send_to_all(
 ) -> list[dict]:
     """Send one message per node, wait for the replies, return their metrics.
 
-    Each answer also holds the replying ``node-id``. Error replies and nodes
+    Answers come in partition order, each with the replying ``node-id``. Error replies and nodes
     that did not answer within ``timeout`` are logged and added to ``failures``.
     """
     messages = [
         Message(content(), dst_node_id=node_id, message_type=message_type) for node_id in node_ids
     ]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    # in partition order: sums over clients (e.g. the final metrics) are then repeatable
+    replies = in_partition_order(grid.send_and_receive(messages, timeout=timeout))
     failed = reply_failures(replies, messages, timeout)
     for failure in failed:
         log.warning("%s: node %s failed: %s", message_type, failure["node-id"], failure["reason"])

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 
 import client_app
 from fedaug_flwr import pipeline
@@ -165,3 +167,27 @@ def test_two_supernodes_with_the_same_partition_id_are_refused(own_data, tmp_pat
     with pytest.raises(PhaseError, match=r"SuperNodes 1000 and 1001 both have partition-id 0"):
         pipeline.run(LocalGrid(client_app.app, nodes), config, run_id=5)
     assert not (tmp_path / "run" / SUMMARY).exists()
+
+
+class ReversedGrid(LocalGrid):
+    """Replies arrive in the opposite order of the nodes (as they may from a SuperLink)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return list(reversed(super().send_and_receive(messages, timeout=timeout)))
+
+
+def test_answers_to_every_node_come_in_partition_order_whatever_the_arrival_order():
+    echo = ClientApp()
+
+    @echo.query("echo")
+    def answer(msg: Message, context: Context) -> Message:
+        partition = int(context.node_config["partition-id"])
+        metrics = MetricRecord({"partition-id": partition})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+    grid = ReversedGrid(echo, [{"partition-id": i} for i in (2, 0, 1)])
+    failures: list[dict] = []
+    answers = pipeline.send_to_all(
+        grid, grid.get_node_ids(), "query.echo", RecordDict, 30.0, 3, failures
+    )
+    assert [a["partition-id"] for a in answers] == [0, 1, 2] and failures == []
