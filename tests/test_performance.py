@@ -319,3 +319,14 @@ def test_round_summary_takes_each_part_over_the_rounds_that_have_it():
     assert stats["seconds-per-round-all"] == [2.0, 3.0, 4.5]
     assert stats["seconds-per-round"] == 3.0 and stats["seconds-per-round-mean"] == 3.167
     assert stats["images-per-second"] == pytest.approx(100 / 3.0, rel=1e-3)
+
+
+def test_before_after_tells_float_rounding_from_a_different_result():
+    from bench.before_after import close
+
+    result = {"final": {"macro-f1": 0.3331370417900545}, "clients": [{"n": 3, "loss": 1.5}]}
+    rounded = {"final": {"macro-f1": 0.33313704179005454}, "clients": [{"n": 3, "loss": 1.5}]}
+    assert close(result, rounded) and result != rounded
+    assert not close(result, {**result, "final": {"macro-f1": 0.3332}})
+    assert not close(result, {**result, "clients": [{"n": 4, "loss": 1.5}]})
+    assert not close(result, {**result, "clients": []})
