@@ -16,6 +16,7 @@ metrics with their update; only the last model gets evaluate messages of its
 own. A round then costs one message per client instead of two, with the same
 numbers: round r's federated evaluation is still that of round r's global
 model, recorded under round r (it arrives during round r + 1).
+
 It also times every round (send and train, aggregation, federated and
 server-side evaluation), which ``summary.json`` reports and ``bench/`` reads.
 """

@@ -11,11 +11,14 @@ import json
 from collections import Counter
 
 import pytest
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 
 import client_app
 from fedaug_flwr import pipeline
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.faults import ENV_VAR
+from fedaug_flwr.protocol import RECEIVED_EVALUATION
 from fedaug_flwr.results import SUMMARY
 from fedaug_flwr.strategies import RoutedFedAvg
 from tests.data_files import real_digits, write_npz
@@ -105,3 +108,32 @@ def test_a_client_failing_to_train_also_misses_its_evaluation_of_the_previous_mo
 def test_on_receipt_only_when_every_client_trains_and_evaluates(fractions, expected):
     strategy = RoutedFedAvg("clf", evaluate_on_receipt=True, **fractions)
     assert strategy.federated_evaluation == expected
+
+
+def test_a_client_that_ignores_the_request_is_recorded_as_failing_that_evaluation(nodes, tmp_path):
+    # partition 2 runs a ClientApp that trains but never evaluates what it received
+    def train_without_evaluating(msg: Message, context: Context) -> Message:
+        reply = client_app.train_classifier(msg, context)
+        if context.node_config["partition-id"] == 2:
+            reply.content.pop(RECEIVED_EVALUATION, None)
+        return reply
+
+    app = ClientApp()
+    app.train("cvae")(client_app.train_cvae)
+    app.query("impute")(client_app.impute)
+    app.train("clf")(train_without_evaluating)
+    app.evaluate("clf")(client_app.evaluate_classifier)
+    grid = LocalGrid(app, nodes)
+    config = AppConfig.from_run_config({**SMALL, "clf-rounds": 2, "output-dir": str(tmp_path)})
+    summary = json.loads((pipeline.run(grid, config, run_id=1) / SUMMARY).read_text())
+
+    first, second = summary["classifier"]["rounds"]
+    assert first["failures"] == [
+        {
+            "node-id": FIRST_NODE_ID + 2,
+            "reason": "the train reply lacks its evaluation of the received model",
+        }
+    ]
+    assert [c["partition-id"] for c in first["evaluate-per-client"]] == [0, 1]
+    assert len(first["train-per-client"]) == 3  # its update still counts
+    assert len(second["evaluate-per-client"]) == 3 and second["failures"] == []
