@@ -25,7 +25,6 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from statistics import mean
 
 from bench.common import (
     RESULTS_DIR,
@@ -62,10 +61,9 @@ def measure(scale: Scale, rounds: int, repeats: int, data_dir: str, workdir: Pat
         for scheme in SCHEMES
     }
     per_run_means = {
-        scheme: [round(mean(summarize(run["rounds"], True)["seconds-per-round-all"]), 3)
-                 for run in runs[scheme]]
+        scheme: [summarize(run["rounds"], True)["seconds-per-round-mean"] for run in runs[scheme]]
         for scheme in SCHEMES
-    }  # fmt: skip
+    }
     return {
         "scale": str(scale),
         "run-config": base,
