@@ -19,12 +19,14 @@ from fedaug_flwr.protocol import (
     CONFIG,
     EVALUATE_RECEIVED,
     GENERATOR,
+    GENERATOR_STATE,
     METRICS,
     NUM_EXAMPLES,
     PARTITION_ID,
     RECEIVED_EVALUATION,
     SYNTHETIC_STATE,
     TaskConfig,
+    server_round,
 )
 from fedaug_flwr.training import TensorData
 from fedaug_flwr.transport import to_record, to_state_dict
@@ -36,25 +38,40 @@ app = ClientApp(mods=[fault_injection_mod])
 @app.train("cvae")
 def train_cvae(msg: Message, context: Context) -> Message:
     """Phase 1: local epochs of the CVAE on real training data."""
-    task, split = _task_and_split(msg, context)
+    task = _task(msg)
+    split = _split(task, msg, context, node.TRAIN_SPLIT)
     weights, losses = node.train_cvae(task, split, to_state_dict(msg.content[ARRAYS]), _round(msg))
-    metrics = {**losses, NUM_EXAMPLES: len(split.train), PARTITION_ID: split.partition_id}
+    metrics = {
+        **losses,
+        NUM_EXAMPLES: node.fedavg_weight(task, split),
+        PARTITION_ID: split.partition_id,
+    }
     return _reply(msg, metrics, weights)
 
 
 @app.query("impute")
 def impute(msg: Message, context: Context) -> Message:
-    """Phase 2: generate k synthetic images with the global CVAE; keep them for phase 3."""
-    task, split = _task_and_split(msg, context)
-    report = node.impute(task, split, to_state_dict(msg.content[GENERATOR]))
-    context.state[SYNTHETIC_STATE] = ArrayRecord(
-        {"images": Array(report.synthetic.images), "labels": Array(report.synthetic.labels)}
-    )
+    """Phase 2: generate k synthetic images with the global CVAE; keep them for phase 3.
+
+    When the images are made anew every round (``synthetic-refresh``), the generator is
+    kept instead, and these first images only report what a round's imputation gives.
+    """
+    task = _task(msg)
+    split = _split(task, msg, context, node.TRAIN_SPLIT)
+    generator = to_state_dict(msg.content[GENERATOR])
+    report = node.impute(task, split, generator)
+    if task.app.synthetic_refresh == "every-round":
+        context.state[GENERATOR_STATE] = msg.content[GENERATOR]
+    else:
+        context.state[SYNTHETIC_STATE] = ArrayRecord(
+            {"images": Array(report.synthetic.images), "labels": Array(report.synthetic.labels)}
+        )
     return _reply(
         msg,
         {
             PARTITION_ID: split.partition_id,
             "own-data": int(node.parse_node_config(context.node_config).own_data),
+            "partition-draws": split.draws,
             "real-train": len(split.train),
             "val": len(split.val),
             "test": len(split.test),
@@ -72,9 +89,13 @@ def train_classifier(msg: Message, context: Context) -> Message:
     When the server asks (evaluation on receipt), the received global model is
     first evaluated on the real test split, as an ``evaluate.clf`` message would.
     """
-    task, split = _task_and_split(msg, context)
+    task = _task(msg)
     received = to_state_dict(msg.content[ARRAYS])
-    evaluation = _test_metrics(task, split, received) if _evaluate_received(msg) else None
+    evaluation = None
+    if _evaluate_received(msg):  # the received model is the previous round's
+        test_split = _split(task, msg, context, node.EVALUATE_SPLIT, _round(msg) - 1)
+        evaluation = _test_metrics(task, test_split, received)
+    split = _split(task, msg, context, node.TRAIN_SPLIT)
     weights, loss, examples = _train_classifier(
         received, context, task, split, _round(msg), task.app.classifier_local_epochs
     )
@@ -88,7 +109,8 @@ def train_classifier(msg: Message, context: Context) -> Message:
 @app.train("local")
 def finetune_locally(msg: Message, context: Context) -> Message:
     """Finetune variant, local: fine-tune a private copy, report only its test metrics."""
-    task, split = _task_and_split(msg, context)
+    task = _task(msg)
+    split = _split(task, msg, context, node.TRAIN_SPLIT)
     weights, loss, examples = _train_classifier(
         to_state_dict(msg.content[ARRAYS]),
         context,
@@ -97,14 +119,15 @@ def finetune_locally(msg: Message, context: Context) -> Message:
         _round(msg),
         task.app.finetune_local_epochs,
     )
-    metrics = node.evaluate_on_test(task, split, weights)
+    test_split = _split(task, msg, context, node.EVALUATE_SPLIT)
+    metrics = node.evaluate_on_test(task, test_split, weights)
     return _reply(
         msg,
         {
             **metrics,
             "train-loss": loss,
             "train-examples": examples,
-            NUM_EXAMPLES: len(split.test),
+            NUM_EXAMPLES: len(test_split.test),
             PARTITION_ID: split.partition_id,
         },
     )
@@ -113,7 +136,8 @@ def finetune_locally(msg: Message, context: Context) -> Message:
 @app.evaluate("clf")
 def evaluate_classifier(msg: Message, context: Context) -> Message:
     """Loss, accuracy, macro-F1 on this client's real (never imputed) test split."""
-    task, split = _task_and_split(msg, context)
+    task = _task(msg)
+    split = _split(task, msg, context, node.EVALUATE_SPLIT)
     return _reply(msg, _test_metrics(task, split, to_state_dict(msg.content[ARRAYS])))
 
 
@@ -126,34 +150,52 @@ def _test_metrics(task: TaskConfig, split, weights: dict) -> dict:
 def _train_classifier(
     weights: dict, context: Context, task: TaskConfig, split, server_round: int, epochs: int
 ):
-    """Local epochs on the real training split plus this node's synthetic images."""
-    training_set = _training_set(task, split, context)
+    """Local epochs on the real training split plus this node's synthetic images;
+    returns the weights, the loss and this client's FedAvg weight."""
+    synthetic = _synthetic(task, split, context, server_round)
+    parts = [split.train] if synthetic is None else [split.train, synthetic]
+    training_set = TensorData.from_digits(*parts, device=node.device())
     weights, loss = node.train_classifier(
         task, training_set, weights, server_round, split.partition_id, epochs=epochs
     )
-    return weights, loss, len(training_set)
+    synthetic_count = 0 if synthetic is None else len(synthetic)
+    return weights, loss, node.fedavg_weight(task, split, synthetic_count)
 
 
-def _training_set(task: TaskConfig, split, context: Context) -> TensorData:
-    """Real training split plus this node's synthetic images from the imputation phase."""
-    parts = [split.train]
-    if task.app.synthetic_per_client > 0:
-        if SYNTHETIC_STATE not in context.state:
-            raise RuntimeError("no synthetic images on this node: the imputation phase did not run")
-        record = context.state[SYNTHETIC_STATE]
-        parts.append(Digits(record["images"].numpy(), record["labels"].numpy()))
-    return TensorData.from_digits(*parts, device=node.device())
+def _synthetic(task: TaskConfig, split, context: Context, server_round: int) -> Digits | None:
+    """This node's synthetic images for a round: those of the imputation phase, or, with
+    ``synthetic-refresh`` every-round, new ones from the kept generator."""
+    if task.app.synthetic_per_client == 0:
+        return None
+    if task.app.synthetic_refresh == "every-round":
+        if GENERATOR_STATE not in context.state:
+            raise RuntimeError("no generator on this node: the imputation phase did not run")
+        generator = to_state_dict(context.state[GENERATOR_STATE])
+        return node.impute(task, split, generator, server_round).synthetic
+    if SYNTHETIC_STATE not in context.state:
+        raise RuntimeError("no synthetic images on this node: the imputation phase did not run")
+    record = context.state[SYNTHETIC_STATE]
+    return Digits(record["images"].numpy(), record["labels"].numpy())
 
 
-def _task_and_split(msg: Message, context: Context):
+def _task(msg: Message) -> TaskConfig:
     if CONFIG not in msg.content.config_records:
         raise ConfigError(f"{msg.metadata.message_type} message lacks its '{CONFIG}' record")
-    task = TaskConfig.from_record(msg.content[CONFIG])
-    return task, node.load_split(task, context.node_config)
+    return TaskConfig.from_record(msg.content[CONFIG])
+
+
+def _split(
+    task: TaskConfig, msg: Message, context: Context, purpose: int, server_round: int | None = None
+):
+    """This node's split for this message (drawn anew per round and purpose with
+    ``client-split-refresh`` every-round, else the client's fixed split)."""
+    server_round = _round(msg) if server_round is None else server_round
+    reshuffle = node.reshuffle_key(task, server_round, purpose)
+    return node.load_split(task, context.node_config, reshuffle)
 
 
 def _round(msg: Message) -> int:
-    return int(msg.content[CONFIG].get("server-round", 0))
+    return server_round(msg.content[CONFIG])
 
 
 def _evaluate_received(msg: Message) -> bool:

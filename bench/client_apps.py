@@ -21,6 +21,7 @@ from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 import client_app as app_module
+from fedaug_flwr import node
 from fedaug_flwr.protocol import (
     ARRAYS,
     NUM_EXAMPLES,
@@ -44,17 +45,23 @@ def _echo_weights(msg: Message) -> dict:
 _reply = app_module._reply
 
 
+def _task_and_split(msg: Message, context: Context, purpose: int = node.TRAIN_SPLIT):
+    task = app_module._task(msg)
+    return task, app_module._split(task, msg, context, purpose)
+
+
 def noop_train_cvae(msg: Message, context: Context) -> Message:
-    task, split = app_module._task_and_split(msg, context)
-    metrics = {"train-loss": 0.0, "val-loss": 0.0, NUM_EXAMPLES: len(split.train)}
+    task, split = _task_and_split(msg, context)
+    metrics = {"train-loss": 0.0, "val-loss": 0.0, NUM_EXAMPLES: node.fedavg_weight(task, split)}
     return _reply(msg, {**metrics, PARTITION_ID: split.partition_id}, _echo_weights(msg))
 
 
 def noop_train_classifier(msg: Message, context: Context) -> Message:
-    task, split = app_module._task_and_split(msg, context)
-    num_examples = len(split.train)
+    task, split = _task_and_split(msg, context)
+    synthetic = 0
     if task.app.synthetic_per_client > 0 and SYNTHETIC_STATE in context.state:
-        num_examples += len(context.state[SYNTHETIC_STATE]["labels"].numpy())
+        synthetic = len(context.state[SYNTHETIC_STATE]["labels"].numpy())
+    num_examples = node.fedavg_weight(task, split, synthetic)
     metrics = {
         "train-loss": 0.0,
         NUM_EXAMPLES: num_examples,
@@ -69,7 +76,7 @@ def noop_train_classifier(msg: Message, context: Context) -> Message:
 
 
 def noop_evaluate_classifier(msg: Message, context: Context) -> Message:
-    task, split = app_module._task_and_split(msg, context)
+    task, split = _task_and_split(msg, context, node.EVALUATE_SPLIT)
     _echo_weights(msg)
     return _reply(msg, _noop_evaluation(split))
 

@@ -97,6 +97,11 @@ def run_plain(config: AppConfig, num_clients: int, skip_classifier: bool = False
         raise ValueError(
             f"the plain loop reproduces runs with pretrain='off' only; got {config.pretrain!r}"
         )
+    if config.synthetic_refresh != "once" or config.client_split_refresh != "once":
+        raise ValueError(
+            "the plain loop makes the synthetic images and the client splits once; run it with "
+            "synthetic-refresh='once' and client-split-refresh='once'"
+        )
     timing: dict = {}
     run_on = node.device()  # the GPU when there is one, as the app's clients
     begin = time.perf_counter()
@@ -119,7 +124,10 @@ def run_plain(config: AppConfig, num_clients: int, skip_classifier: bool = False
 
             def train_all(weights=cvae_weights, server_round=server_round):
                 return [
-                    (node.train_cvae(task, split, weights, server_round)[0], len(split.train))
+                    (
+                        node.train_cvae(task, split, weights, server_round)[0],
+                        node.fedavg_weight(task, split),
+                    )
                     for split in splits
                 ]
 
@@ -134,12 +142,14 @@ def run_plain(config: AppConfig, num_clients: int, skip_classifier: bool = False
             cvae_timing.append({"round": server_round, **watch.report()})
 
     begin = time.perf_counter()
-    training_sets = []
+    training_sets, fedavg_weights = [], []
     for split in splits:
         parts: list[Digits] = [split.train]
         if config.synthetic_per_client > 0:
             parts.append(node.impute(task, split, cvae_weights).synthetic)
         training_sets.append(TensorData.from_digits(*parts, device=run_on))
+        synthetic = len(training_sets[-1]) - len(split.train)
+        fedavg_weights.append(node.fedavg_weight(task, split, synthetic))
     timing["imputation"] = round(time.perf_counter() - begin, 3)
 
     classifier_rounds, classifier_timing = [], []
@@ -153,7 +163,7 @@ def run_plain(config: AppConfig, num_clients: int, skip_classifier: bool = False
                     node.train_classifier(
                         task, data_set, weights, server_round, pid, config.classifier_local_epochs
                     )[0],
-                    len(data_set),
+                    fedavg_weights[pid],
                 )
                 for pid, data_set in enumerate(training_sets)
             ]

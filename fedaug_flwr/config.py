@@ -24,6 +24,11 @@ DATASETS = ("mnist-5k", "mnist")
 IMPUTATIONS = ("none", "uniform", "minority")
 RECON_LOSSES = ("bce", "sse")
 PRETRAIN_MODES = ("off", "federated", "local")
+FEDAVG_WEIGHTS = ("real", "augmented")
+OPTIMIZERS = ("adam", "sgd")
+BINARIZATIONS = ("rescale", "round")
+MINORITY_ROUNDINGS = ("nearest", "up")
+REFRESH = ("once", "every-round")
 
 
 class ConfigError(ValueError):
@@ -39,6 +44,7 @@ class AppConfig:
     data_dir: str
     dirichlet_beta: float
     min_partition_size: int
+    partition_max_draws: int
     val_fraction: float
     test_fraction: float
     cvae_rounds: int
@@ -51,15 +57,26 @@ class AppConfig:
     imputation: str
     num_synthetic: int
     generation_batch_size: int
+    synthetic_binarize: str
+    minority_rounding: str
+    synthetic_refresh: str
+    client_split_refresh: str
+    fedavg_weights: str
     clf_rounds: int
     clf_local_epochs: int
+    clf_optimizer: str
     clf_lr: float
+    clf_momentum: float
     clf_weight_decay: float
     clf_batch_size: int
     eval_batch_size: int
     pretrain: str
     pretrain_samples: int
     pretrain_epochs: int
+    pretrain_lr: float
+    pretrain_weight_decay: float
+    pretrain_batch_size: int
+    finetune_rounds: int
     finetune_local_epochs: int
     quality_samples: int
     quality_epochs: int
@@ -89,12 +106,6 @@ class AppConfig:
             for field in dataclasses.fields(self)
         }
 
-    def replace(self, **changes: Any) -> AppConfig:
-        """A validated copy with some fields changed (snake_case names)."""
-        merged = {**self.to_run_config()}
-        merged.update({name.replace("_", "-"): v for name, v in changes.items()})
-        return AppConfig.from_run_config(merged)
-
     @property
     def synthetic_per_client(self) -> int:
         """How many synthetic images each client adds (0 without imputation)."""
@@ -109,6 +120,11 @@ class AppConfig:
     def classifier_local_epochs(self) -> int:
         """Local epochs per classifier round: fine-tuning uses its own count."""
         return self.finetune_local_epochs if self.pretrain != "off" else self.clf_local_epochs
+
+    @property
+    def classifier_rounds(self) -> int:
+        """Classifier rounds: fine-tuning a pretrained model uses its own count."""
+        return self.finetune_rounds if self.pretrain != "off" else self.clf_rounds
 
     def _check_relations(self) -> None:
         if self.val_fraction + self.test_fraction >= 0.9:
@@ -148,6 +164,7 @@ _RULES: dict[str, _Rule] = {
     "data-dir": (str, _any, "a folder path (or empty)"),
     "dirichlet-beta": (float, _positive, "a number > 0 (e.g. 0.1 .. 100)"),
     "min-partition-size": (int, lambda v: v >= 3, "an integer >= 3"),
+    "partition-max-draws": (int, _positive, "an integer >= 1"),
     "val-fraction": (float, _fraction_open, "a number strictly between 0 and 1"),
     "test-fraction": (float, _fraction_open, "a number strictly between 0 and 1"),
     "cvae-rounds": (int, _positive, "an integer >= 1"),
@@ -160,15 +177,30 @@ _RULES: dict[str, _Rule] = {
     "imputation": (str, IMPUTATIONS.__contains__, f"one of {list(IMPUTATIONS)}"),
     "num-synthetic": (int, _non_negative, "an integer >= 0"),
     "generation-batch-size": (int, _positive, "an integer >= 1"),
+    "synthetic-binarize": (str, BINARIZATIONS.__contains__, f"one of {list(BINARIZATIONS)}"),
+    "minority-rounding": (
+        str,
+        MINORITY_ROUNDINGS.__contains__,
+        f"one of {list(MINORITY_ROUNDINGS)}",
+    ),
+    "synthetic-refresh": (str, REFRESH.__contains__, f"one of {list(REFRESH)}"),
+    "client-split-refresh": (str, REFRESH.__contains__, f"one of {list(REFRESH)}"),
+    "fedavg-weights": (str, FEDAVG_WEIGHTS.__contains__, f"one of {list(FEDAVG_WEIGHTS)}"),
     "clf-rounds": (int, _positive, "an integer >= 1"),
     "clf-local-epochs": (int, _positive, "an integer >= 1"),
+    "clf-optimizer": (str, OPTIMIZERS.__contains__, f"one of {list(OPTIMIZERS)}"),
     "clf-lr": (float, _positive, "a number > 0"),
+    "clf-momentum": (float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "clf-weight-decay": (float, _non_negative, "a number >= 0"),
     "clf-batch-size": (int, _positive, "an integer >= 1"),
     "eval-batch-size": (int, _positive, "an integer >= 1"),
     "pretrain": (str, PRETRAIN_MODES.__contains__, f"one of {list(PRETRAIN_MODES)}"),
     "pretrain-samples": (int, lambda v: v >= 20, "an integer >= 20"),
     "pretrain-epochs": (int, _positive, "an integer >= 1"),
+    "pretrain-lr": (float, _positive, "a number > 0"),
+    "pretrain-weight-decay": (float, _non_negative, "a number >= 0"),
+    "pretrain-batch-size": (int, _positive, "an integer >= 1"),
+    "finetune-rounds": (int, _positive, "an integer >= 1"),
     "finetune-local-epochs": (int, _positive, "an integer >= 1"),
     "quality-samples": (int, lambda v: v == 0 or v >= 20, "0 (no quality check) or >= 20"),
     "quality-epochs": (int, _positive, "an integer >= 1"),

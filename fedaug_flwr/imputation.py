@@ -13,28 +13,42 @@ import torch
 from fedaug_flwr.models import CVAE, NUM_CLASSES
 
 
-def minority_counts(label_counts: list[int] | np.ndarray, k: int) -> np.ndarray | None:
-    """The study's deficit rule: label l gets round(k * (max c - c_l) / sum of deficits).
+def minority_counts(
+    label_counts: list[int] | np.ndarray, k: int, rounding: str = "nearest"
+) -> np.ndarray | None:
+    """The study's deficit rule: label l gets k * (max c - c_l) / (sum of deficits), rounded.
 
-    Returns ``None`` when the labels are already balanced (no deficit to share).
-    Rounding makes the total k +- a few.
+    ``rounding="nearest"`` rounds half to even, as the paper's Algorithm 1 writes
+    Round(.); ``"up"`` is its authors' code, Python's round(x + 0.5), which is nearly
+    the ceiling (every label in deficit gets at least one image; the total exceeds k
+    by up to the number of labels). Returns ``None`` when the labels are already
+    balanced (no deficit to share).
     """
     counts = np.asarray(label_counts, dtype=np.int64)
     deficit = counts.max() - counts
     total = int(deficit.sum())
     if total == 0:
         return None
-    return np.rint(k * deficit / total).astype(np.int64)
+    share = k * deficit / total
+    if rounding == "up":
+        share = share + 0.5  # np.rint, like Python's round, takes a half to the even side
+    elif rounding != "nearest":
+        raise ValueError(f"unknown minority rounding {rounding!r}")
+    return np.rint(share).astype(np.int64)
 
 
 def synthetic_labels(
-    mode: str, k: int, label_counts: list[int] | np.ndarray, rng: np.random.Generator
+    mode: str,
+    k: int,
+    label_counts: list[int] | np.ndarray,
+    rng: np.random.Generator,
+    rounding: str = "nearest",
 ) -> np.ndarray:
     """The labels of the k synthetic images a client generates (shuffled)."""
     if mode == "none" or k == 0:
         return np.zeros(0, dtype=np.int64)
     if mode == "minority":
-        counts = minority_counts(label_counts, k)
+        counts = minority_counts(label_counts, k, rounding)
         if counts is not None:
             return rng.permutation(np.repeat(np.arange(NUM_CLASSES), counts))
         # balanced client: nothing is a minority, so draw uniformly instead
@@ -50,12 +64,17 @@ def generate(
     seed: int,
     batch_size: int = 1024,
     device: str | torch.device = "cpu",
+    binarize: str = "round",
 ) -> np.ndarray:
     """Binarized images (N, 28, 28) of 0/1 bytes, z ~ N(0, I), decoded per label.
 
-    All latent codes are drawn up front, so the images do not depend on
-    ``batch_size`` (torch draws normals differently for short and long runs).
+    ``binarize="round"`` rounds each pixel probability at 0.5; ``"rescale"`` first
+    divides an image by its brightest pixel, as the study does (so a faint image still
+    has pixels at 1). All latent codes are drawn up front, so the images do not depend
+    on ``batch_size`` (torch draws normals differently for short and long runs).
     """
+    if binarize not in ("round", "rescale"):
+        raise ValueError(f"unknown binarization {binarize!r}")
     cvae = cvae.to(device).eval()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     label_tensor = torch.as_tensor(labels, dtype=torch.long)
@@ -65,6 +84,9 @@ def generate(
         batch = label_tensor[start : start + batch_size]
         z = codes[start : start + batch_size]
         probabilities = cvae.decode(z.to(device), batch.to(device))
+        if binarize == "rescale":
+            brightest = probabilities.amax(dim=(1, 2, 3), keepdim=True)
+            probabilities = probabilities / brightest.clamp_min(torch.finfo(torch.float32).tiny)
         images[start : start + len(batch)] = (
             torch.round(probabilities).squeeze(1).to(torch.uint8).cpu().numpy()
         )
@@ -73,7 +95,11 @@ def generate(
 
 @torch.no_grad()
 def generate_one_at_a_time(
-    cvae: CVAE, labels: np.ndarray, seed: int, device: str | torch.device = "cpu"
+    cvae: CVAE,
+    labels: np.ndarray,
+    seed: int,
+    device: str | torch.device = "cpu",
+    binarize: str = "round",
 ) -> np.ndarray:
     """The same images, one decoder call each: the benchmark's (slow) reference."""
-    return generate(cvae, labels, seed, batch_size=1, device=device)
+    return generate(cvae, labels, seed, batch_size=1, device=device, binarize=binarize)

@@ -139,18 +139,31 @@ def detached_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
-def partition_of(node_config: Mapping[str, object]) -> tuple[int, int]:
-    """``(partition-id, num-partitions)`` from a node config, checked."""
-    config = parse_node_config(node_config)
-    return config.partition_id, config.num_partitions
-
-
 @cache
 def _own_data(path: str) -> Digits:
     return load_node_data(path)
 
 
-def own_split(task: TaskConfig, digits: Digits, partition_id: int, where: str) -> ClientSplit:
+# Salts of the reshuffled split (client-split-refresh = every-round): the split a client
+# trains on in a round, and the one it evaluates a round's global model on, are drawn apart,
+# as the study's code builds a new, reshuffled client dataset for each.
+TRAIN_SPLIT, EVALUATE_SPLIT = 8, 9
+
+
+def reshuffle_key(task: TaskConfig, server_round: int, purpose: int) -> tuple[int, int] | None:
+    """What the split of this message is drawn from: ``None`` for the client's fixed split."""
+    if task.app.client_split_refresh == "once":
+        return None
+    return (server_round, purpose)
+
+
+def own_split(
+    task: TaskConfig,
+    digits: Digits,
+    partition_id: int,
+    where: str,
+    reshuffle: tuple[int, int] | None = None,
+) -> ClientSplit:
     """A node's own data cut into train / val / test with the run seed."""
     app = task.app
     if len(digits) < app.min_partition_size:
@@ -158,7 +171,7 @@ def own_split(task: TaskConfig, digits: Digits, partition_id: int, where: str) -
             f"{where} holds {len(digits)} images, fewer than min-partition-size="
             f"{app.min_partition_size}: too small to split into train/val/test"
         )
-    rng = np.random.default_rng([app.seed, partition_id])
+    rng = np.random.default_rng([app.seed, partition_id, *(reshuffle or ())])
     train_index, val_index, test_index = split_train_val_test(
         len(digits), app.val_fraction, app.test_fraction, rng
     )
@@ -170,12 +183,22 @@ def own_split(task: TaskConfig, digits: Digits, partition_id: int, where: str) -
     )
 
 
-def load_split(task: TaskConfig, node_config: Mapping[str, object]) -> ClientSplit:
-    """This node's real train / val / test data, from its own files or a Dirichlet partition."""
+def load_split(
+    task: TaskConfig,
+    node_config: Mapping[str, object],
+    reshuffle: tuple[int, int] | None = None,
+) -> ClientSplit:
+    """This node's real train / val / test data, from its own files or a Dirichlet partition.
+
+    ``reshuffle`` (from :func:`reshuffle_key`) draws the 80/10/10 split anew for one
+    round and purpose; ``None`` gives the client's fixed split.
+    """
     config = parse_node_config(node_config)
     if config.own_data:
         path = str(Path(config.data_path).expanduser().resolve())
-        return own_split(task, _own_data(path), config.partition_id, f"data-path {path!r}")
+        return own_split(
+            task, _own_data(path), config.partition_id, f"data-path {path!r}", reshuffle
+        )
     app = task.app
     return client_split(
         load_source(task.data_source, task.data_location).pool,
@@ -186,7 +209,18 @@ def load_split(task: TaskConfig, node_config: Mapping[str, object]) -> ClientSpl
         min_partition_size=app.min_partition_size,
         val_fraction=app.val_fraction,
         test_fraction=app.test_fraction,
+        max_draws=app.partition_max_draws,
+        reshuffle=reshuffle,
     )
+
+
+def fedavg_weight(task: TaskConfig, split: ClientSplit, synthetic: int = 0) -> int:
+    """This client's weight in FedAvg (``fedavg-weights``): all its real images (the
+    study's code weights by a client's whole real partition, never its synthetic
+    images), or the images it trained on, real and synthetic."""
+    if task.app.fedavg_weights == "real":
+        return len(split.train) + len(split.val) + len(split.test)
+    return len(split.train) + synthetic
 
 
 @dataclass(frozen=True)
@@ -196,20 +230,33 @@ class ImputationReport:
     synthetic: Digits
 
 
-def impute(task: TaskConfig, split: ClientSplit, generator_weights: StateDict) -> ImputationReport:
-    """Generate this client's k synthetic images with the global CVAE, in batches."""
+def impute(
+    task: TaskConfig,
+    split: ClientSplit,
+    generator_weights: StateDict,
+    server_round: int | None = None,
+) -> ImputationReport:
+    """Generate this client's k synthetic images with the global CVAE, in batches.
+
+    ``server_round``: the classifier round these images are for when they are made
+    anew every round (``synthetic-refresh``); ``None`` for the one imputation.
+    """
     app = task.app
     real_counts = split.train.label_counts()
-    rng = np.random.default_rng([app.seed, split.partition_id, 1])
-    labels = synthetic_labels(app.imputation, app.synthetic_per_client, real_counts, rng)
+    anew = () if server_round is None else (server_round,)
+    rng = np.random.default_rng([app.seed, split.partition_id, 1, *anew])
+    labels = synthetic_labels(
+        app.imputation, app.synthetic_per_client, real_counts, rng, app.minority_rounding
+    )
     run_on = device()
     cvae = reusable_model(CVAE, generator_weights, run_on, app.cvae_latent_dim)
     images = generate(
         cvae,
         labels,
-        seed=seed_for(app.seed, split.partition_id, 2),
+        seed=seed_for(app.seed, split.partition_id, 2, *anew),
         batch_size=app.generation_batch_size,
         device=run_on,
+        binarize=app.synthetic_binarize,
     )
     return ImputationReport(real_counts, label_counts(labels), Digits(images, labels))
 
@@ -219,6 +266,21 @@ def adam(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.
     torch's default per-parameter loop, bit for bit, for ~10% less time per
     ExquisiteNet step (on CUDA it is torch's default anyway)."""
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def classifier_optimizer(task: TaskConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The classifier's local optimizer (``clf-optimizer``): Adam, as the paper writes, or
+    SGD with momentum, as its authors' code ran (no weight decay there unless set)."""
+    app = task.app
+    if app.clf_optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=app.clf_lr,
+            momentum=app.clf_momentum,
+            weight_decay=app.clf_weight_decay,
+            foreach=True,
+        )
+    return adam(model, lr=app.clf_lr, weight_decay=app.clf_weight_decay)
 
 
 def train_cvae(
@@ -260,7 +322,7 @@ def train_classifier(
     app = task.app
     model = reusable_model(ExquisiteNetV1, weights, training_set.labels.device)
     torch.manual_seed(seed_for(app.seed, server_round, partition_id, 5))
-    optimizer = adam(model, lr=app.clf_lr, weight_decay=app.clf_weight_decay)
+    optimizer = classifier_optimizer(task, model)
     loss = train(
         model,
         training_set,

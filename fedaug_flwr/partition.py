@@ -1,4 +1,5 @@
-"""Dirichlet label-skew partitions (flwr-datasets) and each client's 80/10/10 split.
+"""Dirichlet label-skew partitions, redrawn until every client has enough images, and
+each client's 80/10/10 split.
 
 Every client recomputes the same partition from (data, number of clients,
 beta, seed), so no client ever needs another client's data. The split of the
@@ -8,6 +9,7 @@ actor serves many clients.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import cache
 
@@ -28,6 +30,19 @@ class ClientSplit:
     train: Digits
     val: Digits
     test: Digits
+    draws: int = 0  # draws the Dirichlet split took (0: the node's own data, no split)
+
+
+# flwr-datasets 0.6.1's DirichletPartitioner tries this many draws, then gives up.
+FLWR_DATASETS_DRAWS = 11
+
+
+@dataclass(frozen=True)
+class DirichletSplit:
+    """Pool indices of every partition and how many draws the split took."""
+
+    indices: tuple[np.ndarray, ...]
+    draws: int
 
 
 def dirichlet_partitioner(
@@ -51,10 +66,86 @@ def dirichlet_partitioner(
     return partitioner
 
 
-def dirichlet_indices(
-    labels: np.ndarray, num_partitions: int, beta: float, seed: int, min_partition_size: int
-) -> list[np.ndarray]:
-    """Pool indices of every partition, or a :class:`PartitionError` saying what to change."""
+def _class_sizes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    classes, sizes = np.unique(labels, return_counts=True)  # sorted, like flwr-datasets
+    return classes, sizes
+
+
+def _draw_cuts(
+    rng: np.random.Generator, sizes: np.ndarray, num_partitions: int, beta: float
+) -> np.ndarray:
+    """One draw: per class (in sorted order) Dirichlet proportions over the partitions,
+    turned into cut points exactly as flwr-datasets does (floor of cumulative share x
+    class size); row c holds the cuts of class c, the last equal to the class size."""
+    proportions = rng.dirichlet(np.full(num_partitions, beta), size=len(sizes))
+    cuts = (np.cumsum(proportions, axis=1) * sizes[:, None]).astype(np.int64)
+    cuts[:, -1] = sizes
+    return cuts
+
+
+def count_draws(
+    labels: np.ndarray,
+    num_partitions: int,
+    beta: float,
+    seed: int,
+    min_partition_size: int,
+    max_draws: int,
+) -> int:
+    """The number of the first draw that gives every partition ``min_partition_size``
+    images (counting sizes only), or a :class:`PartitionError` after ``max_draws``."""
+    _, sizes = _class_sizes(labels)
+    rng = np.random.default_rng(seed)
+    for draw in range(1, max_draws + 1):
+        cuts = _draw_cuts(rng, sizes, num_partitions, beta)
+        if np.diff(cuts, axis=1, prepend=0).sum(axis=0).min() >= min_partition_size:
+            return draw
+    raise PartitionError(
+        f"no Dirichlet split of {len(labels)} images into {num_partitions} clients with "
+        f"dirichlet-beta={beta} gave every client min-partition-size={min_partition_size} "
+        f"images in {max_draws} draws (seed {seed}): raise partition-max-draws, lower "
+        "min-partition-size, raise dirichlet-beta, use fewer clients or more data"
+    )
+
+
+def build_split(
+    labels: np.ndarray, num_partitions: int, beta: float, seed: int, draw: int
+) -> tuple[np.ndarray, ...]:
+    """The partitions of draw number ``draw`` of the stream seeded by ``seed``: the same
+    assignment and within-partition shuffle as flwr-datasets' DirichletPartitioner, whose
+    result this equals for every draw it reaches (tests check it)."""
+    classes, sizes = _class_sizes(labels)
+    rng = np.random.default_rng(seed)
+    for _ in range(draw):
+        cuts = _draw_cuts(rng, sizes, num_partitions, beta)
+    parts: list[list[int]] = [[] for _ in range(num_partitions)]
+    for row, label in enumerate(classes):
+        members = np.nonzero(labels == label)[0]
+        for pid, chunk in enumerate(np.split(members, cuts[row, :-1])):
+            parts[pid].extend(chunk.tolist())
+    for part in parts:
+        rng.shuffle(part)  # a list, as flwr-datasets shuffles it (same draws as an array)
+    return tuple(np.asarray(part, dtype=np.int64) for part in parts)
+
+
+def dirichlet_split(
+    labels: np.ndarray,
+    num_partitions: int,
+    beta: float,
+    seed: int,
+    min_partition_size: int,
+    max_draws: int = 100_000,
+) -> DirichletSplit:
+    """The study's split: Dirichlet label skew, redrawn until every client has
+    ``min_partition_size`` images; a :class:`PartitionError` says what to change.
+
+    flwr-datasets' ``DirichletPartitioner`` makes the split whenever it can: within its
+    fixed 11 draws. The study redraws as often as needed, and at beta = 0.1 with 100
+    clients on MNIST and 40 images each only about one draw in a thousand qualifies, so
+    beyond those 11 draws this module continues the same seeded stream of draws itself
+    (the partitioner has no setting for more). Sizes are checked from per-class counts
+    alone (a few vector operations per draw, thousands of draws per second), and the
+    indices are built once, for the first draw that qualifies.
+    """
     if num_partitions < 1:
         raise PartitionError(f"need at least 1 partition; got {num_partitions}")
     if len(labels) < num_partitions * min_partition_size:
@@ -63,27 +154,46 @@ def dirichlet_indices(
             f"{min_partition_size} each: use fewer clients (num-supernodes), more data "
             "(dataset='mnist') or a smaller min-partition-size"
         )
-    partitioner = dirichlet_partitioner(labels, num_partitions, beta, seed, min_partition_size)
-    try:
-        return [
-            np.asarray(partitioner.load_partition(pid)["index"], dtype=np.int64)
-            for pid in range(num_partitions)
-        ]
-    except ValueError as error:
-        raise PartitionError(
-            f"Dirichlet split of {len(labels)} images into {num_partitions} clients with "
-            f"dirichlet-beta={beta} left some client under min-partition-size="
-            f"{min_partition_size} after 10 tries: raise dirichlet-beta, use fewer clients, "
-            f"more data or a smaller min-partition-size ({error})"
-        ) from error
+    draws = count_draws(labels, num_partitions, beta, seed, min_partition_size, max_draws)
+    if draws <= FLWR_DATASETS_DRAWS:
+        with warnings.catch_warnings():  # it warns on each of its redraws
+            warnings.simplefilter("ignore", UserWarning)
+            partitioner = dirichlet_partitioner(
+                labels, num_partitions, beta, seed, min_partition_size
+            )
+            indices = tuple(
+                np.asarray(partitioner.load_partition(pid)["index"], dtype=np.int64)
+                for pid in range(num_partitions)
+            )
+    else:
+        indices = build_split(labels, num_partitions, beta, seed, draws)
+    return DirichletSplit(indices, draws)
+
+
+def dirichlet_indices(
+    labels: np.ndarray,
+    num_partitions: int,
+    beta: float,
+    seed: int,
+    min_partition_size: int,
+    max_draws: int = 100_000,
+) -> list[np.ndarray]:
+    """Pool indices of every partition (see :func:`dirichlet_split`)."""
+    split = dirichlet_split(labels, num_partitions, beta, seed, min_partition_size, max_draws)
+    return list(split.indices)
 
 
 @cache
-def _cached_indices(
-    labels_bytes: bytes, num_partitions: int, beta: float, seed: int, min_size: int
-) -> tuple[np.ndarray, ...]:
+def _cached_split(
+    labels_bytes: bytes, num_partitions: int, beta: float, seed: int, min_size: int, max_draws: int
+) -> DirichletSplit | PartitionError:
+    """One split per process; a failed one is cached too, so the clients an actor serves
+    do not each repeat up to ``max_draws`` draws to fail the same way."""
     labels = np.frombuffer(labels_bytes, dtype=np.int64)
-    return tuple(dirichlet_indices(labels, num_partitions, beta, seed, min_size))
+    try:
+        return dirichlet_split(labels, num_partitions, beta, seed, min_size, max_draws)
+    except PartitionError as error:
+        return error
 
 
 def split_train_val_test(
@@ -110,20 +220,35 @@ def client_split(
     min_partition_size: int,
     val_fraction: float,
     test_fraction: float,
+    max_draws: int = 100_000,
+    reshuffle: tuple[int, ...] | None = None,
 ) -> ClientSplit:
-    """The real train / val / test data of one client, the same on every call."""
+    """The real train / val / test data of one client, the same on every call.
+
+    ``reshuffle``: ``None`` for the client's fixed 80/10/10 split; otherwise extra
+    entropy (round, purpose) for a split drawn anew (``client-split-refresh``).
+    """
     if not 0 <= partition_id < num_partitions:
         raise PartitionError(
             f"partition-id {partition_id} is outside 0..{num_partitions - 1} (num-partitions)"
         )
-    indices = _cached_indices(
-        pool.labels.astype(np.int64).tobytes(), num_partitions, beta, seed, min_partition_size
-    )[partition_id]
-    rng = np.random.default_rng([seed, partition_id])
+    split = _cached_split(
+        pool.labels.astype(np.int64).tobytes(),
+        num_partitions,
+        beta,
+        seed,
+        min_partition_size,
+        max_draws,
+    )
+    if isinstance(split, PartitionError):
+        raise split
+    indices = split.indices[partition_id]
+    rng = np.random.default_rng([seed, partition_id, *(reshuffle or ())])
     train, val, test = split_train_val_test(len(indices), val_fraction, test_fraction, rng)
     return ClientSplit(
         partition_id=partition_id,
         train=pool.subset(indices[train]),
         val=pool.subset(indices[val]),
         test=pool.subset(indices[test]),
+        draws=split.draws,
     )

@@ -39,6 +39,7 @@ from fedaug_flwr.imputation import generate
 from fedaug_flwr.metrics import aggregate_clients
 from fedaug_flwr.models import CVAE, ExquisiteNetV1, count_parameters
 from fedaug_flwr.plots import save_probability_histograms, save_sample_grid
+from fedaug_flwr.presets import matching_preset
 from fedaug_flwr.pretrain import evaluation_curve, synthetic_mnist, train_on_synthetic
 from fedaug_flwr.protocol import (
     ARRAYS,
@@ -49,6 +50,7 @@ from fedaug_flwr.protocol import (
     IMPUTE,
     METRICS,
     PARTITION_ID,
+    SERVER_ROUND,
     TaskConfig,
 )
 from fedaug_flwr.quality import generator_quality
@@ -99,6 +101,7 @@ class RunReport:
             "finished-at": _iso(time.time()),
             "output-dir": str(self.output_dir),
             "config": self.config.to_run_config(),
+            "study-preset": matching_preset(self.config.to_run_config()),
             **self.sections,
             "timing-s": {**self.timing, "total": round(time.time() - self.started, 3)},
         }
@@ -179,8 +182,11 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
         "imputation",
         lambda: impute_on_clients(grid, task, node_ids, cvae_weights, impute_failures),
     )
+    draws = sorted({int(c["partition-draws"]) for c in clients.values() if not c["own-data"]})
+    report.sections["data"]["partition-draws"] = draws[0] if len(draws) == 1 else draws
     report.sections["imputation"] = {
         "mode": config.imputation,
+        "refresh": config.synthetic_refresh,
         "num-synthetic-per-client": config.synthetic_per_client,
         "total-synthetic": sum(c["synthetic-train"] for c in clients.values()),
         "failures": impute_failures,
@@ -190,7 +196,7 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
         pretrained_failures: list[dict] = []
         unchanged = report.timed(
             "pretrained-evaluation",
-            lambda: evaluate_on_clients(grid, task, node_ids, pretrained, pretrained_failures),
+            lambda: evaluate_on_clients(grid, task, node_ids, pretrained, pretrained_failures, 0),
         )
         report.sections["pretraining"]["pretrained"] = {
             "failures": pretrained_failures,
@@ -219,7 +225,9 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
         ).name
         final = report.timed(
             "final-evaluation",
-            lambda: evaluate_on_clients(grid, task, node_ids, classifier, final_failures),
+            lambda: evaluate_on_clients(
+                grid, task, node_ids, classifier, final_failures, config.classifier_rounds
+            ),
         )
         final_global_test = classifier_section["rounds"][-1]["global-test"]
 
@@ -242,15 +250,16 @@ def pretrain_on_server(report: RunReport, cvae_weights: dict, global_test: Tenso
     config = report.config
     synthetic = synthetic_mnist(
         _cvae(cvae_weights, config), config.pretrain_samples, config.seed,
-        config.generation_batch_size,
+        config.generation_batch_size, config.synthetic_binarize,
     )  # fmt: skip
     synthetic_test = TensorData.from_digits(synthetic.test)
     curve, record_epoch = evaluation_curve(
         global_test, synthetic_test, config.pretrain_epochs, config.eval_batch_size
     )
     model = train_on_synthetic(
-        synthetic.train, config.pretrain_epochs, config.clf_lr, config.clf_weight_decay,
-        config.clf_batch_size, config.seed, on_epoch=record_epoch,
+        synthetic.train, config.pretrain_epochs, config.pretrain_lr,
+        config.pretrain_weight_decay, config.pretrain_batch_size, config.seed,
+        on_epoch=record_epoch,
     )  # fmt: skip
     weights = model.state_dict()
     artifacts = report.sections["artifacts"]
@@ -275,7 +284,7 @@ def quick_generator_quality(report: RunReport, cvae_weights: dict, global_test: 
     config = report.config
     synthetic = synthetic_mnist(
         _cvae(cvae_weights, config), config.quality_samples, config.seed,
-        config.generation_batch_size,
+        config.generation_batch_size, config.synthetic_binarize,
     )  # fmt: skip
     model = train_on_synthetic(
         synthetic.train, config.quality_epochs, config.clf_lr, config.clf_weight_decay,
@@ -386,7 +395,13 @@ def train_cvae(grid: Grid, task: TaskConfig) -> tuple[dict, dict]:
 def save_cvae_samples(weights: dict, config: AppConfig, path: Path) -> Path:
     cvae = _cvae(weights, config)
     labels = np.repeat(np.arange(10), SAMPLES_PER_LABEL)
-    images = generate(cvae, labels, seed=config.seed, batch_size=config.generation_batch_size)
+    images = generate(
+        cvae,
+        labels,
+        seed=config.seed,
+        batch_size=config.generation_batch_size,
+        binarize=config.synthetic_binarize,
+    )
     return save_sample_grid(images, SAMPLES_PER_LABEL, path)
 
 
@@ -462,6 +477,7 @@ def impute_on_clients(
             "partition-id": partition_id,
             NODE_ID: answer[NODE_ID],
             "own-data": bool(answer.get("own-data", 0)),
+            "partition-draws": int(answer.get("partition-draws", 0)),
             "real-train": int(answer["real-train"]),
             "val": int(answer["val"]),
             "test": int(answer["test"]),
@@ -494,7 +510,7 @@ def train_classifier(
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(initial),
-        num_rounds=config.clf_rounds,
+        num_rounds=config.classifier_rounds,
         timeout=config.round_timeout,
         train_config=task.to_record(),
         evaluate_config=task.to_record(),
@@ -526,12 +542,19 @@ def per_client_with_model(
     message_type: str,
     min_replies: int,
     failures: list[dict],
+    server_round: int,
 ) -> dict[int, dict]:
-    """Send a classifier to every client for ``message_type``; their metrics by partition id."""
+    """Send a classifier to every client for ``message_type``; their metrics by partition id.
+
+    ``server_round`` is the model's round (0 for a pretrained model): a client whose
+    split is drawn anew every round evaluates on that round's split.
+    """
     arrays = ArrayRecord(weights)
+    config = task.to_record()
+    config[SERVER_ROUND] = server_round
 
     def content() -> RecordDict:
-        return RecordDict({ARRAYS: arrays, CONFIG: task.to_record()})
+        return RecordDict({ARRAYS: arrays, CONFIG: config})
 
     answers = send_to_all(
         grid, node_ids, message_type, content, task.app.round_timeout, min_replies, failures
@@ -542,13 +565,20 @@ def per_client_with_model(
 
 
 def evaluate_on_clients(
-    grid: Grid, task: TaskConfig, node_ids: list[int], weights: dict, failures: list[dict]
+    grid: Grid,
+    task: TaskConfig,
+    node_ids: list[int],
+    weights: dict,
+    failures: list[dict],
+    server_round: int,
 ) -> dict[int, dict]:
     """A classifier, unchanged, on every client's real test split.
 
     The model exists already: clients that fail here are recorded, never fatal.
     """
-    return per_client_with_model(grid, task, node_ids, weights, EVALUATE_CLASSIFIER, 0, failures)
+    return per_client_with_model(
+        grid, task, node_ids, weights, EVALUATE_CLASSIFIER, 0, failures, server_round
+    )
 
 
 def finetune_locally(
@@ -556,7 +586,7 @@ def finetune_locally(
 ) -> dict[int, dict]:
     """Each client fine-tunes its own copy of the pretrained model; nothing is aggregated."""
     return per_client_with_model(
-        grid, task, node_ids, pretrained, FINETUNE_LOCALLY, task.app.min_clients, failures
+        grid, task, node_ids, pretrained, FINETUNE_LOCALLY, task.app.min_clients, failures, 1
     )
 
 

@@ -34,12 +34,17 @@ def proportional_counts(
 
 
 def synthetic_digits(
-    cvae: CVAE, total: int, seed: int, batch_size: int, device: str | torch.device = "cpu"
+    cvae: CVAE,
+    total: int,
+    seed: int,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+    binarize: str = "round",
 ) -> Digits:
     """``total`` binarized images with MNIST's label proportions, generated in batches."""
     labels = np.repeat(np.arange(NUM_CLASSES), proportional_counts(total))
     labels = np.random.default_rng(seed).permutation(labels)
-    return Digits(generate(cvae, labels, seed, batch_size, device), labels)
+    return Digits(generate(cvae, labels, seed, batch_size, device, binarize), labels)
 
 
 @dataclass(frozen=True)
@@ -48,13 +53,16 @@ class SyntheticSplit:
     test: Digits
 
 
-def synthetic_mnist(cvae: CVAE, total: int, seed: int, batch_size: int) -> SyntheticSplit:
+def synthetic_mnist(
+    cvae: CVAE, total: int, seed: int, batch_size: int, binarize: str = "round"
+) -> SyntheticSplit:
     """An MNIST-shaped synthetic set: 6/7 train, 1/7 test (60k / 10k for 70k), both
     with MNIST's label proportions."""
     test_total = max(NUM_CLASSES, round(total / 7))
+    train_seed, test_seed = seed_for(seed, 10), seed_for(seed, 11)
     return SyntheticSplit(
-        train=synthetic_digits(cvae, total - test_total, seed_for(seed, 10), batch_size),
-        test=synthetic_digits(cvae, test_total, seed_for(seed, 11), batch_size),
+        train=synthetic_digits(cvae, total - test_total, train_seed, batch_size, "cpu", binarize),
+        test=synthetic_digits(cvae, test_total, test_seed, batch_size, "cpu", binarize),
     )
 
 

@@ -30,6 +30,8 @@ METRICS = "metrics"
 EVALUATE_RECEIVED = "evaluate-received"
 RECEIVED_EVALUATION = "received-evaluation"
 SYNTHETIC_STATE = "synthetic"  # key in context.state: this node's synthetic images
+GENERATOR_STATE = "generator"  # key in context.state: the global CVAE (synthetic-refresh)
+SERVER_ROUND = "server-round"  # set by Flower's strategies in every message's config
 
 DATA_SOURCE = "data-source"  # what the server resolved "dataset" to: one of DATASETS
 DATA_LOCATION = "data-location"
@@ -67,6 +69,11 @@ class TaskConfig:
                 f"message config '{DATA_SOURCE}' must be one of {list(DATASETS)} and "
                 f"'{DATA_LOCATION}' a string; got {source!r}, {location!r}"
             )
-        values.pop("server-round", None)  # added by Flower strategies
+        values.pop(SERVER_ROUND, None)  # added by Flower strategies
         values.pop(EVALUATE_RECEIVED, None)  # added by RoutedFedAvg, read by the handler
         return cls(AppConfig.from_run_config(values), source, location)
+
+
+def server_round(record: ConfigRecord) -> int:
+    """The round a message belongs to (0 for messages outside a strategy's rounds)."""
+    return int(record.get(SERVER_ROUND, 0))

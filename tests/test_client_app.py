@@ -46,7 +46,8 @@ def test_train_cvae_returns_one_model_and_weighting_metrics():
     assert list(reply.content.array_records) == ["arrays"]
     metrics = reply.content["metrics"]
     split = expected_split(1, AppConfig.from_run_config(TINY))
-    assert metrics["num-examples"] == len(split.train) and metrics["partition-id"] == 1
+    real = len(split.train) + len(split.val) + len(split.test)  # fedavg-weights = "real"
+    assert metrics["num-examples"] == real and metrics["partition-id"] == 1
     assert np.isfinite(metrics["train-loss"]) and np.isfinite(metrics["val-loss"])
     before = CVAE().state_dict()
     after = reply.content["arrays"].to_torch_state_dict()
@@ -84,7 +85,18 @@ def test_classifier_trains_on_real_plus_synthetic_and_evaluates_on_real_test_onl
         make_message(RecordDict({"arrays": weights, "config": task_record()}), "train.clf"),
         context,
     )
-    assert train.content["metrics"]["num-examples"] == len(split.train) + synthetic
+    real = len(split.train) + len(split.val) + len(split.test)
+    assert train.content["metrics"]["num-examples"] == real  # fedavg-weights = "real"
+    augmented = client_app(
+        make_message(
+            RecordDict(
+                {"arrays": weights, "config": task_record(**{"fedavg-weights": "augmented"})}
+            ),
+            "train.clf",
+        ),
+        context,
+    )
+    assert augmented.content["metrics"]["num-examples"] == len(split.train) + synthetic
     evaluation = client_app(
         make_message(
             RecordDict({"arrays": train.content["arrays"], "config": task_record()}),

@@ -225,7 +225,8 @@ def test_noop_client_answers_like_the_real_one_without_training(task):
     metrics = reply.content["metrics"]
     split = split_of(task, 2)
     synthetic = context.state[SYNTHETIC_STATE]["labels"].numpy().size
-    assert synthetic > 0 and metrics["num-examples"] == len(split.train) + synthetic
+    real = len(split.train) + len(split.val) + len(split.test)
+    assert synthetic > 0 and metrics["num-examples"] == real  # fedavg-weights = "real"
     assert same_tensors(reply.content["arrays"].to_torch_state_dict(), weights)
     evaluation = app(
         make_message(

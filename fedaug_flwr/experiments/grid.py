@@ -6,7 +6,8 @@ An experiment file holds a base run config, the axes to sweep (run-config key
     name: smoke
     output: results/sweeps/smoke      # sweep folder, relative to the current directory
     federation: {num-supernodes: 3, num-cpus: 1, num-gpus: 0.0}
-    base: {cvae-rounds: 1, clf-rounds: 1}
+    preset: as-written                # optional: a study preset (fedaug_flwr.presets)
+    base: {cvae-rounds: 1, clf-rounds: 1}  # over the preset
     axes:
       dirichlet-beta: [0.1, 100.0]
       num-synthetic: [0, 100]
@@ -33,8 +34,19 @@ from typing import Any
 import yaml
 
 from fedaug_flwr.config import AppConfig, ConfigError
+from fedaug_flwr.presets import PRESETS, preset_values
 
-TOP_LEVEL_KEYS = ("name", "description", "output", "federation", "base", "axes", "exclude", "seeds")
+TOP_LEVEL_KEYS = (
+    "name",
+    "description",
+    "output",
+    "federation",
+    "preset",
+    "base",
+    "axes",
+    "exclude",
+    "seeds",
+)
 FEDERATION_DEFAULTS = {"num-supernodes": 10, "num-cpus": 1, "num-gpus": 0.0}
 # Keys the sweep itself sets for every run; they may not appear in base or axes.
 RESERVED_KEYS = {"seed": "list the seeds under 'seeds'", "output-dir": "the sweep sets it per run"}
@@ -91,6 +103,7 @@ class SweepSpec:
     axes: dict[str, list[Any]]
     exclude: list[dict[str, list[Any]]]
     seeds: list[int]
+    preset: str = ""  # a study preset under ``base``, or "" for the app's defaults
 
     @property
     def num_supernodes(self) -> int:
@@ -106,8 +119,9 @@ class SweepSpec:
 
     def runs(self) -> list[Run]:
         """Cells x seeds, cell-major (all seeds of a cell before the next cell)."""
+        preset = preset_values(self.preset) if self.preset else {}
         return [
-            Run(cell, seed, {**self.base, **cell.as_dict(), "seed": seed})
+            Run(cell, seed, {**preset, **self.base, **cell.as_dict(), "seed": seed})
             for cell in self.cells()
             for seed in self.seeds
         ]
@@ -119,6 +133,7 @@ class SweepSpec:
             "description": self.description,
             "output": self.output,
             "federation": dict(self.federation),
+            **({"preset": self.preset} if self.preset else {}),
             "base": dict(self.base),
             "axes": {key: list(values) for key, values in self.axes.items()},
             "exclude": [dict(rule) for rule in self.exclude],
@@ -184,6 +199,9 @@ def parse_spec(raw: Any, default_name: str = "sweep", where: str = "experiment")
             raise SweepError(
                 f"{where}: '{key}' cannot be set in base or axes ({RESERVED_KEYS[key]})"
             )
+    preset = raw.get("preset") or ""
+    if preset and preset not in PRESETS:
+        raise SweepError(f"{where}: unknown preset {preset!r}; known: {sorted(PRESETS)}")
     overlap = sorted(set(base) & set(axes))
     if overlap:
         raise SweepError(f"{where}: key(s) {overlap} are both in 'base' and in 'axes'")
@@ -196,6 +214,7 @@ def parse_spec(raw: Any, default_name: str = "sweep", where: str = "experiment")
         axes=axes,
         exclude=_exclusions(raw.get("exclude"), axes, where),
         seeds=_seeds(raw.get("seeds"), where),
+        preset=str(preset),
     )
     if not spec.cells():
         raise SweepError(f"{where}: the grid is empty (every cell is excluded)")
