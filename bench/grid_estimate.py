@@ -1,6 +1,6 @@
 """Wall time of the study's full grid, estimated from the measured benchmarks.
 
-The grid (docs/study.md, seed-summary.md): 5 Dirichlet betas x 5 seeds x
+The grid (docs/study.md): 5 Dirichlet betas x 5 seeds x
 {k = 0, and k in (100, 500, 1000) x (uniform, minority)} = 175 runs of 100
 clients on full MNIST, 15 CVAE rounds (none when k = 0) and 15 classifier
 rounds each. From the measurements at 100 clients on full MNIST:
