@@ -46,7 +46,18 @@ SWEEP_DIR ?= results/sweeps/smoke
 REPRODUCTION_DIR ?= results/sweeps/reproduction
 FINETUNE_DIR ?= results/sweeps/reproduction-finetune
 
-.PHONY: sweep figures reproduction reproduction-finetune
+.PHONY: sweep figures reproduction reproduction-finetune campaign campaign-report
+
+# The paper-scale campaign (conf/paper-scale.yaml): runs what is not yet published under
+# docs/results/paper-scale, committing each run as it finishes; run it again to continue.
+# Full MNIST: FEDAUG_DATA_DIR=<IDX folder>. GPU: CAMPAIGN_ARGS="--federation num-gpus=0.1".
+CAMPAIGN ?= conf/paper-scale.yaml
+CAMPAIGN_ARGS ?=
+campaign: setup
+	$(BIN)/python -m fedaug_flwr.experiments campaign $(CAMPAIGN) $(CAMPAIGN_ARGS)
+
+campaign-report: setup
+	$(BIN)/python -m fedaug_flwr.experiments plot docs/results/paper-scale
 
 sweep: setup
 	$(BIN)/python -m fedaug_flwr.experiments run $(EXPERIMENT)

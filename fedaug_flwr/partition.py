@@ -66,6 +66,26 @@ def dirichlet_partitioner(
     return partitioner
 
 
+def split_partitioner(labels: np.ndarray, split: DirichletSplit):
+    """A flwr-datasets ``Partitioner`` serving an already drawn split, so that its plots
+    and metrics (``plot_label_distributions``, ``compute_counts``) work for every split,
+    also those drawn beyond the ``DirichletPartitioner``'s 11 draws."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import Partitioner
+
+    class SplitPartitioner(Partitioner):
+        @property
+        def num_partitions(self) -> int:
+            return len(split.indices)
+
+        def load_partition(self, partition_id: int) -> Dataset:
+            return self.dataset.select(split.indices[partition_id])
+
+    partitioner = SplitPartitioner()
+    partitioner.dataset = Dataset.from_dict({"index": np.arange(len(labels)), "label": labels})
+    return partitioner
+
+
 def _class_sizes(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     classes, sizes = np.unique(labels, return_counts=True)  # sorted, like flwr-datasets
     return classes, sizes

@@ -89,9 +89,12 @@ def test_client_split_records_the_draws_and_can_be_reshuffled_per_round():
     assert fixed.draws >= 1
     round_1 = client_split(pool, 1, **kwargs, reshuffle=(1, 8))
     round_2 = client_split(pool, 1, **kwargs, reshuffle=(2, 8))
+
     # the same client's images, cut differently
-    assert sorted(np.concatenate([round_1.train.labels, round_1.val.labels, round_1.test.labels])) \
-        == sorted(np.concatenate([fixed.train.labels, fixed.val.labels, fixed.test.labels]))  # fmt: skip
+    def labels(split):
+        return sorted(np.concatenate([split.train.labels, split.val.labels, split.test.labels]))
+
+    assert labels(round_1) == labels(fixed)
     assert not np.array_equal(round_1.train.images, round_2.train.images)
     again = client_split(pool, 1, **kwargs, reshuffle=(1, 8))
     assert np.array_equal(round_1.test.images, again.test.images)

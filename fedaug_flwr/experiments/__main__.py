@@ -2,11 +2,16 @@
 
     python -m fedaug_flwr.experiments run conf/smoke.yaml [--out DIR] [--only seed=0]
     python -m fedaug_flwr.experiments list conf/smoke.yaml [--out DIR] [--only ...]
+    python -m fedaug_flwr.experiments campaign conf/paper-scale.yaml [--max-runs N]
     python -m fedaug_flwr.experiments aggregate results/sweeps/smoke
     python -m fedaug_flwr.experiments plot results/sweeps/smoke
 
-``run`` aggregates the tables when it finishes; ``plot`` aggregates, then
-draws every figure the results support into ``<sweep folder>/figures/``.
+``campaign`` runs an experiment file's stages in order and publishes (and commits)
+each completed run's compact results (see :mod:`fedaug_flwr.experiments.campaign`).
+``--federation num-gpus=0.1`` (run, campaign) overrides the file's simulation size for
+this machine; results do not depend on it. ``run`` aggregates the tables when it
+finishes; ``plot`` aggregates, then draws every figure the results support into
+``<sweep folder>/figures/``.
 Exit status: 0 when everything asked for is complete, 1 when a run failed,
 2 for a bad experiment file or argument, 130 when interrupted.
 """
@@ -19,8 +24,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedaug_flwr.experiments import aggregate, figures, runner
-from fedaug_flwr.experiments.grid import SweepError, load_spec, parse_filters, select, validate
+from fedaug_flwr.experiments import aggregate, campaign, figures, runner
+from fedaug_flwr.experiments.grid import (
+    SweepError,
+    SweepSpec,
+    load_spec,
+    override_federation,
+    parse_filters,
+    select,
+    validate,
+)
 
 
 def _sweep_dir(spec_output: str, out: str | None) -> Path:
@@ -38,6 +51,18 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _add_federation(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--federation", action="append", default=[], metavar="KEY=VALUE",
+        help="override the file's federation (num-supernodes, num-cpus, num-gpus) here",
+    )  # fmt: skip
+
+
+def _spec(args: argparse.Namespace) -> SweepSpec:
+    spec = load_spec(args.experiment)
+    return override_federation(spec, parse_filters(getattr(args, "federation", [])))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fedaug_flwr.experiments",
@@ -47,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run every incomplete (cell, seed) of a sweep")
     _add_selection(run)
     run.add_argument("--verbose", action="store_true", help="echo each run's Flower log")
+    _add_federation(run)
+    long = commands.add_parser(
+        "campaign", help="run a campaign's stages in order, publishing and committing each run"
+    )
+    _add_selection(long)
+    _add_federation(long)
+    long.add_argument("--publish", help="published results folder (default: the file's 'publish')")
+    long.add_argument("--max-runs", type=int, help="stop after this many runs")
+    long.add_argument(
+        "--no-commit", action="store_true", help="publish the results but do not git-commit them"
+    )
     listing = commands.add_parser("list", help="show the runs of a sweep and their status")
     _add_selection(listing)
     for name, text in (
@@ -73,8 +109,21 @@ def _stop_cleanly_on_signals() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "campaign":
+            spec = _spec(args)
+            publish_dir = Path(args.publish or spec.publish or f"results/published/{spec.name}")
+            runs = campaign.ordered_runs(spec)
+            if args.only:
+                chosen = set(select(spec, parse_filters(args.only)))
+                runs = [r for r in runs if r in chosen]
+            _stop_cleanly_on_signals()
+            report = campaign.run_campaign(
+                spec, _sweep_dir(spec.output, args.out), publish_dir.resolve(), runs,
+                commit_results=not args.no_commit, max_runs=args.max_runs,
+            )  # fmt: skip
+            return 0 if not report.failed else 1
         if args.command in ("run", "list"):
-            spec = load_spec(args.experiment)
+            spec = _spec(args)
             runs = select(spec, parse_filters(args.only))
             sweep_dir = _sweep_dir(spec.output, args.out)
             if args.command == "list":

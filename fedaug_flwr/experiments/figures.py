@@ -81,7 +81,7 @@ def plot_label_distributions(
     """Client label distributions per beta (flwr-datasets' plot, the app's partitioner)."""
     from flwr_datasets.visualization import plot_label_distributions as flwr_plot
 
-    from fedaug_flwr.partition import dirichlet_partitioner
+    from fedaug_flwr.partition import dirichlet_split, split_partitioner
 
     if not betas:
         raise FigureError("label distributions: no dirichlet-beta values to draw")
@@ -89,7 +89,8 @@ def plot_label_distributions(
     figure = Figure(figsize=(max(4.0, 0.22 * shown + 1.5) * len(betas), 3.8))
     axes = figure.subplots(1, len(betas), squeeze=False)[0]
     for index, (axis, beta) in enumerate(zip(axes, betas, strict=True)):
-        partitioner = dirichlet_partitioner(labels, num_clients, beta, seed, min_partition_size)
+        split = dirichlet_split(labels, num_clients, beta, seed, min_partition_size)
+        partitioner = split_partitioner(labels, split)
         flwr_plot(
             partitioner,
             label_name="label",

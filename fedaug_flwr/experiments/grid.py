@@ -23,6 +23,7 @@ or value fails at once, naming the cell.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -46,6 +47,8 @@ TOP_LEVEL_KEYS = (
     "axes",
     "exclude",
     "seeds",
+    "publish",
+    "stages",
 )
 FEDERATION_DEFAULTS = {"num-supernodes": 10, "num-cpus": 1, "num-gpus": 0.0}
 # Keys the sweep itself sets for every run; they may not appear in base or axes.
@@ -104,6 +107,8 @@ class SweepSpec:
     exclude: list[dict[str, list[Any]]]
     seeds: list[int]
     preset: str = ""  # a study preset under ``base``, or "" for the app's defaults
+    publish: str = ""  # a campaign's published results (experiments.campaign)
+    stages: list[dict[str, Any]] = field(default_factory=list)  # a campaign's order
 
     @property
     def num_supernodes(self) -> int:
@@ -138,6 +143,8 @@ class SweepSpec:
             "axes": {key: list(values) for key, values in self.axes.items()},
             "exclude": [dict(rule) for rule in self.exclude],
             "seeds": list(self.seeds),
+            **({"publish": self.publish} if self.publish else {}),
+            **({"stages": [dict(stage) for stage in self.stages]} if self.stages else {}),
         }
 
     def _products(self) -> Iterable[tuple[Any, ...]]:
@@ -215,7 +222,9 @@ def parse_spec(raw: Any, default_name: str = "sweep", where: str = "experiment")
         exclude=_exclusions(raw.get("exclude"), axes, where),
         seeds=_seeds(raw.get("seeds"), where),
         preset=str(preset),
+        publish=str(raw.get("publish") or ""),
     )
+    spec = dataclasses.replace(spec, stages=_stages(raw.get("stages"), spec, where))
     if not spec.cells():
         raise SweepError(f"{where}: the grid is empty (every cell is excluded)")
     names = [cell.name for cell in spec.cells()]
@@ -293,6 +302,39 @@ def _exclusions(value: Any, axes: Mapping[str, list[Any]], where: str) -> list[d
                     )
         rules.append(normalized)
     return rules
+
+
+def override_federation(spec: SweepSpec, overrides: Mapping[str, list[Any]]) -> SweepSpec:
+    """The spec with some federation values replaced (``{"num-gpus": [0.1]}``), checked."""
+    if not overrides:
+        return spec
+    values = {key: vals[-1] for key, vals in overrides.items()}
+    federation = _federation({**spec.federation, **values}, "--federation")
+    return dataclasses.replace(spec, federation=federation)
+
+
+def _stages(value: Any, spec: SweepSpec, where: str) -> list[dict[str, Any]]:
+    """A campaign's stages: ``{only: {axis: [values]}, seeds: [...]}`` each, checked."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not value:
+        raise SweepError(f"{where}: 'stages' must be a non-empty list of {{only, seeds}} mappings")
+    stages = []
+    for number, stage in enumerate(value, start=1):
+        stage = _mapping(stage, f"{where}: stage #{number}")
+        unknown = sorted(set(stage) - {"only", "seeds"})
+        if unknown:
+            raise SweepError(f"{where}: stage #{number} has unknown key(s) {unknown}")
+        seeds = _seeds(stage.get("seeds"), f"{where}: stage #{number}")
+        if not set(seeds) <= set(spec.seeds):
+            raise SweepError(f"{where}: stage #{number} seeds {seeds} are not all in 'seeds'")
+        only = {
+            key: values if isinstance(values, list) else [values]
+            for key, values in _mapping(stage.get("only"), f"{where}: stage #{number}").items()
+        }
+        select(spec, {**only, "seed": seeds})  # names real axes and values, or says why not
+        stages.append({"only": only, "seeds": seeds})
+    return stages
 
 
 def _seeds(value: Any, where: str) -> list[int]:

@@ -1,0 +1,162 @@
+"""A campaign: a grid too long for one sitting, run stage by stage and published as it goes.
+
+An experiment file with ``publish: <folder>`` and ``stages`` describes it::
+
+    publish: docs/results/paper-scale     # compact results, kept in the repository
+    stages:                               # in order; within a stage seed by seed
+      - {only: {dirichlet-beta: [0.1, 100.0]}, seeds: [0, 1, 2]}
+      - {seeds: [0, 1, 2]}                # every other cell
+      - {seeds: [3, 4]}
+
+Each run goes through the sweep runner (a real Flower run, in a scratch sweep folder
+that keeps its weights and logs). When it completes, its compact results (``summary.json``
+without the per-client rows of every round, and ``clients.csv``: one row per client with
+its data, label counts and final metrics) are written to ``<publish>/<cell>/seed-<s>/``
+and committed with git at once, with nothing else. A run whose compact results are
+already there is skipped, so the campaign stops anywhere (losing at most the run in
+progress) and continues on any machine that has the repository, with the same command.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import pandas as pd
+
+from fedaug_flwr.experiments.aggregate import client_rows
+from fedaug_flwr.experiments.grid import Run, SweepError, SweepSpec, select
+from fedaug_flwr.experiments.runner import Launcher, run_dir, run_sweep, write_spec
+from fedaug_flwr.launch import simulate
+from fedaug_flwr.results import SUMMARY, read_summary, write_atomic, write_json
+
+CLIENTS_TABLE = "clients.csv"
+# Per-client rows of every round: most of a 100-client summary, and in no table.
+_PER_ROUND_DETAIL = ("train-per-client", "evaluate-per-client")
+
+
+def compact_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary without the per-client rows of every round (a few kB instead of MBs);
+    the aggregated rounds, every client's final numbers and all the rest stay."""
+    compact = copy.deepcopy(summary)
+    for phase in ("cvae", "classifier"):
+        for row in (compact.get(phase) or {}).get("rounds", []):
+            for key in _PER_ROUND_DETAIL:
+                row.pop(key, None)
+    compact["compact"] = {"dropped-per-round": list(_PER_ROUND_DETAIL)}
+    return compact
+
+
+def publish(run_folder: Path, target: Path) -> list[Path]:
+    """Write a completed run's compact results to ``target``; returns the files."""
+    summary = read_summary(run_folder)
+    if summary is None:
+        raise SweepError(f"{run_folder} holds no completed run to publish")
+    table = pd.DataFrame(client_rows(summary))
+    clients = write_atomic(target / CLIENTS_TABLE, lambda tmp: table.to_csv(tmp, index=False))
+    # the summary last: a folder with it is a published run
+    return [clients, write_json(target / SUMMARY, compact_summary(summary))]
+
+
+def published(publish_dir: Path, run: Run) -> bool:
+    return read_summary(run_dir(publish_dir, run)) is not None
+
+
+def ordered_runs(spec: SweepSpec) -> list[Run]:
+    """Every run of the campaign, in stage order, seed by seed within a stage, once."""
+    ordered: list[Run] = []
+    for stage in spec.stages or [{"seeds": list(spec.seeds)}]:
+        runs = select(spec, {**stage.get("only", {}), "seed": list(stage["seeds"])})
+        for seed in stage["seeds"]:
+            ordered.extend(r for r in runs if r.seed == seed and r not in ordered)
+    return ordered
+
+
+@dataclass
+class CampaignReport:
+    done: list[Run] = field(default_factory=list)
+    skipped: list[Run] = field(default_factory=list)
+    failed: list[tuple[Run, str]] = field(default_factory=list)
+    left: list[Run] = field(default_factory=list)
+
+
+def commit(repo: Path, paths: Sequence[Path], message: str, out: TextIO) -> bool:
+    """Commit exactly ``paths`` (nothing else that is staged); False, said, if git fails."""
+    relative = [str(Path(p).resolve().relative_to(repo)) for p in paths]
+    for command in (["add", "--", *relative], ["commit", "-q", "-m", message, "--", *relative]):
+        result = subprocess.run(["git", "-C", str(repo), *command], capture_output=True, text=True)
+        if result.returncode != 0:
+            out.write(f"  git {command[0]} failed: {result.stderr.strip()}\n")
+            return False
+    return True
+
+
+def _repository(folder: Path) -> Path | None:
+    result = subprocess.run(
+        ["git", "-C", str(folder), "rev-parse", "--show-toplevel"], capture_output=True, text=True
+    )
+    return Path(result.stdout.strip()).resolve() if result.returncode == 0 else None
+
+
+def run_campaign(
+    spec: SweepSpec,
+    scratch_dir: Path,
+    publish_dir: Path,
+    runs: Sequence[Run] | None = None,
+    commit_results: bool = True,
+    max_runs: int | None = None,
+    launcher: Launcher = simulate,
+    out: TextIO | None = None,
+) -> CampaignReport:
+    """Run the campaign's unpublished runs in order, publishing (and committing) each."""
+    out = sys.stdout if out is None else out
+    runs = ordered_runs(spec) if runs is None else list(runs)
+    publish_dir = Path(publish_dir).resolve()
+    publish_dir.mkdir(parents=True, exist_ok=True)
+    repo = _repository(publish_dir) if commit_results else None
+    if commit_results and repo is None:
+        raise SweepError(f"{publish_dir} is not inside a git repository (use --no-commit)")
+    spec_file = write_spec(publish_dir, spec)
+    report = CampaignReport(skipped=[r for r in runs if published(publish_dir, r)])
+    todo = [r for r in runs if r not in report.skipped]
+    out.write(
+        f"campaign '{spec.name}': {len(runs)} runs, {len(report.skipped)} published in "
+        f"{publish_dir}, {len(todo)} to run\n"
+    )
+    for index, run in enumerate(todo, start=1):
+        if max_runs is not None and len(report.done) + len(report.failed) >= max_runs:
+            report.left = todo[index - 1 :]
+            break
+        out.write(f"campaign [{index}/{len(todo)}] {run.label}\n")
+        sweep = run_sweep(spec, scratch_dir, [run], launcher=launcher, out=out)
+        if not sweep.ok:
+            report.failed.extend(sweep.failed)
+            continue
+        summary = read_summary(run_dir(scratch_dir, run)) or {}
+        wanted, got = run.run_config.get("dataset"), summary.get("data", {}).get("source")
+        if wanted and got != wanted:
+            raise SweepError(
+                f"{run.label} ran on '{got}' instead of '{wanted}' "
+                f"({summary['data'].get('fallback-reason')}): not published; point data-dir "
+                "or $FEDAUG_DATA_DIR at the data set and run the campaign again"
+            )
+        files = publish(run_dir(scratch_dir, run), run_dir(publish_dir, run))
+        minutes = float(summary.get("timing-s", {}).get("total", 0.0)) / 60
+        if repo is not None:
+            message = f"{spec.name}: {run.label} ({minutes:.0f} min)"
+            if commit(repo, [spec_file, *files], message, out):
+                out.write(f"  committed: {message}\n")
+        report.done.append(run)
+    out.write(
+        f"campaign '{spec.name}': {len(report.done)} published now, {len(report.skipped)} "
+        f"before, {len(report.failed)} failed, "
+        f"{len(todo) - len(report.done) - len(report.failed)} still to run\n"
+    )
+    for run, reason in report.failed:
+        out.write(f"  FAILED {run.label}: {reason}\n")
+    return report

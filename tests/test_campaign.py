@@ -1,0 +1,128 @@
+"""Campaigns: stage order, compact published results committed one run at a time, resume."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedaug_flwr.experiments.campaign import (
+    CLIENTS_TABLE,
+    compact_summary,
+    ordered_runs,
+    run_campaign,
+)
+from fedaug_flwr.experiments.grid import SweepError, parse_spec
+from fedaug_flwr.experiments.runner import run_dir
+from fedaug_flwr.results import SUMMARY, read_summary
+from tests.sweep_fixtures import fake_summary
+from tests.test_experiments_runner import RecordingLauncher
+
+SPEC = {
+    "name": "campaign",
+    "federation": {"num-supernodes": 3},
+    "base": {"cvae-rounds": 1, "clf-rounds": 1},
+    "axes": {"dirichlet-beta": [0.1, 100.0], "num-synthetic": [0, 100]},
+    "seeds": [0, 1, 2],
+    "stages": [
+        {"only": {"dirichlet-beta": 0.1}, "seeds": [0, 1]},
+        {"seeds": [0, 1]},
+        {"seeds": [2]},
+    ],
+}
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    git(folder, "init", "-q")
+    git(folder, "config", "user.email", "test@example.org")
+    git(folder, "config", "user.name", "test")
+    (folder / "unrelated.txt").write_text("staged, not part of any result\n")
+    git(folder, "add", "unrelated.txt")
+    return folder
+
+
+def test_runs_go_stage_by_stage_and_seed_by_seed():
+    labels = [run.label for run in ordered_runs(parse_spec(SPEC))]
+    assert labels == [
+        "dirichlet-beta=0.1__num-synthetic=0 seed=0",
+        "dirichlet-beta=0.1__num-synthetic=100 seed=0",
+        "dirichlet-beta=0.1__num-synthetic=0 seed=1",
+        "dirichlet-beta=0.1__num-synthetic=100 seed=1",
+        "dirichlet-beta=100.0__num-synthetic=0 seed=0",
+        "dirichlet-beta=100.0__num-synthetic=100 seed=0",
+        "dirichlet-beta=100.0__num-synthetic=0 seed=1",
+        "dirichlet-beta=100.0__num-synthetic=100 seed=1",
+        "dirichlet-beta=0.1__num-synthetic=0 seed=2",
+        "dirichlet-beta=0.1__num-synthetic=100 seed=2",
+        "dirichlet-beta=100.0__num-synthetic=0 seed=2",
+        "dirichlet-beta=100.0__num-synthetic=100 seed=2",
+    ]
+
+
+def test_stage_naming_a_value_outside_the_grid_is_refused():
+    bad = {**SPEC, "stages": [{"only": {"dirichlet-beta": 0.5}, "seeds": [0]}]}
+    with pytest.raises(SweepError, match="matches nothing"):
+        parse_spec(bad)
+    with pytest.raises(SweepError, match="not all in 'seeds'"):
+        parse_spec({**SPEC, "stages": [{"seeds": [7]}]})
+
+
+def test_compact_summary_drops_only_the_per_client_rows_of_every_round():
+    summary = fake_summary({"cvae-rounds": 1, "clf-rounds": 2}, f1=0.5, loss=1.0)
+    for row in summary["classifier"]["rounds"]:
+        row["train-per-client"] = [{"partition-id": 0}] * 100
+        row["evaluate-per-client"] = [{"partition-id": 0}] * 100
+    compact = compact_summary(summary)
+    assert all("evaluate-per-client" not in r for r in compact["classifier"]["rounds"])
+    assert all("train-per-client" not in r for r in compact["classifier"]["rounds"])
+    assert compact["clients"] == summary["clients"] and compact["final"] == summary["final"]
+    assert "evaluate-per-client" in summary["classifier"]["rounds"][0]  # the run's own copy
+
+
+def test_each_run_is_published_and_committed_alone_then_skipped(repo, tmp_path):
+    spec = parse_spec(SPEC)
+    publish = repo / "docs" / "results" / "campaign"
+    launcher = RecordingLauncher()
+    out = io.StringIO()
+    report = run_campaign(
+        spec, tmp_path / "scratch", publish, max_runs=3, launcher=launcher, out=out
+    )
+    assert len(report.done) == 3 and len(report.left) == 9 and not report.failed
+    commits = git(repo, "log", "--format=%s").splitlines()
+    assert commits == [f"campaign: {run.label} (0 min)" for run in reversed(report.done)]
+    first = report.done[0]
+    files = git(repo, "show", "--name-only", "--format=", "HEAD~2").split()
+    folder = f"docs/results/campaign/{first.relative_dir.as_posix()}"
+    assert sorted(files) == sorted(
+        ["docs/results/campaign/sweep.yaml", f"{folder}/{CLIENTS_TABLE}", f"{folder}/{SUMMARY}"]
+    )
+    assert "unrelated.txt" in git(repo, "diff", "--cached", "--name-only")  # left staged
+    clients = pd.read_csv(publish / first.relative_dir / CLIENTS_TABLE)
+    assert list(clients["partition-id"]) == [0, 1, 2] and "test-macro-f1" in clients
+    assert read_summary(run_dir(publish, first))["compact"]
+
+    again = RecordingLauncher()
+    report = run_campaign(spec, tmp_path / "scratch", publish, launcher=again, out=io.StringIO())
+    assert len(report.skipped) == 3 and len(again.calls) == 9
+    assert len(git(repo, "log", "--format=%s").splitlines()) == 12
+
+
+def test_a_run_that_fell_back_to_other_data_is_not_published(repo, tmp_path):
+    spec = parse_spec({**SPEC, "base": {**SPEC["base"], "dataset": "mnist"}})
+    publish = repo / "published"
+    with pytest.raises(SweepError, match="instead of 'mnist'"):
+        run_campaign(spec, tmp_path / "scratch", publish, launcher=RecordingLauncher(),
+                     out=io.StringIO())  # fmt: skip
+    assert not list(publish.glob("*/seed-*/summary.json"))
