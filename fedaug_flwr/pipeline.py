@@ -50,7 +50,6 @@ from fedaug_flwr.protocol import (
     IMPUTE,
     METRICS,
     PARTITION_ID,
-    SERVER_ROUND,
     TaskConfig,
 )
 from fedaug_flwr.quality import generator_quality
@@ -196,7 +195,7 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
         pretrained_failures: list[dict] = []
         unchanged = report.timed(
             "pretrained-evaluation",
-            lambda: evaluate_on_clients(grid, task, node_ids, pretrained, pretrained_failures, 0),
+            lambda: evaluate_on_clients(grid, task, node_ids, pretrained, pretrained_failures),
         )
         report.sections["pretraining"]["pretrained"] = {
             "failures": pretrained_failures,
@@ -225,9 +224,7 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
         ).name
         final = report.timed(
             "final-evaluation",
-            lambda: evaluate_on_clients(
-                grid, task, node_ids, classifier, final_failures, config.classifier_rounds
-            ),
+            lambda: evaluate_on_clients(grid, task, node_ids, classifier, final_failures),
         )
         final_global_test = classifier_section["rounds"][-1]["global-test"]
 
@@ -542,19 +539,16 @@ def per_client_with_model(
     message_type: str,
     min_replies: int,
     failures: list[dict],
-    server_round: int,
 ) -> dict[int, dict]:
     """Send a classifier to every client for ``message_type``; their metrics by partition id.
 
-    ``server_round`` is the model's round (0 for a pretrained model): a client whose
-    split is drawn anew every round evaluates on that round's split.
+    These messages belong to no round (server-round 0): a client whose split is drawn
+    anew every round (``client-split-refresh``) draws the split of round 0 for them.
     """
     arrays = ArrayRecord(weights)
-    config = task.to_record()
-    config[SERVER_ROUND] = server_round
 
     def content() -> RecordDict:
-        return RecordDict({ARRAYS: arrays, CONFIG: config})
+        return RecordDict({ARRAYS: arrays, CONFIG: task.to_record()})
 
     answers = send_to_all(
         grid, node_ids, message_type, content, task.app.round_timeout, min_replies, failures
@@ -565,20 +559,13 @@ def per_client_with_model(
 
 
 def evaluate_on_clients(
-    grid: Grid,
-    task: TaskConfig,
-    node_ids: list[int],
-    weights: dict,
-    failures: list[dict],
-    server_round: int,
+    grid: Grid, task: TaskConfig, node_ids: list[int], weights: dict, failures: list[dict]
 ) -> dict[int, dict]:
     """A classifier, unchanged, on every client's real test split.
 
     The model exists already: clients that fail here are recorded, never fatal.
     """
-    return per_client_with_model(
-        grid, task, node_ids, weights, EVALUATE_CLASSIFIER, 0, failures, server_round
-    )
+    return per_client_with_model(grid, task, node_ids, weights, EVALUATE_CLASSIFIER, 0, failures)
 
 
 def finetune_locally(
@@ -586,7 +573,7 @@ def finetune_locally(
 ) -> dict[int, dict]:
     """Each client fine-tunes its own copy of the pretrained model; nothing is aggregated."""
     return per_client_with_model(
-        grid, task, node_ids, pretrained, FINETUNE_LOCALLY, task.app.min_clients, failures, 1
+        grid, task, node_ids, pretrained, FINETUNE_LOCALLY, task.app.min_clients, failures
     )
 
 

@@ -134,9 +134,9 @@ def test_clientapp_rejects_a_bad_message_config(change, expected):
         ({"partition-id": 0, "data-path": "/nonexistent/site.npz"}, DataError,
          r"data-path '/nonexistent/site.npz' does not exist; it must be an .npz file"),
         ({"data-path": "tiny.npz"}, PartitionError,
-         r"holds 6 images, fewer than min-partition-size=10: too small to split"),
+         r"holds 6 images, fewer than min-partition-size=40: too small to split"),
         ({"partition-id": 0, "num-partitions": 500}, PartitionError,
-         r"4000 images cannot give 500 clients at least 10 each"),
+         r"4000 images cannot give 500 clients at least 40 each"),
     ],
 )  # fmt: skip
 def test_clientapp_rejects_a_bad_node_config(node_config, error, expected, tmp_path):
