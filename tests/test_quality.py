@@ -27,11 +27,13 @@ from tests.test_simulation import run_in_process
 # ------------------------------------------------------------------ Fréchet distance
 
 
+@pytest.mark.filterwarnings("error")  # a singular covariance product must be handled, not warned
 def test_frechet_distance_of_a_set_with_itself_is_zero():
     features = np.random.default_rng(0).normal(size=(400, 6))
     assert frechet_distance(features, features) == pytest.approx(0.0, abs=1e-9)
-    # fewer points than dimensions (singular covariances), as with a small test set
+    # fewer points than dimensions and dead (constant) channels: singular covariances
     wide = np.random.default_rng(1).normal(size=(50, 80))
+    wide[:, :30] = 0.0
     assert frechet_distance(wide, wide) == pytest.approx(0.0, abs=1e-4)
 
 
@@ -64,6 +66,16 @@ def test_coverage_is_one_for_the_real_set_itself_and_zero_far_away():
     assert coverage(real, real[:100]) >= 0.5
 
 
+def test_coverage_uses_the_kth_neighbour_and_an_open_ball():
+    real = np.arange(10.0)[:, None]  # the digits 0..9 on a line
+    # Real 9's 5th nearest real neighbour is 4 (radius 5); real 8's is 4 (radius 4): a
+    # synthetic point at 12 lies inside 9's ball and on the edge of 8's, which does not count.
+    assert coverage(real, np.array([[12.0]])) == pytest.approx(0.1)
+    # at 13.5 it is 4.5 from 9: inside a radius of 5 (k=5), outside the 4 of k=4
+    assert coverage(real, np.array([[13.5]])) == pytest.approx(0.1)
+    assert coverage(real, np.array([[13.5]]), k=4) == 0.0
+
+
 def test_coverage_is_measured_per_class():
     labels = np.repeat(np.arange(10), 10)
     real = np.random.default_rng(4).normal(size=(100, 3)) + 100.0 * labels[:, None]
@@ -81,9 +93,14 @@ def test_coverage_is_measured_per_class():
 
 
 def _digits(labels: list[int]) -> Digits:
+    """Images that differ from each other: the first row spells the image's index in binary."""
     images = np.zeros((len(labels), 28, 28), dtype=np.uint8)
-    images[:, 0, :] = np.arange(len(labels))[:, None] % 2  # tell some images apart
+    images[:, 0, :] = (np.arange(len(labels))[:, None] >> np.arange(28)) & 1
     return Digits(images, np.asarray(labels, dtype=np.int64))
+
+
+def _distinct(digits: Digits) -> int:
+    return len({image.tobytes() for image in digits.images})
 
 
 def test_label_matched_sample_has_the_counts_and_repeats_only_when_short():
@@ -91,16 +108,19 @@ def test_label_matched_sample_has_the_counts_and_repeats_only_when_short():
     sample, repeats = label_matched_sample(pool, [10, 5, 0] + [0] * 7, np.random.default_rng(0))
     assert sample.label_counts() == [10, 5, 0] + [0] * 7
     assert repeats == 2  # label 1: all 3 pool images, then 2 repeats
+    assert _distinct(sample) == 15 - 2
     again, _ = label_matched_sample(pool, [10, 5, 0] + [0] * 7, np.random.default_rng(0))
     assert np.array_equal(again.labels, sample.labels)  # the seed decides
     plenty, none = label_matched_sample(pool, [20, 0, 20] + [0] * 7, np.random.default_rng(1))
     assert none == 0 and plenty.label_counts()[:3] == [20, 0, 20]
+    assert _distinct(plenty) == 40  # drawn without replacement while the pool has enough
 
 
 def test_fidelity_sample_keeps_the_test_sets_label_counts():
     test = _digits([label for label in range(10) for _ in range(7 + label)])
     sample = fidelity_sample(test, np.random.default_rng(0))
     assert sample.label_counts() == test.label_counts()
+    assert _distinct(sample) == len(test)
 
 
 def test_pooled_features_are_what_the_linear_layer_sees():
@@ -151,6 +171,7 @@ def test_reference_has_the_same_budget_on_real_pool_images(finetune_run):
     assert real.label_counts() == synthetic.label_counts() == proportional_counts(len(real))
     pool = {image.tobytes() for image in load_source("mnist-5k", "").pool.images}
     assert all(image.tobytes() in pool for image in real.images)
+    assert _distinct(real) == len(real)
     reference = summary["generator-quality"]["reference"]
     assert reference["label-counts-train"] == real.label_counts()
     assert reference["repeated-images"] == 0  # mnist-5k has 400 images per label
