@@ -154,6 +154,12 @@ class ExquisiteNetV1(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
 
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The 640-d pooled features the classifier's linear layer sees (before dropout):
+        the feature space of the generator-quality distances. (``features`` is taken: it
+        names the convolutional stages, and renaming it would change the weights' keys.)"""
+        return self.head[:-2](self.features(images))  # all of the head but dropout, linear
+
 
 def classifier_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(images), labels)

@@ -106,7 +106,8 @@ def predict(model: nn.Module, data: TensorData, batch_size: int) -> tuple[torch.
 
 
 def evaluate_classifier(model: nn.Module, data: TensorData, batch_size: int) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 of a classifier on ``data``."""
+    """Loss, accuracy, micro- and macro-F1 of a classifier on ``data`` (see
+    :func:`~fedaug_flwr.metrics.classification_metrics`)."""
     if len(data) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     probabilities, mean_loss = predict(model, data, batch_size)

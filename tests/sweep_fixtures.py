@@ -3,7 +3,8 @@
 The shape follows ``fedaug_flwr.pipeline`` (classifier rounds with aggregated
 ``evaluate`` and ``global-test``, ``clients`` with label counts, ``final``)
 and, for pretraining, the finetune variant's contract
-(``pretraining.epochs`` and ``pretraining.pretrained.clients``).
+(``pretraining.epochs`` and ``pretraining.pretrained.clients``); runs with a CVAE
+carry the generator-quality check (``generator-quality``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,27 @@ BEFORE = [50, 40, 30, 20, 10, 5, 5, 5, 5, 5]
 
 
 def metrics(f1: float, loss: float) -> dict[str, float]:
-    return {"loss": loss, "accuracy": f1 + 0.1, "macro-f1": f1}
+    return {
+        "loss": loss,
+        "accuracy": f1 + 0.1,
+        "macro-f1": f1,
+        "micro-f1": f1 + 0.1,  # equal to accuracy, as for any single-label prediction
+        "macro-f1-present": f1 + 0.02,
+        "macro-f1-all": f1 - 0.02,
+    }
+
+
+def generator_quality(f1: float) -> dict[str, Any]:
+    """The quick check: trained on synthetic images ``f1`` - 0.2 macro-F1, the real-image
+    reference ``f1`` (accuracy 0.1 higher each), Fréchet distance 10 * ``f1``."""
+    synthetic, real = metrics(f1 - 0.2, 1.0), metrics(f1, 0.5)
+    return {
+        "classifier": "ExquisiteNetV1 trained on 120 synthetic images ...",
+        "real-test": synthetic,
+        "reference": {"real-test": real},
+        "gap": {m: real[m] - synthetic[m] for m in ("accuracy", "macro-f1")},
+        "fidelity": {"frechet-distance": 10 * f1, "coverage": f1 / 2},
+    }
 
 
 def aggregated(f1: float, loss: float) -> dict[str, float]:
@@ -40,8 +61,10 @@ def fake_summary(
     loss: float,
     round_losses: list[float] | None = None,
     pretraining: dict[str, Any] | None = None,
+    preset: str | None = None,
 ) -> dict[str, Any]:
-    """A summary whose final client macro-F1 is ``f1`` and test loss ``loss``."""
+    """A summary whose final client macro-F1 is ``f1`` and test loss ``loss``; with a
+    ``study-preset`` when ``preset`` is given (older summaries have none)."""
     known = {k: v for k, v in run_config.items() if not k.startswith(("pretrain", "finetune"))}
     config = {**AppConfig.from_run_config(known).to_run_config(), **run_config}
     imputation = config["imputation"]
@@ -89,6 +112,10 @@ def fake_summary(
     }
     if pretraining is not None:
         summary["pretraining"] = pretraining
+    if k or pretraining is not None:  # a CVAE was trained
+        summary["generator-quality"] = generator_quality(f1)
+    if preset is not None:
+        summary["study-preset"] = preset
     return summary
 
 
@@ -164,13 +191,16 @@ def finetune_sweep(folder: Path) -> SweepSpec:
     for run in spec.runs():
         cell = run.cell.as_dict()
         if cell["pretrain"] == "off":
-            summary = fake_summary(run.run_config, f1=0.6 + run.seed / 10, loss=1.0)
+            summary = fake_summary(
+                run.run_config, f1=0.6 + run.seed / 10, loss=1.0, preset="as-written"
+            )
         else:
             summary = fake_summary(
                 run.run_config,
                 f1=0.7 + run.seed / 10,
                 loss=0.8,
                 pretraining=fake_pretraining(0.01 * (1 + run.seed), 1.5 + run.seed, 0.3),
+                preset="as-written",
             )
         write_json(run_dir(folder, run) / SUMMARY, summary)
     return spec

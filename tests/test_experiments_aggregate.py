@@ -8,11 +8,19 @@ import pandas as pd
 import pytest
 
 from fedaug_flwr.experiments import __main__ as cli
-from fedaug_flwr.experiments.aggregate import TABLES_DIR, read_tables, write_tables
+from fedaug_flwr.experiments.aggregate import TABLES_DIR, final_row, read_tables, write_tables
 from fedaug_flwr.experiments.grid import SweepError
 from fedaug_flwr.experiments.runner import run_dir
+from fedaug_flwr.metrics import METRIC_NAMES
 from fedaug_flwr.results import SUMMARY
-from tests.sweep_fixtures import BEFORE, finetune_sweep, imputation_sweep, write_failure
+from tests.sweep_fixtures import (
+    BEFORE,
+    fake_pretraining,
+    fake_summary,
+    finetune_sweep,
+    imputation_sweep,
+    write_failure,
+)
 
 CELL = "dirichlet-beta=0.1__imputation=none__num-synthetic=0"
 
@@ -136,6 +144,72 @@ def test_pretraining_numbers_of_the_finetune_contract(tmp_path):
     assert tuned["pretrain-synthetic-test-loss"] == pytest.approx(0.04)
     epochs = tables.rounds_runs[tables.rounds_runs["phase"] == "pretraining"]
     assert sorted(epochs["round"].unique()) == [1, 2]
+
+
+def test_every_metric_reaches_every_table(tmp_path):
+    imputation_sweep(tmp_path)
+    tables = write_tables(tmp_path)
+    for name in METRIC_NAMES:
+        for column in (f"test-{name}", f"test-{name}-weighted", f"global-test-{name}"):
+            assert column in tables.final_runs, column
+            assert {f"{column}-mean", f"{column}-std"} <= set(tables.final_cells.columns)
+            assert column in tables.rounds_runs and f"{column}-mean" in tables.rounds_cells
+        assert f"test-{name}" in tables.clients_runs
+    run = row(tables.final_runs, cell=CELL, seed=1)  # client macro-F1 0.6
+    assert run["test-micro-f1"] == pytest.approx(0.7)
+    assert run["test-macro-f1-present"] == pytest.approx(0.62)
+    assert run["test-macro-f1-all-weighted"] == pytest.approx(0.59)
+    assert run["global-test-micro-f1"] == pytest.approx(0.75)  # global macro-F1 0.65
+    assert run["global-test-accuracy"] == pytest.approx(0.75)
+    client = row(tables.clients_runs, cell=CELL, seed=1, **{"partition-id": 0})
+    assert client["test-macro-f1-all"] == pytest.approx(0.58)
+
+
+def test_generator_quality_columns(tmp_path):
+    imputation_sweep(tmp_path)
+    tables = write_tables(tmp_path)
+    cell = "dirichlet-beta=0.1__imputation=minority__num-synthetic=100"
+    run = row(tables.final_runs, cell=cell, seed=0)  # fixture macro-F1 0.6
+    expected = {
+        "quality-synthetic-accuracy": 0.5,
+        "quality-synthetic-macro-f1": 0.4,
+        "quality-real-accuracy": 0.7,
+        "quality-real-macro-f1": 0.6,
+        "quality-gap-accuracy": 0.2,
+        "quality-gap-macro-f1": 0.2,
+        "quality-frechet-distance": 6.0,
+        "quality-coverage": 0.3,
+    }
+    for column, value in expected.items():
+        assert run[column] == pytest.approx(value), column
+    means = row(tables.final_cells, cell=cell)
+    assert means["quality-frechet-distance-mean"] == pytest.approx(7.0)  # 6, 7, 8
+    assert math.isnan(row(tables.final_runs, cell=CELL, seed=0)["quality-coverage"])  # no CVAE
+
+
+def test_an_older_summary_with_pretraining_gives_no_quality_columns():
+    # before the check had its reference, generator-quality held the pretrained model's scores
+    summary = fake_summary(
+        {"imputation": "none", "num-synthetic": 0, "pretrain": "federated"}, f1=0.7, loss=0.8,
+        pretraining=fake_pretraining(0.01, 1.5, 0.3),
+    )  # fmt: skip
+    assert final_row(summary)["quality-frechet-distance"] == pytest.approx(7.0)
+    del summary["generator-quality"]["reference"]
+    assert not any(column.startswith("quality-") for column in final_row(summary))
+
+
+def test_study_preset_is_an_identity_column(tmp_path):
+    finetune_sweep(tmp_path)
+    tables = write_tables(tmp_path)
+    columns = ["cell", "dirichlet-beta", "pretrain", "dataset", "imputation", "num-synthetic"]
+    assert list(tables.final_runs.columns[:8]) == [*columns, "study-preset", "seed"]
+    assert list(tables.final_cells.columns[:8]) == [*columns, "study-preset", "n"]
+    assert set(tables.final_runs["study-preset"]) == {"as-written"}
+    assert "study-preset" in tables.rounds_runs and "study-preset" in tables.clients_runs
+    assert (row(tables.final_cells, cell="dirichlet-beta=0.1__pretrain=off")["n"]) == 2
+    # older summaries have no preset: no column
+    imputation_sweep(tmp_path / "older")
+    assert "study-preset" not in write_tables(tmp_path / "older").final_runs
 
 
 def test_a_folder_without_sweep_yaml_is_refused(tmp_path):

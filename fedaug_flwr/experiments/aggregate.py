@@ -5,8 +5,9 @@ folder says which) and writes CSV files to ``<sweep folder>/tables/``:
 
 - ``final_runs.csv`` / ``final_cells.csv``: final metrics of the classifier
   (client test splits: unweighted mean over clients, as the study reports, and
-  example-weighted; the global test set), with pretraining numbers when the
-  run had them;
+  example-weighted; the global test set; every metric of
+  :data:`~fedaug_flwr.metrics.METRIC_NAMES`), with pretraining numbers when the
+  run had them, and the generator-quality check's (``quality-*``);
 - ``rounds_runs.csv`` / ``rounds_cells.csv``: per-round curves, one row per
   (phase, round): ``cvae`` (train / validation loss), ``classifier`` (train
   loss, client test and global test metrics) and ``pretraining`` (one row
@@ -37,6 +38,8 @@ TABLES_DIR = "tables"
 NUM_CLASSES = 10
 # Config values that name what a run studied; kept as columns even when not swept.
 STUDY_KEYS = ("dataset", "dirichlet-beta", "imputation", "num-synthetic", "pretrain")
+# The preset a run's config matches (summary.json's own key; older summaries lack it).
+PRESET_KEY = "study-preset"
 
 
 @dataclass
@@ -87,6 +90,7 @@ def final_row(summary: Mapping[str, Any]) -> dict[str, Any]:
         **_metrics("test-", summary["final"]["clients"], weighted=True),
         **_metrics("global-test-", summary["final"].get("global-test")),
     }
+    row.update(quality_columns(summary))
     pretraining = summary.get("pretraining")
     if pretraining:
         row.update(_metrics("pretrained-test-", pretraining["pretrained"]["clients"], True))
@@ -98,6 +102,30 @@ def final_row(summary: Mapping[str, Any]) -> dict[str, Any]:
             row.update(_metrics("pretrain-synthetic-test-", last.get("synthetic-test")))
             row.update(_metrics("pretrain-real-test-", last.get("real-test")))
     row["seconds"] = float(summary.get("timing-s", {}).get("total", float("nan")))
+    return row
+
+
+def quality_columns(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The generator-quality check: real-test scores of the classifier trained on synthetic
+    images and of its real-image reference, the gap, Fréchet distance and mean coverage."""
+    quality = summary.get("generator-quality") or {}
+    if summary.get("pretraining") and "reference" not in quality:
+        return {}  # an older summary: these were the pretrained model's scores
+    reference, fidelity = quality.get("reference") or {}, quality.get("fidelity") or {}
+    sources = {
+        "quality-synthetic-": quality.get("real-test"),
+        "quality-real-": reference.get("real-test"),
+        "quality-gap-": quality.get("gap"),
+    }
+    row: dict[str, float] = {}
+    for prefix, scores in sources.items():
+        for metric in ("accuracy", "macro-f1"):
+            if scores and scores.get(metric) is not None:
+                row[f"{prefix}{metric}"] = float(scores[metric])
+    for key in ("frechet-distance", "coverage"):
+        if key in fidelity:  # coverage is None when no class had enough real images
+            value = fidelity[key]
+            row[f"quality-{key}"] = float("nan") if value is None else float(value)
     return row
 
 
@@ -160,6 +188,11 @@ def identity(spec: SweepSpec, run: Run, summary: Mapping[str, Any]) -> dict[str,
     for key in STUDY_KEYS:
         if key not in row and key in config:
             row[key] = config[key]
+    preset = summary.get(PRESET_KEY)
+    if isinstance(preset, Mapping):  # a preset described by more than its name
+        preset = preset.get("name")
+    if preset is not None and PRESET_KEY not in row:
+        row[PRESET_KEY] = str(preset)
     row["seed"] = run.seed
     return row
 
@@ -194,7 +227,8 @@ def collect(spec: SweepSpec, sweep_dir: Path, runs: Sequence[Run] | None = None)
 
 
 def _id_columns(spec: SweepSpec, rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    extra = [k for k in STUDY_KEYS if k not in spec.axes and any(k in r for r in rows)]
+    known = (*STUDY_KEYS, PRESET_KEY)
+    extra = [k for k in known if k not in spec.axes and any(k in r for r in rows)]
     return ["cell", *spec.axes, *extra, "seed"]
 
 
