@@ -280,6 +280,8 @@ def test_bad_node_data_is_rejected_without_running_its_code(kind, expected, tmp_
         (["--run-config", "cvae-rounds=0"], r"'cvae-rounds' must be an integer >= 1; got 0"),
         (["--run-config", "rounds=3"], r"unknown run-config key\(s\) \['rounds'\]"),
         (["--run-config", "output-dir=/tmp/x"], r"cannot parse --run-config 'output-dir=/tmp/x'"),
+        (["--run-config", "num-synthetic 100"], r"'num-synthetic 100' is not key=value"),
+        (["--run-config", "/nonexistent/preset.toml"], r"cannot read --run-config file"),
         (["--run-config", "dataset='emnist'"], r"'dataset' must be one of"),
         (["--colour", "red"], r"unrecognized arguments: --colour red"),
     ],
