@@ -394,11 +394,14 @@ def stop_process_tree(
     """
 
     def ours() -> list[int]:
-        return sorted({*processes_with_home(flwr_home), *group_members(process.pid)})
+        # Once the leader is reaped its pid may be reused: then only FLWR_HOME tells ours.
+        group = group_members(process.pid) if process.poll() is None else []
+        return sorted({*processes_with_home(flwr_home), *group})
 
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, sig)  # started with start_new_session: pid = group id
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, sig)  # started with start_new_session: pid = group id
         for pid in ours():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
@@ -672,9 +675,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         AppConfig.from_run_config(overrides)
     except ConfigError as error:
         parser.error(str(error))
-    stop_on_sigterm()
     try:
-        outcome = simulate(overrides, args.num_supernodes, args.num_cpus, args.num_gpus)
+        with signals_interrupt():
+            outcome = simulate(overrides, args.num_supernodes, args.num_cpus, args.num_gpus)
     except (EnvironmentProblem, OutputFolderError) as error:
         parser.error(str(error))
     except KeyboardInterrupt:  # simulate() has stopped every process of the run already
@@ -683,18 +686,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return outcome.report()
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM (and SIGINT, which a shell's background job ignores) end the command through
-    KeyboardInterrupt, so what it started is stopped before it exits."""
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """While in it, SIGTERM (and SIGINT, which a shell's background job ignores) raise
+    KeyboardInterrupt, so what the command started is stopped before it exits; a second
+    signal is ignored so that it cannot cut the stopping short. Handlers are restored after."""
+    names = (signal.SIGTERM, signal.SIGINT)
+    previous = {signum: signal.getsignal(signum) for signum in names}
 
     def interrupt(signum: int, frame: object) -> None:
-        # Once: a second signal must not cut short the stopping of the run.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for other in names:
+            signal.signal(other, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
+    for signum in names:
+        signal.signal(signum, interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,6 @@ def test_run_config_toml_files_are_read_and_passed_on(tmp_path, monkeypatch, cap
 
     started = []
     monkeypatch.setattr(launch, "simulate", lambda overrides, *a: started.append(overrides))
-    monkeypatch.setattr(launch, "stop_on_sigterm", lambda: None)
     with pytest.raises(AttributeError):  # the stand-in returns no outcome to report
         launch.main(["--run-config", str(preset)])
     assert started == [{"imputation": "uniform", "num-synthetic": 500, "cvae-lr": 0.01}]
