@@ -205,6 +205,9 @@ def folder_lock(folder: Path, purpose: str) -> Iterator[Path]:
                 f"{folder} is in use by {owner}; wait for it to end or stop it, or choose "
                 "another folder",
             ) from None
+        except OSError as error:  # a file system without locks
+            os.close(handle)
+            raise OutputFolderError(f"cannot lock folder {folder} ({path}: {error})") from error
         try:
             same_file = os.path.samestat(os.fstat(handle), os.stat(path, follow_symlinks=False))
         except FileNotFoundError:
