@@ -7,7 +7,12 @@ format that ``flower-supernode --auth-supernode-private-key`` and
 ``flwr supernode register`` read. Across real machines, use certificates from
 your organisation's CA instead (docs/deployment.md shows both).
 
-Private keys are written readable by their owner only.
+Private keys are written readable by their owner only (mode 0600), each to a
+new file: an existing file or symbolic link in its place is removed first,
+never written through, so neither a looser mode nor a link survives. Folders
+holding keys are made private (0700). The CA's private key is used to sign the
+SuperLink certificate and then dropped unless it is asked for
+(``keep_ca_key``): a deployment only needs ``ca.crt``.
 """
 
 from __future__ import annotations
@@ -51,12 +56,28 @@ class NodeKeys:
     public_key: Path
 
 
-def _write_private(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def private_folder(folder: Path) -> Path:
+    """``folder`` created if needed and made accessible to its owner only (0700)."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(folder, 0o700)
+    return folder
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> Path:
+    """Write ``data`` to a new file of ``mode``: never through an existing file or link."""
+    path.unlink(missing_ok=True)  # a link is removed itself, not followed
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    descriptor = os.open(path, flags, mode)
+    os.fchmod(descriptor, mode)  # whatever the umask
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(data)
     return path
+
+
+def _write_private(path: Path, data: bytes) -> Path:
+    """A private key: mode 0600 in a 0700 folder."""
+    private_folder(path.parent)
+    return _write_new(path, data, 0o600)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -86,11 +107,20 @@ def _subject_alternative_names(hosts: Sequence[str]) -> x509.SubjectAlternativeN
     return x509.SubjectAlternativeName(names)
 
 
-def make_tls_files(folder: Path, hosts: Sequence[str] = LOOPBACK_NAMES, days: int = 30) -> TlsFiles:
-    """A new CA and a SuperLink certificate for ``hosts`` (IP addresses or DNS names)."""
+def make_tls_files(
+    folder: Path,
+    hosts: Sequence[str] = LOOPBACK_NAMES,
+    days: int = 30,
+    keep_ca_key: bool = False,
+) -> TlsFiles:
+    """A new CA and a SuperLink certificate for ``hosts`` (IP addresses or DNS names).
+
+    The CA's key signs the certificate and is then forgotten; with
+    ``keep_ca_key`` it is written to ``ca.key`` (0600), e.g. to sign more later.
+    """
     if not hosts:
         raise ValueError("need at least one host name or IP address for the certificate")
-    folder.mkdir(parents=True, exist_ok=True)
+    private_folder(folder)
     now = datetime.datetime.now(datetime.UTC)
     validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days))
 
@@ -138,9 +168,12 @@ def make_tls_files(folder: Path, hosts: Sequence[str] = LOOPBACK_NAMES, days: in
     )
 
     pem = serialization.Encoding.PEM
-    (folder / "ca.crt").write_bytes(ca_certificate.public_bytes(pem))
-    (folder / "server.pem").write_bytes(server_certificate.public_bytes(pem))
-    _write_private(folder / "ca.key", _pem_key(ca_key))
+    _write_new(folder / "ca.crt", ca_certificate.public_bytes(pem), 0o644)
+    _write_new(folder / "server.pem", server_certificate.public_bytes(pem), 0o644)
+    if keep_ca_key:
+        _write_private(folder / "ca.key", _pem_key(ca_key))
+    else:
+        (folder / "ca.key").unlink(missing_ok=True)  # none from an earlier call either
     _write_private(folder / "server.key", _pem_key(server_key))
     return TlsFiles(folder / "ca.crt", folder / "server.pem", folder / "server.key")
 
@@ -157,6 +190,5 @@ def make_node_keys(folder: Path, name: str) -> NodeKeys:
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
     private_path = _write_private(folder / name, private)
-    public_path = folder / f"{name}.pub"
-    public_path.write_bytes(public + b"\n")
+    public_path = _write_new(folder / f"{name}.pub", public + b"\n", 0o644)
     return NodeKeys(private_path, public_path)

@@ -8,6 +8,12 @@ keeps a 70k-image pool at 55 MB.
 A SuperNode may instead bring its own digits (node config ``data-path``), read
 by :func:`load_node_data` from an IDX folder or a NumPy ``.npz`` file. Both are
 read as plain bytes (``allow_pickle=False``), so a data file can never run code.
+
+Wrong input is a :class:`DataError` naming the file, never a silent
+substitute: an explicit ``data-dir`` that does not exist, is not a folder or
+cannot be read or downloaded into (only the default location falls back to
+``mnist-5k``), a corrupt ``.gz`` file, or grey-level images too dark to
+binarize (every pixel below 128 but some above 1: all black after rounding).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import os
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -112,8 +119,10 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as handle:
             raw = handle.read()
-    except (OSError, EOFError) as error:
-        raise DataError(f"cannot read IDX file {path}: {error}") from error
+    except (OSError, EOFError, zlib.error) as error:  # gzip: corrupt data or checksum
+        raise DataError(
+            f"cannot read IDX file {path}: {type(error).__name__}: {error} (corrupt or truncated)"
+        ) from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path} is not an IDX file (bad magic number)")
     if raw[2] != 0x08:
@@ -154,7 +163,22 @@ def read_idx_pair(folder: Path, split: str) -> Digits:
         raise DataError(f"{folder}: {split} images have shape {images.shape}, need (N, 28, 28)")
     if len(images) != len(labels):
         raise DataError(f"{folder}: {len(images)} {split} images but {len(labels)} labels")
+    check_grey_levels(images, f"{folder}: {split} images")
     return Digits(binarize(images), labels)
+
+
+def check_grey_levels(images: np.ndarray, where: str) -> None:
+    """Refuse uint8 images that are neither 0/1 nor reach mid-grey: binarizing them at
+    round(pixel / 255) would turn every image all black (e.g. values scaled to 0..15)."""
+    if images.size == 0:
+        return
+    brightest = int(images.max())
+    if 1 < brightest < 128:
+        raise DataError(
+            f"{where}: uint8 pixels only reach {brightest}: binarized as round(pixel / 255) "
+            "every image would be all black. Store grey levels scaled to 0..255, or 0/1 "
+            "images"
+        )
 
 
 def load_idx_folder(folder: Path) -> MnistData:
@@ -242,16 +266,27 @@ def resolve_source(dataset: str, data_dir: str) -> tuple[str, str, str]:
     """Decide, once per run, which data to use: ``(source, folder, fallback_reason)``.
 
     For ``mnist``: an IDX folder that already exists, else a torchvision
-    download into it, else ``mnist-5k`` with the reason why.
+    download into it. Only the default location (``data_dir`` empty) then
+    falls back to ``mnist-5k`` with the reason why; an explicit ``data_dir``
+    must be an existing, readable folder, and a failed download into it is a
+    :class:`DataError`.
     """
     if dataset == "mnist-5k":
         return "mnist-5k", "", ""
     folder = data_dir_for(data_dir)
+    if data_dir:
+        _check_explicit_folder(folder)
     if find_idx_folder(folder) is not None:
         return "mnist", str(folder), ""
     try:
         download_mnist(folder)
     except Exception as error:  # noqa: BLE001 - any failure means "not available"
+        if data_dir:
+            raise DataError(
+                f"data-dir {str(folder)!r} holds no MNIST IDX files (looked for "
+                f"{sorted(IDX_FILES.values())}, optionally .gz, in it, in raw/ and in MNIST/raw/) "
+                f"and the download into it failed ({type(error).__name__}: {error})"
+            ) from error
         reason = (
             f"full MNIST not found in {folder} and the download failed "
             f"({type(error).__name__}: {error}); using the 5,000 bundled digits (mnist-5k)"
@@ -259,6 +294,21 @@ def resolve_source(dataset: str, data_dir: str) -> tuple[str, str, str]:
         log.warning(reason)
         return "mnist-5k", "", reason
     return "mnist", str(folder), ""
+
+
+def _check_explicit_folder(folder: Path) -> None:
+    where = f"data-dir {str(folder)!r}"
+    if not folder.exists():
+        raise DataError(
+            f"{where} does not exist; give the folder that holds MNIST's IDX files, or leave "
+            "data-dir empty for the default location"
+        )
+    if not folder.is_dir():
+        raise DataError(f"{where} is not a folder; give the folder that holds MNIST's IDX files")
+    try:
+        next(folder.iterdir(), None)
+    except OSError as error:
+        raise DataError(f"{where} cannot be read: {error}") from error
 
 
 @cache
@@ -397,5 +447,6 @@ def _checked_node_digits(path: Path, images: Any, labels: Any) -> tuple[np.ndarr
     if labels.min() < 0 or labels.max() >= NUM_CLASSES:
         raise DataError(f"{where}: labels must lie in 0..9; got {labels.min()}..{labels.max()}")
     # 0/1 images are already binary; anything brighter is a 0..255 grey level image.
+    check_grey_levels(images, where)
     binary = images if images.max() <= 1 else binarize(images)
     return np.ascontiguousarray(binary, dtype=np.uint8), labels.astype(np.int64)

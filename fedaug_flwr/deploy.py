@@ -7,26 +7,35 @@ bound to 127.0.0.1. The ``flwr`` CLI gets a home of its own there too, so
 records every process (pid and start time), so ``down`` works from another
 shell and never signals a process that merely reuses a recorded pid.
 
-    python -m fedaug_flwr.deploy up --num-supernodes 3 --secure
+    python -m fedaug_flwr.deploy up --num-supernodes 3
     python -m fedaug_flwr.deploy run --run-config "cvae-rounds=2 clf-rounds=2"
     python -m fedaug_flwr.deploy status
     python -m fedaug_flwr.deploy down
 
-``--secure`` makes a private CA and a SuperLink certificate for loopback
-(TLS), one key pair per SuperNode, and starts the SuperLink with
+Secure by default: ``up`` makes a private CA and a SuperLink certificate for
+loopback (TLS), one key pair per SuperNode, and starts the SuperLink with
 ``--enable-supernode-auth`` after registering those keys, so no other
-SuperNode can join. Each SuperNode reads its own data (``--data-path``, one
+SuperNode can join. ``--insecure`` (no TLS, no authentication) must be asked
+for, and is warned about on every start; ``run`` and ``status`` say which
+mode is up. The CA's private key is not kept unless ``--keep-ca-key``.
+
+The state folder is private (0700), must belong to the user and is never a
+symbolic link; a folder that holds anything but what ``up`` made there is
+refused, never cleaned. Each SuperNode reads its own data (``--data-path``, one
 per node) or, without it, Dirichlet partition ``i`` of the run's dataset.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -34,21 +43,30 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from fedaug_flwr.config import AppConfig, ConfigError
-from fedaug_flwr.credentials import make_node_keys, make_tls_files
+from fedaug_flwr.credentials import make_node_keys, make_tls_files, private_folder
 from fedaug_flwr.data import DataError, load_node_data
 from fedaug_flwr.launch import (
     APP_DIR,
+    EnvironmentProblem,
     RunOutcome,
     SuperLink,
     SuperNode,
     bin_path,
+    check_environment,
     flwr_env,
     flwr_run,
+    group_members,  # noqa: F401 - re-exported: tests and scripts find processes with it
+    output_dir_held,
     parse_overrides,
+    processes_with_home,
+    signals_interrupt,
+    start_ticks,
     write_connection,
 )
+from fedaug_flwr.results import OutputFolderError
 
 CONNECTION = "fedaug-deploy"
 STATE_FILE = "deployment.json"
@@ -56,8 +74,12 @@ LOOPBACK = "127.0.0.1"
 DEFAULT_SUPERLINK_PORT = 9092
 DEFAULT_SUPERNODE_PORT = 9094  # node i listens on DEFAULT_SUPERNODE_PORT + i
 STOP_GRACE_S = 15.0
+# `up` marks the state folders it makes; a folder holding anything else is refused.
+MARKER = ".fedaug-deploy"
 # What `up` creates in the state folder; `up` clears exactly these, nothing else.
-_OWNED = ("superlink", "supernodes", "flwr-cli", "tls", "keys", STATE_FILE)
+_OWNED = ("superlink", "supernodes", "flwr-cli", "tls", "keys", STATE_FILE, f".{STATE_FILE}.tmp")
+SECURE_MODE = "secure: TLS + SuperNode authentication"
+INSECURE_MODE = "INSECURE: no TLS, no SuperNode authentication"
 
 
 class DeploymentError(RuntimeError):
@@ -84,9 +106,10 @@ class Plan:
     data_paths: tuple[str, ...] = ()
     superlink_port: int = DEFAULT_SUPERLINK_PORT
     supernode_port: int = DEFAULT_SUPERNODE_PORT
-    secure: bool = False
+    secure: bool = True  # TLS + SuperNode authentication; False only when asked for
     torch_threads: int = 0  # 0: default_torch_threads
     data_sizes: tuple[int | None, ...] = ()  # images per data path, filled in by checked()
+    keep_ca_key: bool = False  # leave the CA's private key in <state>/tls/ca.key (0600)
 
     def checked(self) -> Plan:
         """This plan with data paths made absolute, or :class:`DeploymentError` saying why not."""
@@ -139,8 +162,9 @@ class Plan:
                 raise DeploymentError(str(error)) from error
             absolute.append(str(Path(path).expanduser().resolve()))
         threads = self.torch_threads or default_torch_threads(self.num_supernodes)
-        return Plan(self.num_supernodes, tuple(absolute), self.superlink_port, self.supernode_port,
-                    self.secure, threads, tuple(sizes))  # fmt: skip
+        return dataclasses.replace(
+            self, data_paths=tuple(absolute), torch_threads=threads, data_sizes=tuple(sizes)
+        )
 
     def node_config(self, index: int) -> dict[str, object]:
         if self.data_paths and self.data_paths[index]:
@@ -149,7 +173,10 @@ class Plan:
 
 
 def port_is_free(port: int) -> bool:
+    """Nothing listens on ``port`` of loopback (connections in TIME-WAIT do not count:
+    Flower's servers bind with SO_REUSEADDR, and so does this check)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((LOOPBACK, port))
         except OSError:
@@ -182,45 +209,9 @@ class ProcessRecord:
         return start_ticks(self.pid) == self.start_ticks
 
     def members(self) -> list[int]:
-        """The live processes of its group that are ours (FLWR_HOME under its home)."""
-        return [pid for pid in group_members(self.pid) if flwr_home_of(pid) == self.flwr_home]
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()  # fields 3.. (the name may hold spaces)
-
-
-def start_ticks(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    if fields is None or fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])  # field 22: start time in clock ticks since boot
-
-
-def group_members(group: int) -> list[int]:
-    """Live processes in process group ``group``."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _stat_fields(int(entry.name))
-            if fields is not None and fields[0] not in ("Z", "X") and int(fields[2]) == group:
-                members.append(int(entry.name))
-    return members
-
-
-def flwr_home_of(pid: int) -> str | None:
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    for entry in environ:
-        if entry.startswith(b"FLWR_HOME="):
-            return entry[len(b"FLWR_HOME=") :].decode(errors="replace")
-    return None
+        """The live processes that are ours: those carrying its FLWR_HOME, in its group or not
+        (Flower's SuperExec and what it starts run in a session of their own)."""
+        return processes_with_home(self.flwr_home)
 
 
 def stop_recorded(record: ProcessRecord, grace_s: float = STOP_GRACE_S) -> bool:
@@ -234,14 +225,12 @@ def stop_recorded(record: ProcessRecord, grace_s: float = STOP_GRACE_S) -> bool:
     if not record.alive() and not record.members():
         return False
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            if record.alive():
+        if record.alive():
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, sig)
-            else:  # leader gone: signal our leftovers one by one
-                for pid in record.members():
-                    os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+        for pid in record.members():  # also those outside the group, and leftovers
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
         deadline = time.monotonic() + wait_s
         while record.members() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -288,7 +277,8 @@ class LocalDeployment:
     """A SuperLink and SuperNodes on loopback, described by a state folder."""
 
     def __init__(self, state_dir: Path | None = None) -> None:
-        self.state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
+        # absolute, but a symbolic link is not followed: it is refused (check_state_dir)
+        self.state_dir = Path(os.path.abspath(Path(state_dir or default_state_dir()).expanduser()))
         self.superlink: SuperLink | None = None
         self.supernodes: list[SuperNode] = []
 
@@ -301,7 +291,49 @@ class LocalDeployment:
         return self.state_dir / "tls"
 
     def state(self) -> State | None:
+        self.check_owner()
         return State.load(self.state_dir)
+
+    # -- the state folder
+
+    def check_owner(self) -> None:
+        """The state folder, if it exists, must be a real folder of this user's."""
+        try:
+            info = os.lstat(self.state_dir)
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(info.st_mode):
+            raise DeploymentError(
+                f"state folder {self.state_dir} is a symbolic link; give a real folder "
+                "(--state-dir)"
+            )
+        if not stat.S_ISDIR(info.st_mode):
+            raise DeploymentError(f"state folder {self.state_dir} exists and is not a folder")
+        if info.st_uid != os.getuid():
+            raise DeploymentError(
+                f"state folder {self.state_dir} belongs to uid {info.st_uid}, not to you "
+                f"(uid {os.getuid()}); someone else made it: use another --state-dir"
+            )
+
+    def check_state_dir(self) -> None:
+        """Refuse a state folder that is not ours, or that holds anything `up` did not make."""
+        self.check_owner()
+        if not self.state_dir.exists():
+            return
+        entries = set(os.listdir(self.state_dir))
+        others = sorted(entries - {MARKER, *_OWNED})
+        if others or (entries and MARKER not in entries):
+            shown = ", ".join(others[:5] or sorted(entries)[:5])
+            raise DeploymentError(
+                f"state folder {self.state_dir} holds files that `deploy up` did not make "
+                f"({shown}{', ...' if len(others or entries) > 5 else ''}); give an empty or "
+                "new folder (--state-dir). Nothing was deleted"
+            )
+
+    def make_state_dir(self) -> None:
+        """Create the state folder (0700, marked as ours); an existing one is made private."""
+        private_folder(self.state_dir)
+        (self.state_dir / MARKER).touch()
 
     def running(self) -> list[ProcessRecord]:
         state = self.state()
@@ -309,22 +341,40 @@ class LocalDeployment:
 
     # -- up
 
-    def up(self, plan: Plan, node_env: Mapping[int, Mapping[str, str]] | None = None) -> State:
-        """Start everything; on any failure stop what was started and re-raise."""
+    def up(
+        self,
+        plan: Plan,
+        node_env: Mapping[int, Mapping[str, str]] | None = None,
+        warn: TextIO | None = None,
+    ) -> State:
+        """Start everything; on any failure stop what was started and re-raise.
+
+        Nothing is created before the environment, the state folder and the
+        plan are checked. An insecure plan is warned about on ``warn`` (stderr).
+        """
+        try:
+            check_environment()
+        except EnvironmentProblem as error:
+            raise DeploymentError(str(error)) from error
+        self.check_state_dir()
         if self.running():
             raise DeploymentError(
                 f"a deployment is already up in {self.state_dir}; run `down` first"
             )
         plan = plan.checked()
+        if not plan.secure:
+            print(insecure_warning(plan), file=warn or sys.stderr)
         self.remove_files()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.make_state_dir()
         threads = {
             "OMP_NUM_THREADS": str(plan.torch_threads),
             "MKL_NUM_THREADS": str(plan.torch_threads),
         }
         state = State(asdict(plan), f"{LOOPBACK}:{plan.superlink_port}", str(self.cli_home))
         try:
-            tls = make_tls_files(self.tls_dir) if plan.secure else None
+            tls = (
+                make_tls_files(self.tls_dir, keep_ca_key=plan.keep_ca_key) if plan.secure else None
+            )
             superlink_args = [*tls.superlink_args(), "--enable-supernode-auth"] if tls else []
             self.superlink = SuperLink(
                 self.state_dir / "superlink", simulation=False, host=LOOPBACK,
@@ -393,14 +443,22 @@ class LocalDeployment:
                 f"{result.stdout.strip()} {result.stderr.strip()}"
             ) from None
 
-    def remove_files(self) -> None:
-        """Delete what `up` created in the state folder (logs, homes, keys), nothing else."""
+    def remove_files(self, folder_too: bool = False) -> None:
+        """Delete what `up` created in the state folder (logs, homes, keys), nothing else;
+        with ``folder_too`` also the folder itself when that leaves it empty."""
+        if not self.state_dir.exists():
+            return
+        self.check_state_dir()
         for name in _OWNED:
             path = self.state_dir / name
-            if path.is_dir():
+            if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+        if folder_too:
+            (self.state_dir / MARKER).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.state_dir.rmdir()
 
     # -- run
 
@@ -425,9 +483,18 @@ class LocalDeployment:
             )
         if dead:
             print(f"fedaug-flwr: warning: {', '.join(dead)} not running", file=sys.stderr)
-        return flwr_run(
-            Path(state.flwr_home), run_config, {}, APP_DIR, CONNECTION, stream, timeout_s
+        secure = bool(state.plan.get("secure"))
+        print(
+            f"fedaug-flwr: deployment in {self.state_dir} is {mode_of(secure)}",
+            file=sys.stderr if not secure else (stream or sys.stdout),
         )
+        try:
+            with output_dir_held(run_config, f"a deployed run ({self.state_dir})"):
+                return flwr_run(
+                    Path(state.flwr_home), run_config, {}, APP_DIR, CONNECTION, stream, timeout_s
+                )
+        except OutputFolderError as error:
+            raise DeploymentError(str(error)) from error
 
     # -- down
 
@@ -455,6 +522,7 @@ class LocalDeployment:
             "up": any(record.alive() for record in state.processes),
             "superlink": state.superlink_address,
             "secure": state.plan["secure"],
+            "mode": mode_of(bool(state.plan["secure"])),
             "flwr-home": state.flwr_home,
             "connection": CONNECTION,
             "node-ids": state.node_ids,
@@ -463,6 +531,19 @@ class LocalDeployment:
                 for r in state.processes
             ],
         }
+
+
+def mode_of(secure: bool) -> str:
+    return SECURE_MODE if secure else INSECURE_MODE
+
+
+def insecure_warning(plan: Plan) -> str:
+    return (
+        f"fedaug-flwr: WARNING: starting an {INSECURE_MODE} deployment (--insecure). Any "
+        f"process on this machine can join it as a SuperNode on {LOOPBACK}:"
+        f"{plan.superlink_port}, receive the models and send back its own; traffic is not "
+        "encrypted. Leave out --insecure for TLS and SuperNode authentication."
+    )
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -491,9 +572,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--supernode-port", type=int, default=DEFAULT_SUPERNODE_PORT,
         help="SuperNode i's local Runtime API port is this + i (default: %(default)s)",
     )  # fmt: skip
+    mode = up.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--secure", dest="insecure", action="store_false",
+        help="TLS with a private CA, and SuperNode authentication with registered keys "
+        "(the default)",
+    )  # fmt: skip
+    mode.add_argument(
+        "--insecure", dest="insecure", action="store_true",
+        help="no TLS and no SuperNode authentication: any local process can join (warned "
+        "about on every start)",
+    )  # fmt: skip
+    up.set_defaults(insecure=False)
     up.add_argument(
-        "--secure", action="store_true",
-        help="TLS with a private CA, and SuperNode authentication with registered keys",
+        "--keep-ca-key", action="store_true",
+        help="keep the private CA's key in <state-dir>/tls/ca.key (mode 0600); by default it "
+        "is discarded once the SuperLink certificate is signed",
     )  # fmt: skip
     up.add_argument(
         "--torch-threads", type=int, default=0,
@@ -515,36 +609,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     deployment = LocalDeployment(args.state_dir)
     try:
-        if args.command == "up":
-            plan = Plan(
-                args.num_supernodes, tuple(args.data_path), args.superlink_port,
-                args.supernode_port, args.secure, args.torch_threads,
-            )  # fmt: skip
-            state = deployment.up(plan)
-            print(json.dumps(deployment.status(), indent=2))
-            print(
-                f"\nfedaug-flwr: {len(state.node_ids)} SuperNodes connected to "
-                f"{state.superlink_address}. Next: python -m fedaug_flwr.deploy "
-                f"--state-dir {deployment.state_dir} run --run-config '...'"
-            )
-        elif args.command == "run":
-            overrides = parse_overrides(args.run_config)
-            if deployment.run(overrides).report() != 0:
-                return 1
-        elif args.command == "status":
-            print(json.dumps(deployment.status(), indent=2))
-        elif args.command == "down":
-            stopped = deployment.down()
-            print(
-                f"fedaug-flwr: stopped {', '.join(stopped) or 'nothing (no process was running)'}"
-            )
-            if args.clean:
-                deployment.remove_files()
+        with signals_interrupt():  # SIGTERM, like Ctrl-C, stops what this command started
+            return _command(args, deployment)
     except (DeploymentError, ConfigError) as error:
         parser.error(str(error))
     except KeyboardInterrupt:
         print("\nfedaug-flwr: interrupted; what this command started was stopped", file=sys.stderr)
         return 130
+
+
+def _command(args: argparse.Namespace, deployment: LocalDeployment) -> int:
+    """Carry out one sub-command; the exit status."""
+    if args.command == "up":
+        plan = Plan(
+            args.num_supernodes, tuple(args.data_path), args.superlink_port,
+            args.supernode_port, not args.insecure, args.torch_threads,
+            keep_ca_key=args.keep_ca_key,
+        )  # fmt: skip
+        state = deployment.up(plan)
+        print(json.dumps(deployment.status(), indent=2))
+        print(
+            f"\nfedaug-flwr: {len(state.node_ids)} SuperNodes connected to "
+            f"{state.superlink_address}. Next: python -m fedaug_flwr.deploy "
+            f"--state-dir {deployment.state_dir} run --run-config '...'"
+        )
+    elif args.command == "run":
+        overrides = parse_overrides(args.run_config)
+        if deployment.run(overrides).report() != 0:
+            return 1
+    elif args.command == "status":
+        print(json.dumps(deployment.status(), indent=2))
+    elif args.command == "down":
+        stopped = deployment.down()
+        print(f"fedaug-flwr: stopped {', '.join(stopped) or 'nothing (no process was running)'}")
+        if args.clean:
+            deployment.remove_files(folder_too=True)
     return 0
 
 

@@ -6,8 +6,15 @@ outlives the command, keeps the environment it was first started with
 machine. This module instead starts a private ``flower-superlink`` (simulation
 mode, loopback, free ports, a temporary ``FLWR_HOME``, no runtime installs),
 runs the app with ``flwr run --stream``, reads the run's final status (``flwr
-run`` exits 0 even when the run failed) and stops the SuperLink by its process
-group.
+run`` exits 0 even when the run failed) and stops every process of the run:
+the SuperLink's process group and every process that carries its private
+``FLWR_HOME`` (Flower starts its SuperExec, and with it ``flwr-simulation``
+and Ray, in a session of its own, out of reach of the group).
+
+Before anything starts it checks that this interpreter has the app's
+environment (Flower's executables) and, when ``output-dir`` is set, that the
+results folder is writable and not in use by another run (a lock file holding
+the owner's pid). SIGTERM ends a launch like Ctrl-C: the run is stopped first.
 
 Command line (``make run`` uses it)::
 
@@ -20,8 +27,10 @@ deployment in :mod:`fedaug_flwr.deploy`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import queue
 import re
 import shutil
 import signal
@@ -29,13 +38,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedaug_flwr.config import AppConfig, ConfigError
+from fedaug_flwr.results import OutputFolderError, ensure_writable, folder_lock, resolve_output_dir
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "fedaug-local"
@@ -82,8 +93,31 @@ def flwr_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str
 
 def bin_path(name: str) -> str:
     """A Flower executable from this interpreter's environment (or PATH)."""
+    return _find_bin(name) or name
+
+
+def _find_bin(name: str) -> str | None:
     candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+    return str(candidate) if candidate.exists() else shutil.which(name)
+
+
+FLOWER_EXECUTABLES = ("flower-superlink", "flower-supernode", "flwr")
+
+
+class EnvironmentProblem(RuntimeError):
+    """This interpreter lacks what the app needs to start Flower's processes."""
+
+
+def check_environment(names: Sequence[str] = FLOWER_EXECUTABLES) -> None:
+    """Flower's executables must be next to this interpreter (or on PATH), else say what to do."""
+    missing = [name for name in names if _find_bin(name) is None]
+    if missing:
+        raise EnvironmentProblem(
+            f"{', '.join(missing)} not found next to {sys.executable} or on PATH: this Python "
+            "does not have the app's environment. Run the command with the project's "
+            "interpreter (.venv/bin/python -m ..., after `make setup`), or install the app "
+            "into this one (pip install -e .)"
+        )
 
 
 def write_connection(
@@ -148,7 +182,11 @@ class SuperLink:
             start_new_session=True,  # its own process group: stop() takes its children too
         )
         log.close()
-        self._wait_until_up()
+        try:
+            self._wait_until_up()
+        except BaseException:  # a failed or interrupted start leaves nothing running
+            self.stop()
+            raise
         return self
 
     def _wait_until_up(self) -> None:
@@ -162,13 +200,11 @@ class SuperLink:
             if "Uvicorn running on" in self.log_path.read_text(errors="replace"):
                 return
             time.sleep(0.3)
-        self.stop()
         raise RuntimeError(f"flower-superlink did not start in {STARTUP_TIMEOUT_S:.0f} s")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        stop_process_group(self.process)
+        if self.process is not None:
+            stop_process_tree(self.process, self.flwr_home)
 
     def __enter__(self) -> SuperLink:
         return self.start()
@@ -252,9 +288,8 @@ class SuperNode:
         raise RuntimeError(f"flower-supernode did not connect in {timeout_s:.0f} s")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        stop_process_group(self.process)
+        if self.process is not None:
+            stop_process_tree(self.process, self.flwr_home)
 
     def __enter__(self) -> SuperNode:
         return self.start()
@@ -293,6 +328,95 @@ def stop_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None
         break
 
 
+# --------------------------------------------------------------- our processes, by /proc
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()  # fields 3.. (the name may hold spaces)
+
+
+def start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot); None when it is gone or a zombie."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])  # field 22: start time in clock ticks since boot
+
+
+def _live_pids() -> Iterator[int]:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            pid = int(entry.name)
+            fields = _stat_fields(pid)
+            if fields is not None and fields[0] not in ("Z", "X"):
+                yield pid
+
+
+def group_members(group: int) -> list[int]:
+    """Live processes in process group ``group``."""
+    return [pid for pid in _live_pids() if int((_stat_fields(pid) or ["", "", "0"])[2]) == group]
+
+
+def flwr_home_of(pid: int) -> str | None:
+    """The ``FLWR_HOME`` a process was started with (None if unreadable or unset)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for entry in environ:
+        if entry.startswith(b"FLWR_HOME="):
+            return entry[len(b"FLWR_HOME=") :].decode(errors="replace")
+    return None
+
+
+def processes_with_home(flwr_home: Path | str) -> list[int]:
+    """Every live process (but this one) started with ``FLWR_HOME=flwr_home``.
+
+    Each SuperLink, SuperNode and launch gets a private home, and every process
+    Flower and Ray start below it inherits it, whatever process group or
+    session they put themselves in: this finds all of one run's processes.
+    """
+    home = str(flwr_home)
+    return [pid for pid in _live_pids() if pid != os.getpid() and flwr_home_of(pid) == home]
+
+
+def stop_process_tree(
+    process: subprocess.Popen, flwr_home: Path | str, grace_s: float = 10.0
+) -> None:
+    """Stop a process we started, its process group and everything carrying its FLWR_HOME.
+
+    SIGTERM first (Flower's processes shut down cleanly), SIGKILL what is left
+    after ``grace_s``; the leader is reaped.
+    """
+
+    def ours() -> list[int]:
+        # Once the leader is reaped its pid may be reused: then only FLWR_HOME tells ours.
+        group = group_members(process.pid) if process.poll() is None else []
+        return sorted({*processes_with_home(flwr_home), *group})
+
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, sig)  # started with start_new_session: pid = group id
+        for pid in ours():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            process.poll()  # reap the leader as soon as it exits
+            if not ours():
+                break
+            time.sleep(0.2)
+        if not ours():
+            break
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5.0)
+
+
 def toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -309,16 +433,72 @@ def to_overrides(values: Mapping[str, object]) -> str:
     return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
 
+_OVERRIDE = re.compile(r"[\w.-]+\s*=\s*(?:'[^']*'|\"[^\"]*\"|\S+)")
+
+
 def parse_overrides(texts: Sequence[str]) -> dict[str, object]:
-    """Parse ``--run-config`` strings (``k=v k2='s'``) as flwr does, via TOML."""
+    """Parse ``--run-config`` values as flwr does: ``k=v k2='s'`` strings, or ``.toml`` files.
+
+    A ``.toml`` file's values (nested tables flattened to dotted keys, as flwr
+    does) are read with tomllib and passed on as overrides; later arguments
+    win. Any text that is not ``key=value`` is refused by name, never dropped.
+    """
     values: dict[str, object] = {}
     for text in texts:
-        lines = "\n".join(re.findall(r"[\w.-]+\s*=\s*(?:'[^']*'|\"[^\"]*\"|\S+)", text))
+        if text.strip().endswith(".toml"):
+            values.update(_read_toml_overrides(Path(text.strip()).expanduser()))
+            continue
+        leftover = _OVERRIDE.sub(" ", text).split()
+        if leftover:
+            raise ConfigError(
+                f"cannot parse --run-config {text!r}: {' '.join(leftover)!r} is not key=value "
+                "(write key=value pairs, e.g. \"num-synthetic=100 imputation='uniform'\", "
+                "or give a .toml file)"
+            )
         try:
-            values.update(tomllib.loads(lines))
+            values.update(tomllib.loads("\n".join(_OVERRIDE.findall(text))))
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"cannot parse --run-config {text!r}: {error}") from error
     return values
+
+
+def _read_toml_overrides(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as handle:
+            table = tomllib.load(handle)
+    except OSError as error:
+        raise ConfigError(f"cannot read --run-config file {str(path)!r}: {error}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"--run-config file {str(path)!r} is not valid TOML: {error}") from error
+    return _flatten(table)
+
+
+def _flatten(table: Mapping[str, object], prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+@contextlib.contextmanager
+def output_dir_held(run_config: Mapping[str, object], purpose: str) -> Iterator[Path | None]:
+    """Check and lock the run's ``output-dir`` (when set) for the length of the run.
+
+    :class:`~fedaug_flwr.results.OutputFolderError` when it cannot be written
+    or another run or sweep holds it. The ServerApp of a local SuperLink
+    writes there (under the same user), so this is checked before it starts.
+    """
+    output_dir = str(run_config.get("output-dir", "") or "")
+    if not output_dir:  # the ServerApp makes a new, timestamped folder
+        yield None
+        return
+    folder = resolve_output_dir(output_dir, "")
+    with folder_lock(folder, purpose):
+        ensure_writable(folder)
+        yield folder
 
 
 @dataclass(frozen=True)
@@ -366,28 +546,54 @@ def flwr_run(
         command, env=env, cwd=flwr_home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True, bufsize=1,
     )  # fmt: skip
-    run_id, output_dir = "", ""
+    run_id, output_dir, timed_out = "", "", False
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    lines = _lines_of(process)
     try:
-        for line in process.stdout:
+        while True:
+            wait_s = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if wait_s <= 0:  # a real deadline: a silent, hung run is stopped too
+                timed_out = True
+                abandon(process, env, connection, run_id)
+                break
+            try:
+                line = lines.get(timeout=wait_s)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
             stream.write(line)
             stream.flush()
             if match := re.search(r"Successfully started run (\d+)", line):
                 run_id = match.group(1)
             if match := re.search(r"fedaug-flwr: results of run \d+ are in (.+)$", line):
                 output_dir = match.group(1).strip()
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"flwr run took longer than {timeout_s:.0f} s")
     except KeyboardInterrupt:
         abandon(process, env, connection, run_id)
         raise
-    except TimeoutError:
-        abandon(process, env, connection, run_id)
     process.wait()
+    timeout_note = f"(timed out after {timeout_s:.0f} s)" if timed_out else ""
     if not run_id:
-        return RunOutcome("", "not-started", f"flwr run exited with {process.returncode}", "")
+        status = "timed-out" if timed_out else "not-started"
+        details = f"flwr run exited with {process.returncode} {timeout_note}".strip()
+        return RunOutcome("", status, details, "")
     status, details = run_status(env, connection, run_id)
-    return RunOutcome(run_id, status, details, output_dir)
+    return RunOutcome(run_id, status, f"{details} {timeout_note}".strip(), output_dir)
+
+
+def _lines_of(process: subprocess.Popen) -> queue.Queue[str | None]:
+    """The process's output lines, read by a thread (None at the end), so waits can time out."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        try:
+            for line in process.stdout:
+                lines.put(line)
+        finally:
+            lines.put(None)
+
+    threading.Thread(target=read, name="flwr-run-output", daemon=True).start()
+    return lines
 
 
 def abandon(process: subprocess.Popen, env: Mapping[str, str], connection: str, run_id: str):
@@ -426,11 +632,16 @@ def simulate(
     flwr_home: Path | None = None,
     stream=None,
 ) -> RunOutcome:
-    """One simulated run of the app on a private SuperLink, cleaned up afterwards."""
+    """One simulated run of the app on a private SuperLink; every process of it is stopped
+    afterwards (also when interrupted) and its temporary home removed."""
     AppConfig.from_run_config(run_config)  # fail before starting anything
+    check_environment()
     owned = flwr_home is None
-    home = Path(tempfile.mkdtemp(prefix="fedaug-flwr-home-")) if owned else flwr_home
-    try:
+    with contextlib.ExitStack() as held:
+        held.enter_context(output_dir_held(run_config, "a simulation (fedaug_flwr.launch)"))
+        home = Path(tempfile.mkdtemp(prefix="fedaug-flwr-home-")) if owned else flwr_home
+        if owned:
+            held.callback(shutil.rmtree, home, ignore_errors=True)
         with SuperLink(home) as superlink:
             write_connection(home, superlink.address)
             federation = {
@@ -439,9 +650,6 @@ def simulate(
                 "client-resources-num-gpus": float(num_gpus),
             }
             return flwr_run(home, run_config, federation, stream=stream)
-    finally:
-        if owned:
-            shutil.rmtree(home, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -455,8 +663,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--num-gpus", type=float, default=0.0, help="GPU share per client, e.g. 0.25"
     )
     parser.add_argument(
-        "--run-config", action="append", default=[], metavar="'k=v k2=v2'",
-        help="run-config overrides, as for flwr run (repeatable)",
+        "--run-config", action="append", default=[], metavar="'k=v k2=v2' | FILE.toml",
+        help="run-config overrides, as for flwr run: key=value pairs or a .toml file "
+        "(repeatable; later ones win)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.num_supernodes < 1 or args.num_cpus < 1 or args.num_gpus < 0:
@@ -467,11 +676,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         parser.error(str(error))
     try:
-        outcome = simulate(overrides, args.num_supernodes, args.num_cpus, args.num_gpus)
-    except KeyboardInterrupt:  # simulate() has stopped its SuperLink already
+        with signals_interrupt():
+            outcome = simulate(overrides, args.num_supernodes, args.num_cpus, args.num_gpus)
+    except (EnvironmentProblem, OutputFolderError) as error:
+        parser.error(str(error))
+    except KeyboardInterrupt:  # simulate() has stopped every process of the run already
         print("\nfedaug-flwr: interrupted; the simulation was stopped", file=sys.stderr)
         return 130
     return outcome.report()
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """While in it, SIGTERM (and SIGINT, which a shell's background job ignores) raise
+    KeyboardInterrupt, so what the command started is stopped before it exits; a second
+    signal is ignored so that it cannot cut the stopping short. Handlers are restored after."""
+    names = (signal.SIGTERM, signal.SIGINT)
+    previous = {signum: signal.getsignal(signum) for signum in names}
+
+    def interrupt(signum: int, frame: object) -> None:
+        for other in names:
+            signal.signal(other, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in names:
+        signal.signal(signum, interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

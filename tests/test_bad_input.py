@@ -8,6 +8,7 @@ script. (The experiment YAML of the sweeps is not part of this branch.)
 
 from __future__ import annotations
 
+import gzip
 import os
 import re
 import socket
@@ -202,6 +203,7 @@ def _make_bad_data(kind: str, folder: Path) -> Path:
         "float-labels": (images, labels.astype(np.float64)),
         "too-few-labels": (images, labels[:-1]),
         "empty": (images[:0], labels[:0]),
+        "dark-images": ((images // 17).astype(np.uint8), labels),  # 0..15: all black if rounded
     }
     if kind in arrays:
         return write_npz(folder / f"{kind}.npz", *arrays[kind])
@@ -221,6 +223,11 @@ def _make_bad_data(kind: str, folder: Path) -> Path:
         labels_file.write_bytes(idx_bytes(np.full(30, 10)))
     elif kind == "idx-wrong-shape":
         images_file.write_bytes(idx_bytes(np.zeros((30, 20, 20))))
+    elif kind == "idx-corrupt-gz":
+        packed = bytearray(gzip.compress(images_file.read_bytes()))
+        packed[20:30] = b"\xff" * 10
+        images_file.unlink()
+        (idx / "train-images-idx3-ubyte.gz").write_bytes(bytes(packed))
     return idx
 
 
@@ -243,12 +250,14 @@ def _make_bad_data(kind: str, folder: Path) -> Path:
         ("float-labels", r"labels must be integers 0..9; got dtype float64"),
         ("too-few-labels", r"need one label per image, shape \(30,\); got \(29,\)"),
         ("empty", r"empty.npz' holds no images"),
+        ("dark-images", r"dark-images.npz': uint8 pixels only reach 15: .* all black"),
         ("idx-empty-folder", r"idx' holds no IDX image files; it must be an .npz file"),
         ("idx-no-labels", r"train-images-idx3-ubyte has no matching train-labels-idx1-ubyte"),
         ("idx-truncated", r"train-images-idx3-ubyte is truncated or corrupt"),
         ("idx-bad-magic", r"train-images-idx3-ubyte is not an IDX file \(bad magic number\)"),
         ("idx-label-10", r"labels must lie in 0..9; got 10..10"),
         ("idx-wrong-shape", r"images must have shape \(N, 28, 28\); got \(30, 20, 20\)"),
+        ("idx-corrupt-gz", r"cannot read IDX file .*train-images-idx3-ubyte.gz: error"),
     ],
 )  # fmt: skip
 def test_bad_node_data_is_rejected_without_running_its_code(kind, expected, tmp_path):
@@ -271,6 +280,8 @@ def test_bad_node_data_is_rejected_without_running_its_code(kind, expected, tmp_
         (["--run-config", "cvae-rounds=0"], r"'cvae-rounds' must be an integer >= 1; got 0"),
         (["--run-config", "rounds=3"], r"unknown run-config key\(s\) \['rounds'\]"),
         (["--run-config", "output-dir=/tmp/x"], r"cannot parse --run-config 'output-dir=/tmp/x'"),
+        (["--run-config", "num-synthetic 100"], r"'num-synthetic 100' is not key=value"),
+        (["--run-config", "/nonexistent/preset.toml"], r"cannot read --run-config file"),
         (["--run-config", "dataset='emnist'"], r"'dataset' must be one of"),
         (["--colour", "red"], r"unrecognized arguments: --colour red"),
     ],

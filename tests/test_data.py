@@ -96,9 +96,51 @@ def test_mnist_falls_back_to_mnist5k_with_a_reason_when_unavailable(tmp_path, mo
         raise OSError("no network")
 
     monkeypatch.setattr(data, "download_mnist", offline)
-    source, location, reason = resolve_source("mnist", str(tmp_path / "nothing-here"))
+    monkeypatch.setenv("FEDAUG_DATA_DIR", str(tmp_path / "cache"))  # the default location
+    source, location, reason = resolve_source("mnist", "")
     assert source == "mnist-5k" and location == ""
     assert "no network" in reason and "mnist-5k" in reason
+
+
+def test_an_explicit_data_dir_that_cannot_be_used_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    downloads = []
+
+    def offline(folder):
+        downloads.append(folder)
+        raise OSError("no network")
+
+    monkeypatch.setattr(data, "download_mnist", offline)
+    typo = tmp_path / "mnsit"
+    with pytest.raises(DataError, match=r"data-dir '.*mnsit' does not exist"):
+        resolve_source("mnist", str(typo))
+    assert not typo.exists() and downloads == []  # nothing downloaded into a mistyped path
+    a_file = tmp_path / "mnist.tar"
+    a_file.write_bytes(b"x")
+    with pytest.raises(DataError, match=r"mnist.tar' is not a folder"):
+        resolve_source("mnist", str(a_file))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"holds no MNIST IDX files .* download into it failed"):
+        resolve_source("mnist", str(empty))
+    assert downloads == [empty]
+
+
+def test_a_corrupt_gzipped_idx_file_is_a_data_error_naming_it(tmp_path):
+    write_idx(tmp_path / "x-idx3-ubyte", np.zeros((40, 28, 28)), compress=True)
+    path = tmp_path / "x-idx3-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    raw[20:30] = b"\xff" * 10  # inside the deflate stream
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"cannot read IDX file .*x-idx3-ubyte.gz"):
+        read_idx(path)
+
+
+def test_images_too_dark_to_binarize_are_refused(tmp_path):
+    folder = tmp_path / "raw"
+    arrays = write_mnist_folder(folder)
+    write_idx(folder / "train-images-idx3-ubyte", arrays["train-images-idx3-ubyte"] // 16)
+    with pytest.raises(DataError, match=r"pixels only reach 15: .* all black"):
+        load_idx_folder(tmp_path)
 
 
 def test_mnist_uses_an_existing_idx_folder(tmp_path):

@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from fedaug_flwr.data import IDX_FILES
 from fedaug_flwr.experiments.grid import SweepError, parse_spec
 from fedaug_flwr.experiments.runner import RUN_LOG, run_dir, run_status, run_sweep
 from fedaug_flwr.launch import RunOutcome
-from fedaug_flwr.results import FAILURE, SUMMARY, read_summary, write_json
+from fedaug_flwr.results import FAILURE, SUMMARY, folder_lock, read_summary, write_json
 from tests.sweep_fixtures import fake_summary, write_failure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,6 +148,38 @@ def test_a_launcher_reporting_failure_without_failure_file_gets_one(tmp_path):
     assert stored["error"] == "run 9 finished:stopped stopped by user"
 
 
+def test_a_summary_written_around_an_interruption_does_not_count(tmp_path):
+    """Ctrl-C mid-run: even if the run's summary.json appears (late, from a process that
+    outlived the sweep), the run is not complete and the next sweep runs it again."""
+    spec = parse_spec(SPEC)
+    run = spec.runs()[0]
+
+    def interrupted(run_config, num_supernodes, num_cpus, num_gpus, stream):
+        write_json(Path(run_config["output-dir"]) / SUMMARY, fake_summary(run_config, 0.5, 1.0))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, tmp_path, runs=[run], launcher=interrupted, out=io.StringIO())
+    assert (run_dir(tmp_path, run) / SUMMARY).is_file()
+    assert read_summary(run_dir(tmp_path, run)) is None
+    assert run_status(tmp_path, run) == "interrupted"
+
+    launcher = RecordingLauncher()
+    report = run_sweep(spec, tmp_path, runs=[run], launcher=launcher, out=io.StringIO())
+    assert report.completed == [run] and len(launcher.calls) == 1
+    assert run_status(tmp_path, run) == "complete"
+
+
+def test_a_sweep_folder_in_use_by_another_sweep_is_refused(tmp_path):
+    spec = parse_spec(SPEC)
+    launcher = RecordingLauncher()
+    with folder_lock(tmp_path, "sweep 'other'"):
+        with pytest.raises(SweepError, match=rf"in use by sweep 'other' \(pid {os.getpid()} "):
+            run_sweep(spec, tmp_path, launcher=launcher, out=io.StringIO())
+    assert launcher.calls == [] and not (tmp_path / "sweep.yaml").exists()
+    assert run_sweep(spec, tmp_path, launcher=launcher, out=io.StringIO()).ok  # free again
+
+
 def test_results_of_another_configuration_are_not_mixed_in(tmp_path):
     spec = parse_spec(SPEC)
     run = spec.runs()[0]
@@ -203,3 +238,63 @@ def test_a_real_sweep_runs_through_flower_and_resumes(tmp_path):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "1 already complete, 0 to run" in again.stdout
     assert (good / SUMMARY).stat().st_mtime_ns == stamp
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Live processes whose environment holds ``FEDAUG_TEST_TAG=tag`` (all a sweep started)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"FEDAUG_TEST_TAG={tag}".encode() in (
+                (entry / "environ").read_bytes().split(b"\0")
+            ):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.simulation
+def test_sigterm_stops_every_process_of_the_running_simulation(tmp_path):
+    """SIGTERM mid-run: the sweep exits 130 only once flwr-simulation, Ray and the SuperLink
+    are gone, and nothing writes a summary afterwards; the run is recorded as interrupted."""
+    experiment = tmp_path / "long.yaml"
+    experiment.write_text(
+        "federation: {num-supernodes: 2}\n"
+        "base: {cvae-rounds: 50, clf-rounds: 1, imputation: none, quality-samples: 0}\n"
+        "seeds: [0]\n"
+    )
+    tag = uuid.uuid4().hex
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FEDAUG_TEST_TAG": tag}
+    command = [sys.executable, "-m", "fedaug_flwr.experiments", "run", str(experiment)]
+    sweep = subprocess.Popen(
+        [*command, "--out", str(tmp_path / "sweep"), "--verbose"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        for line in sweep.stdout:
+            if "[fedaug] phase '" in line or "[fedaug] run " in line:  # the ServerApp works
+                break
+        time.sleep(3)
+        assert len(tagged_processes(tag)) > 4  # the sweep, SuperLink, SuperExec, Ray...
+        sweep.send_signal(signal.SIGTERM)
+        rest = sweep.communicate(timeout=120)[0]
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+        leftovers = tagged_processes(tag)
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)
+    assert sweep.returncode == 130, rest[-3000:]
+    assert "interrupted" in rest
+    assert leftovers == []
+    run = parse_spec(yaml_safe_load(experiment)).runs()[0]
+    time.sleep(5)  # a run left going would still be training now
+    assert not (run_dir(tmp_path / "sweep", run) / SUMMARY).exists()
+    assert run_status(tmp_path / "sweep", run) == "interrupted"
+
+
+def yaml_safe_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())

@@ -95,11 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stop_cleanly_on_signals() -> None:
-    """SIGTERM and SIGINT end the sweep through KeyboardInterrupt, so the running
-    simulation's SuperLink is stopped; a shell starts background jobs with SIGINT
-    ignored, hence the explicit handler."""
+    """SIGTERM and SIGINT end the sweep through KeyboardInterrupt, so every process of the
+    running simulation is stopped and its run is recorded as interrupted; a shell starts
+    background jobs with SIGINT ignored, hence the explicit handler."""
 
     def interrupt(signum: int, frame: object) -> None:
+        # Once: a second signal must not cut short the stopping of the running simulation.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     signal.signal(signal.SIGTERM, interrupt)

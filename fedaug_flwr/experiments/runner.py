@@ -1,10 +1,14 @@
 """Run a sweep: one real Flower simulation per (cell, seed), resumable, one at a time.
 
 A run is *complete* when its folder holds a readable ``summary.json`` (the app
-writes it last, atomically). Complete runs are skipped, so an interrupted
-sweep continues where it stopped; a folder without a summary (a run that was
-killed half-way, or one that failed) is cleared and run again. A failing run
-does not stop the sweep: it leaves ``failure.json`` and is reported at the end.
+writes it last, atomically) and the launch that wrote it ended normally: the
+runner records each launch in ``run-state.json`` (``running`` before it
+starts, then Flower's final status, or ``interrupted``), so a summary that
+appears after an interruption does not count. Complete runs are skipped, so an
+interrupted sweep continues where it stopped; any other folder (a run that was
+killed half-way, interrupted, or failed) is cleared and run again. A failing
+run does not stop the sweep: it leaves ``failure.json`` and is reported at the
+end. One sweep at a time holds a sweep folder (a lock file with its pid).
 
 Each run goes through :func:`fedaug_flwr.launch.simulate` (``flwr run`` on a
 private SuperLink); its log goes to ``flwr.log`` in the run's folder.
@@ -12,7 +16,9 @@ private SuperLink); its log goes to ``flwr.log`` in the run's folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -33,7 +39,17 @@ from fedaug_flwr.experiments.grid import (
     same_value,
     validate,
 )
-from fedaug_flwr.results import FAILURE, SUMMARY, read_summary, write_atomic, write_json
+from fedaug_flwr.results import (
+    FAILURE,
+    SUMMARY,
+    OutputFolderError,
+    folder_lock,
+    launch_state,
+    read_summary,
+    write_atomic,
+    write_json,
+    write_launch_state,
+)
 
 SPEC_FILE = "sweep.yaml"
 RUN_LOG = "flwr.log"
@@ -63,10 +79,13 @@ def run_dir(sweep_dir: Path, run: Run) -> Path:
 
 
 def run_status(sweep_dir: Path, run: Run) -> str:
-    """``complete``, ``failed`` (failure.json, no summary), ``partial`` or ``pending``."""
+    """``complete``, ``failed`` (failure.json, no summary), ``interrupted`` (its launch was
+    interrupted or never ended), ``partial`` or ``pending``."""
     folder = run_dir(sweep_dir, run)
     if read_summary(folder) is not None:
         return "complete"
+    if launch_state(folder).get("status") in ("running", "interrupted"):
+        return "interrupted"
     if (folder / FAILURE).is_file():
         return "failed"
     if folder.exists() and any(folder.iterdir()):
@@ -109,13 +128,38 @@ def run_sweep(
     out: TextIO | None = None,
     echo_logs: bool = False,
 ) -> SweepReport:
-    """Run ``runs`` (default: the whole grid) that are not complete yet, one at a time."""
+    """Run ``runs`` (default: the whole grid) that are not complete yet, one at a time.
+
+    :class:`SweepError` when another sweep holds ``sweep_dir``, or when this
+    Python cannot start Flower; KeyboardInterrupt (Ctrl-C, SIGTERM) passes
+    through once the running simulation is stopped.
+    """
     out = sys.stdout if out is None else out
     sweep_dir = Path(sweep_dir).resolve()
     validate(spec)  # the whole grid, even when running part of it
     runs = list(spec.runs() if runs is None else runs)
+    if launcher is launch.simulate:
+        try:
+            launch.check_environment()
+        except launch.EnvironmentProblem as error:
+            raise SweepError(str(error)) from error
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(folder_lock(sweep_dir, f"sweep '{spec.name}'"))
+        except OutputFolderError as error:
+            raise SweepError(str(error)) from error
+        return _run_held(spec, sweep_dir, runs, launcher, out, echo_logs)
+
+
+def _run_held(
+    spec: SweepSpec,
+    sweep_dir: Path,
+    runs: list[Run],
+    launcher: Launcher,
+    out: TextIO,
+    echo_logs: bool,
+) -> SweepReport:
     _check_stored_configs(sweep_dir, runs)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     write_spec(sweep_dir, spec)
 
     report = SweepReport(selected=len(runs))
@@ -157,6 +201,8 @@ def _execute(
     if folder.exists():
         shutil.rmtree(folder)  # half-written or failed before: start from nothing
     folder.mkdir(parents=True)
+    # Until the launcher returns, nothing in this folder counts as a completed run.
+    write_launch_state(folder, "running", pid=os.getpid(), started=time.strftime("%F %T"))
     run_config = {**run.run_config, "output-dir": str(folder)}
     try:
         with (folder / RUN_LOG).open("w") as log:
@@ -168,10 +214,17 @@ def _execute(
                 num_gpus=float(spec.federation["num-gpus"]),
                 stream=stream,
             )
+    except KeyboardInterrupt:
+        write_launch_state(folder, "interrupted", ended=time.strftime("%F %T"))
+        raise
     except Exception as error:  # noqa: BLE001 - one broken run must not end the sweep
         reason = f"{type(error).__name__}: {error}"
+        write_launch_state(folder, "failed", error=reason)
         _record_failure(folder, run, reason)
         return reason
+    write_launch_state(
+        folder, outcome.status, **{"run-id": outcome.run_id, "details": outcome.details}
+    )
     if outcome.ok and read_summary(folder) is not None:
         return None
     if outcome.ok:
