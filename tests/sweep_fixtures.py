@@ -130,7 +130,10 @@ def fake_pretraining(train_loss: float, real_loss: float, pretrained_f1: float) 
             }
             for e in (1, 2)
         ],
-        "pretrained": {"clients": aggregated(pretrained_f1, real_loss)},
+        "pretrained": {
+            "clients": aggregated(pretrained_f1, real_loss),
+            "global-test": metrics(pretrained_f1 + 0.05, real_loss),
+        },
     }
 
 

@@ -121,14 +121,23 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "macro_f1_vs_k_uniform.png",
                 "macro_f1_vs_k_minority.png",
                 "macro_f1_vs_k_averaged.png",
+                "global_accuracy_vs_k_uniform.png",
+                "global_accuracy_vs_k_minority.png",
+                "global_accuracy_vs_k_averaged.png",
                 "claims.md",
             },
-            ["finetune_comparison", "table1"],
+            ["finetune_comparison", "finetune_comparison_global", "table1"],
         ),
         (
             "finetune",
-            {"label_distributions.png", "finetune_comparison.png", "table1.md"},
-            ["claims"],
+            {
+                "label_distributions.png",
+                "finetune_comparison.png",
+                "finetune_comparison_global.png",
+                "table1.md",
+                "claims.md",
+            },
+            ["macro_f1_vs_k_uniform", "global_accuracy_vs_k_uniform"],
         ),
     ):
         assert cli.main(["plot", str(tmp_path / name)]) == 0
@@ -153,10 +162,45 @@ def test_claims_are_paired_by_seed_then_summarized_over_seeds(imputation_tables)
     assert gain["mean"] == pytest.approx(0.1) and gain["std"] == pytest.approx(0.0)
     both = table[table["betas"] == "0.1, 10"].loc["uniform k = 100 (50%) - no synthetic"]
     assert both["mean"] == pytest.approx(0.045)  # ((0.65 - 0.6) + (0.84 - 0.8)) / 2 per seed
-    text = claims.claims_markdown(imputation_tables.final_runs)
+    # 95 % interval: 0.055 +- t(0.975, 2) * 0.01 / sqrt(3) = 0.055 +- 4.3027 * 0.005774
+    assert overall["ci-low"] == pytest.approx(0.030158, abs=1e-5)
+    assert overall["ci-high"] == pytest.approx(0.079842, abs=1e-5)
+    assert overall["verdict"] == "agrees"
+    text = claims.claims_markdown(table.reset_index(), "test-macro-f1")
     assert (
-        "| minority - uniform, mean over betas and k > 0 | 0.1, 10 | +0.0550 | 0.0100 | 3 |" in text
+        "| minority - uniform, mean over betas and k > 0 | 0.1, 10 | +0.0550 | 0.0100 | 3 "
+        "| [+0.0302, +0.0798] | + | agrees |" in text
     )
+
+
+def test_finetune_claims_pair_vanilla_and_pretraining_by_seed(tmp_path):
+    finetune_sweep(tmp_path)
+    final_runs = write_tables(tmp_path).final_runs
+    table = claims.finetune_claims(final_runs).set_index(["comparison", "betas"])
+    # fine-tuned 0.7, 0.8 against vanilla 0.6, 0.7: +0.1 in both seeds
+    tuned = table.loc[("fine-tuned - vanilla", "0.1")]
+    assert tuned["mean"] == pytest.approx(0.1) and tuned["verdict"] == "agrees"
+    assert table.loc[("fine-tuned - vanilla", "100")]["verdict"] == "differs"  # study: none
+    # pretrained 0.3 against 0.6, 0.7: -0.3, -0.4; std 0.0707, t(0.975, 1) = 12.706
+    pretrained = table.loc[("pretrained only - vanilla", "0.1")]
+    assert pretrained["mean"] == pytest.approx(-0.35)
+    assert pretrained["ci-low"] == pytest.approx(-0.35 - 12.7062 * 0.05, abs=1e-4)
+    assert pretrained["verdict"] == "inconclusive"
+    glob = claims.finetune_claims(final_runs, "global-test-macro-f1").set_index("comparison")
+    # global: pretrained 0.35 against vanilla 0.65, 0.75 (both +0.05 over the clients)
+    assert glob.loc["pretrained only - vanilla"].iloc[0]["mean"] == pytest.approx(-0.35)
+
+
+def test_verdicts_follow_the_interval():
+    assert claims.verdict(0.01, 0.05, +1) == "agrees"
+    assert claims.verdict(0.01, 0.05, -1) == "disagrees"
+    assert claims.verdict(-0.01, 0.05, +1) == "inconclusive"
+    assert claims.verdict(-0.01, 0.05, 0) == "no difference found"
+    assert claims.verdict(0.01, 0.05, 0) == "differs"
+    assert claims.verdict(float("nan"), float("nan"), +1) == "inconclusive (n < 2)"
+    # two differences 0.1 and 0.3: mean 0.2, std 0.1414, t(0.975, 1) = 12.706
+    low, high = claims.interval([0.1, 0.3])
+    assert (low, high) == (pytest.approx(0.2 - 12.7062 * 0.1), pytest.approx(0.2 + 12.7062 * 0.1))
 
 
 def test_averages_over_beta_count_only_seeds_that_have_every_beta(tmp_path):

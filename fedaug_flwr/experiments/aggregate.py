@@ -94,6 +94,9 @@ def final_row(summary: Mapping[str, Any]) -> dict[str, Any]:
     pretraining = summary.get("pretraining")
     if pretraining:
         row.update(_metrics("pretrained-test-", pretraining["pretrained"]["clients"], True))
+        row.update(
+            _metrics("pretrained-global-test-", pretraining["pretrained"].get("global-test"))
+        )
         epochs = pretraining.get("epochs") or []
         if epochs:
             last = epochs[-1]

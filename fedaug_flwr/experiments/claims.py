@@ -1,16 +1,23 @@
-"""The study's imputation claims as numbers: paired differences of macro-F1 over seeds.
+"""The study's claims as numbers: paired differences over seeds, with 95 % intervals.
 
 A seed fixes a run's partition and initial models, so runs of different cells
 with the same seed differ only in what the cell changes. Every comparison is
 therefore taken within a seed first (e.g. minority minus uniform, averaged
-over betas and k) and then summarized over seeds as mean, sample std and n.
+over betas and k) and then summarized over seeds as mean, sample std, n and a
+95 % t interval of the mean difference. A verdict follows the interval: it
+"agrees" with the study only when the interval excludes zero on the study's
+side, "disagrees" when it excludes zero on the other side, and is
+"inconclusive" when it covers zero (or n < 2).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 from fedaug_flwr.experiments.figures import (
     BETA,
@@ -29,14 +36,45 @@ def per_seed(final_runs: pd.DataFrame, mode: str, metric: str = F1) -> pd.DataFr
     )
 
 
-def _summary(name: str, betas: Sequence[float], differences: pd.Series) -> dict:
+def interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """The t interval of the mean of paired differences (NaN for fewer than 2 values)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    half = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1)
+    half /= math.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
+def verdict(low: float, high: float, study_sign: int) -> str:
+    """``agrees`` / ``disagrees`` with a study that found a difference of ``study_sign``
+    (+1, -1), or ``inconclusive``; with ``study_sign`` 0 (the study found none):
+    ``no difference found`` or ``differs``."""
+    if math.isnan(low):
+        return "inconclusive (n < 2)"
+    excludes_zero = low > 0 or high < 0
+    if study_sign == 0:
+        return "differs" if excludes_zero else "no difference found"
+    if not excludes_zero:
+        return "inconclusive"
+    return "agrees" if (low > 0) == (study_sign > 0) else "disagrees"
+
+
+def _summary(
+    name: str, betas: Sequence[float], differences: pd.Series, study_sign: int | None = None
+) -> dict:
     values = differences.dropna()
+    low, high = interval(values.to_numpy())
     return {
         "comparison": name,
         "betas": ", ".join(f"{b:g}" for b in betas),
         "mean": float(values.mean()) if len(values) else float("nan"),
         "std": float(values.std()) if len(values) > 1 else float("nan"),
         "n": int(len(values)),
+        "ci-low": low,
+        "ci-high": high,
+        "study": {None: "", 1: "+", -1: "-", 0: "0"}[study_sign],
+        "verdict": "" if study_sign is None else verdict(low, high, study_sign),
     }
 
 
@@ -48,6 +86,17 @@ def _mean_over(table: pd.DataFrame, betas: Sequence[float], k: int | None) -> pd
         if beta in betas and (kk == k if k is not None else kk > 0)
     ]
     return table[columns].mean(axis=1, skipna=False)  # a seed missing a cell does not count
+
+
+def _study_sign_against_none(mode: str, k: int, betas: Sequence[float]) -> int | None:
+    """What the study found for k synthetic images against none (docs/study.md):
+    minority helps at every k; uniform k = 100 helps at beta 0.1 and 0.3. Elsewhere it
+    states no direction."""
+    if mode == "minority":
+        return +1
+    if k == 100 and betas and all(b in (0.1, 0.3) for b in betas):
+        return +1
+    return None
 
 
 def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
@@ -67,6 +116,7 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
             betas,
             _mean_over(tables["minority"], betas, None)
             - _mean_over(tables["uniform"], betas, None),
+            +1,  # the study: +0.015 on average
         )
     ]
     for k in ks:
@@ -87,6 +137,7 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
                         f"{mode} k = {k} ({100 * share[k]:.0f}%) - no synthetic",
                         beta_set,
                         _mean_over(table, beta_set, k) - _mean_over(table, beta_set, 0),
+                        _study_sign_against_none(mode, k, beta_set),
                     )
                 )
             if len(ks) > 1:
@@ -95,19 +146,86 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
                         f"{mode} k = {ks[-1]} - {mode} k = {ks[0]} (more synthetic)",
                         beta_set,
                         _mean_over(table, beta_set, ks[-1]) - _mean_over(table, beta_set, ks[0]),
+                        # uniform degrades past ~45 % synthetic; minority keeps improving
+                        -1 if mode == "uniform" else +1,
                     )
                 )
     return pd.DataFrame(rows)
 
 
-def claims_markdown(final_runs: pd.DataFrame, metric: str = F1) -> str:
-    """:func:`imputation_claims` as a Markdown table (differences of ``metric``)."""
-    table = imputation_claims(final_runs, metric)
+def finetune_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
+    """Per beta, paired by seed: fine-tuned - vanilla (the study: better at beta 0.1 and
+    0.3, comparable elsewhere) and pretrained - vanilla (the study: worse)."""
+    needed = [BETA, K, "imputation", "pretrain", "seed", metric, f"pretrained-{metric}"]
+    missing = [c for c in needed if c not in final_runs]
+    if missing:
+        raise FigureError(f"finetune claims need column(s) {missing}")
+    plain = final_runs[(final_runs["imputation"] == "none") | (final_runs[K] == 0)]
+    rows = []
+    for beta in sorted(plain[BETA].unique()):
+        at = plain[np.isclose(plain[BETA], beta)]
+        vanilla = at[at["pretrain"] == "off"].set_index("seed")[metric]
+        tuned = at[at["pretrain"] == "federated"].set_index("seed")
+        if vanilla.empty or tuned.empty:
+            continue
+        rows.append(
+            _summary(
+                "fine-tuned - vanilla",
+                [beta],
+                (tuned[metric] - vanilla).dropna(),
+                +1 if beta in (0.1, 0.3) else 0,
+            )
+        )
+        rows.append(
+            _summary(
+                "pretrained only - vanilla",
+                [beta],
+                (tuned[f"pretrained-{metric}"] - vanilla).dropna(),
+                -1,
+            )
+        )
+    if not rows:
+        raise FigureError("finetune claims need vanilla and pretrained runs of one beta")
+    return pd.DataFrame(rows)
+
+
+def claims_markdown(table: pd.DataFrame, metric: str) -> str:
+    """A claims table (:func:`imputation_claims`, :func:`finetune_claims`) as Markdown."""
     lines = [
-        f"| comparison ({metric}, paired by seed) | beta | mean | std | n |",
-        "|---|---:|---:|---:|---:|",
+        f"| comparison ({metric}, paired by seed) | beta | mean | std | n | 95 % interval "
+        "| study | verdict |",
+        "|---|---:|---:|---:|---:|---|---|---|",
     ]
-    for row in table.itertuples(index=False):
-        std = "-" if pd.isna(row.std) else f"{row.std:.4f}"
-        lines.append(f"| {row.comparison} | {row.betas} | {row.mean:+.4f} | {std} | {row.n} |")
+    for row in table.to_dict("records"):
+        std = "-" if pd.isna(row["std"]) else f"{row['std']:.4f}"
+        ci = "-" if pd.isna(row["ci-low"]) else f"[{row['ci-low']:+.4f}, {row['ci-high']:+.4f}]"
+        lines.append(
+            f"| {row['comparison']} | {row['betas']} | {row['mean']:+.4f} | {std} | {row['n']} "
+            f"| {ci} | {row['study']} | {row['verdict']} |"
+        )
     return "\n".join(lines) + "\n"
+
+
+def claims_report(final_runs: pd.DataFrame) -> str:
+    """Every claim the runs support, on the clients' macro-F1 and on the metric the
+    study's figures plot (global accuracy for imputation, global macro-F1 for the
+    finetune comparison)."""
+    sections = []
+    for title, build, metrics in (
+        ("Imputation", imputation_claims, (F1, "global-test-accuracy")),
+        ("Fine-tuning", finetune_claims, (F1, "global-test-macro-f1")),
+    ):
+        for metric in metrics:
+            try:
+                table = build(final_runs, metric)
+            except (FigureError, KeyError):
+                continue
+            sections.append(f"## {title}: {metric}\n\n{claims_markdown(table, metric)}")
+    if not sections:
+        raise FigureError("no claim can be computed from these runs yet")
+    legend = (
+        "Paired by seed; 95 % t interval of the mean difference. study: the sign the "
+        "study reports (0: no difference). verdict: agrees / disagrees only when the "
+        "interval excludes zero; otherwise inconclusive.\n\n"
+    )
+    return legend + "\n".join(sections)

@@ -29,6 +29,19 @@ FIGURES_DIR = "figures"
 BETA, MODE, K = "dirichlet-beta", "imputation", "num-synthetic"
 IMPUTATION_MODES = ("uniform", "minority")
 F1 = "test-macro-f1"
+# The study's figures plot the global model on the MNIST test set: micro-F1 (= accuracy)
+# in its imputation figures, macro-F1 in its finetune comparison (docs/study.md).
+STUDY_IMPUTATION_METRIC = "global-test-accuracy"
+STUDY_FINETUNE_METRIC = "global-test-macro-f1"
+METRIC_LABELS = {
+    F1: "client test macro-F1 (mean over clients)",
+    "global-test-accuracy": "global test accuracy (= micro-F1; the study's Figures 9-12)",
+    "global-test-macro-f1": "global test macro-F1 (the study's Figure 15)",
+}
+
+
+def metric_label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric)
 
 
 class FigureError(ValueError):
@@ -215,9 +228,9 @@ def _k_ticks(axis, positions: dict[int, int], share: dict[int, float]) -> None:
     axis.set_xlabel("k synthetic images per client (share of training data)")
 
 
-def plot_macro_f1_vs_k(final_cells: pd.DataFrame, path: Path, mode: str) -> Path:
-    """Final client macro-F1 against k, one line per beta, +-1 std error bars."""
-    _require(final_cells, [BETA, MODE, K, f"{F1}-mean", f"{F1}-std", "n"], "macro-F1 vs k")
+def plot_macro_f1_vs_k(final_cells: pd.DataFrame, path: Path, mode: str, metric: str = F1) -> Path:
+    """A final metric (client macro-F1 by default) against k, one line per beta, +-1 std."""
+    _require(final_cells, [BETA, MODE, K, f"{metric}-mean", f"{metric}-std", "n"], "F1 vs k")
     curve = imputation_curve(final_cells, mode)
     if (curve[K] > 0).sum() == 0:
         raise FigureError(f"macro-F1 vs k: no runs with {mode} imputation")
@@ -228,15 +241,15 @@ def plot_macro_f1_vs_k(final_cells: pd.DataFrame, path: Path, mode: str) -> Path
         lines = lines.sort_values(K)
         axis.errorbar(
             lines[K].map(positions),
-            lines[f"{F1}-mean"],
-            yerr=np.nan_to_num(lines[f"{F1}-std"].to_numpy(float)),
+            lines[f"{metric}-mean"],
+            yerr=np.nan_to_num(lines[f"{metric}-std"].to_numpy(float)),
             marker="o",
             capsize=3,
             label=f"beta = {_fmt_beta(beta)} (n={int(lines['n'].min())})",
         )
     _k_ticks(axis, positions, _synthetic_share(curve))
-    axis.set_ylabel("client test macro-F1 (mean over clients)")
-    axis.set_title(f"Macro-F1 against k, {mode} imputation (+-1 std over seeds)")
+    axis.set_ylabel(metric_label(metric))
+    axis.set_title(f"{metric} against k, {mode} imputation (+-1 std over seeds)")
     axis.legend(fontsize=8)
     return save_figure(figure, path)
 
@@ -261,9 +274,9 @@ def averaged_over_beta(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFra
     return pd.concat(frames, ignore_index=True)
 
 
-def plot_macro_f1_vs_k_averaged(final_runs: pd.DataFrame, path: Path) -> Path:
-    """Macro-F1 against k averaged over all betas, uniform against minority."""
-    table = averaged_over_beta(final_runs)
+def plot_macro_f1_vs_k_averaged(final_runs: pd.DataFrame, path: Path, metric: str = F1) -> Path:
+    """A final metric against k averaged over all betas, uniform against minority."""
+    table = averaged_over_beta(final_runs, metric)
     positions = _k_positions(table[K].unique())
     figure = Figure(figsize=(6.5, 4.2))
     axis = figure.subplots()
@@ -282,9 +295,9 @@ def plot_macro_f1_vs_k_averaged(final_runs: pd.DataFrame, path: Path) -> Path:
             int(k): float(v) for k, v in final_runs.groupby(K)["synthetic-fraction"].mean().items()
         }
     _k_ticks(axis, positions, share)
-    axis.set_ylabel("client test macro-F1, mean over betas")
+    axis.set_ylabel(f"{metric_label(metric)}, mean over betas")
     axis.set_title(
-        f"Macro-F1 against k, averaged over {int(table['betas'].max())} betas (+-1 std over seeds)"
+        f"{metric} against k, averaged over {int(table['betas'].max())} betas (+-1 std over seeds)"
     )
     axis.legend()
     return save_figure(figure, path)
@@ -294,14 +307,16 @@ def plot_macro_f1_vs_k_averaged(final_runs: pd.DataFrame, path: Path) -> Path:
 
 
 def finetune_comparison(
-    final_cells: pd.DataFrame, pretrain_mode: str = "federated"
+    final_cells: pd.DataFrame, pretrain_mode: str = "federated", metric: str = F1
 ) -> pd.DataFrame:
-    """Per beta: vanilla (pretrain off), pretrained and fine-tuned macro-F1 (mean, std, n)."""
-    needed = [BETA, "pretrain", f"{F1}-mean", f"pretrained-{F1}-mean"]
-    if "pretrain" not in final_cells.columns or f"pretrained-{F1}-mean" not in final_cells:
+    """Per beta: vanilla (pretrain off, no synthetic images), pretrained and fine-tuned
+    ``metric`` (mean, std, n)."""
+    needed = [BETA, "pretrain", f"{metric}-mean", f"pretrained-{metric}-mean"]
+    if "pretrain" not in final_cells.columns or f"pretrained-{metric}-mean" not in final_cells:
         raise FigureError(f"finetune comparison needs column(s) {needed} (runs with pretraining)")
-    vanilla = final_cells[final_cells["pretrain"] == "off"]
-    tuned = final_cells[final_cells["pretrain"] == pretrain_mode]
+    plain = _is_baseline(final_cells) if MODE in final_cells and K in final_cells else True
+    vanilla = final_cells[(final_cells["pretrain"] == "off") & plain]
+    tuned = final_cells[(final_cells["pretrain"] == pretrain_mode) & plain]
     rows = []
     for beta in sorted(final_cells[BETA].unique()):
         for name, table, prefix in (
@@ -317,8 +332,8 @@ def finetune_comparison(
                 {
                     BETA: beta,
                     "model": name,
-                    "mean": row[f"{prefix}{F1}-mean"],
-                    "std": row[f"{prefix}{F1}-std"],
+                    "mean": row[f"{prefix}{metric}-mean"],
+                    "std": row[f"{prefix}{metric}-std"],
                     "n": int(row["n"]),
                 }
             )
@@ -328,10 +343,10 @@ def finetune_comparison(
 
 
 def plot_finetune_comparison(
-    final_cells: pd.DataFrame, path: Path, pretrain_mode: str = "federated"
+    final_cells: pd.DataFrame, path: Path, pretrain_mode: str = "federated", metric: str = F1
 ) -> Path:
-    """Grouped bars per beta: vanilla / pretrained / fine-tuned client macro-F1, +-1 std."""
-    table = finetune_comparison(final_cells, pretrain_mode)
+    """Grouped bars per beta: vanilla / pretrained / fine-tuned ``metric``, +-1 std."""
+    table = finetune_comparison(final_cells, pretrain_mode, metric)
     betas = sorted(table[BETA].unique())
     models = [m for m in ("vanilla", "pretrained", "finetuned") if m in set(table["model"])]
     figure = Figure(figsize=(1.6 * len(betas) + 3, 4.2))
@@ -350,7 +365,7 @@ def plot_finetune_comparison(
         )
     axis.set_xticks(positions, [_fmt_beta(b) for b in betas])
     axis.set_xlabel("dirichlet beta (smaller = more skewed)")
-    axis.set_ylabel("client test macro-F1 (mean over clients)")
+    axis.set_ylabel(metric_label(metric))
     axis.set_title(f"Vanilla FedAvg vs {pretrain_mode} pretraining on synthetic data (+-1 std)")
     axis.legend()
     return save_figure(figure, path)
@@ -432,6 +447,32 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
         "finetune_comparison",
         lambda: plot_finetune_comparison(tables.final_cells, out / "finetune_comparison.png"),
     )
+    # the same on the metric the study's own figures plot (docs/study.md)
+    for mode in IMPUTATION_MODES:
+        attempt(
+            f"global_accuracy_vs_k_{mode}",
+            lambda m=mode: plot_macro_f1_vs_k(
+                tables.final_cells,
+                out / f"global_accuracy_vs_k_{m}.png",
+                m,
+                STUDY_IMPUTATION_METRIC,
+            ),
+        )
+    attempt(
+        "global_accuracy_vs_k_averaged",
+        lambda: plot_macro_f1_vs_k_averaged(
+            tables.final_runs, out / "global_accuracy_vs_k_averaged.png", STUDY_IMPUTATION_METRIC
+        ),
+    )
+    attempt(
+        "finetune_comparison_global",
+        lambda: plot_finetune_comparison(
+            tables.final_cells,
+            out / "finetune_comparison_global.png",
+            "federated",
+            STUDY_FINETUNE_METRIC,
+        ),
+    )
 
     def table1() -> Path:
         text = table1_markdown(tables.final_runs)
@@ -440,9 +481,9 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
     attempt("table1", table1)
 
     def claims() -> Path:
-        from fedaug_flwr.experiments.claims import claims_markdown
+        from fedaug_flwr.experiments.claims import claims_report
 
-        text = claims_markdown(tables.final_runs)
+        text = claims_report(tables.final_runs)
         return write_atomic(out / "claims.md", lambda tmp: tmp.write_text(text))
 
     attempt("claims", claims)
