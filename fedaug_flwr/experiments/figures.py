@@ -491,14 +491,17 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
 
 
 def _label_distributions(spec, sweep_dir: Path, tables: Tables, out: Path) -> Path:
-    from fedaug_flwr.data import load_source
+    from fedaug_flwr.data import DataError, load_source
 
     if tables.final_runs.empty or BETA not in tables.final_runs:
         raise FigureError("label distributions: no complete runs yet")
     first = tables.final_runs.iloc[0]
     run = next(r for r in spec.runs() if r.cell.name == first["cell"] and r.seed == first["seed"])
     summary = read_summary(run_dir(sweep_dir, run))
-    data = load_source(summary["data"]["source"], summary["data"]["location"])
+    try:
+        data = load_source(summary["data"]["source"], summary["data"]["location"])
+    except (DataError, OSError) as error:  # published results, read on another machine
+        raise FigureError(f"label distributions: the run's data is not here ({error})") from error
     config = summary["config"]
     return plot_label_distributions(
         data.pool.labels,
