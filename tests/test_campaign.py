@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 from pathlib import Path
 
@@ -88,6 +89,11 @@ def test_compact_summary_drops_only_the_per_client_rows_of_every_round():
     assert all("evaluate-per-client" not in r for r in compact["classifier"]["rounds"])
     assert all("train-per-client" not in r for r in compact["classifier"]["rounds"])
     assert compact["clients"] == summary["clients"] and compact["final"] == summary["final"]
+    summary["output-dir"] = summary["config"]["output-dir"] = "/home/someone/runs/a"
+    summary["data"]["location"] = "/home/someone/mnist"
+    compact = compact_summary(summary, {"code-commit": "abc", "code-changed": False})
+    assert "/home/someone" not in json.dumps(compact)
+    assert compact["compact"]["code-commit"] == "abc"
     assert "evaluate-per-client" in summary["classifier"]["rounds"][0]  # the run's own copy
 
 
@@ -111,7 +117,9 @@ def test_each_run_is_published_and_committed_alone_then_skipped(repo, tmp_path):
     assert "unrelated.txt" in git(repo, "diff", "--cached", "--name-only")  # left staged
     clients = pd.read_csv(publish / first.relative_dir / CLIENTS_TABLE)
     assert list(clients["partition-id"]) == [0, 1, 2] and "test-macro-f1" in clients
-    assert read_summary(run_dir(publish, first))["compact"]
+    published = read_summary(run_dir(publish, first))
+    assert published["compact"]["code-commit"] != "unknown"  # this checkout's commit
+    assert str(tmp_path) not in json.dumps(published)
 
     again = RecordingLauncher()
     report = run_campaign(spec, tmp_path / "scratch", publish, launcher=again, out=io.StringIO())

@@ -38,21 +38,47 @@ from fedaug_flwr.results import SUMMARY, read_summary, write_atomic, write_json
 CLIENTS_TABLE = "clients.csv"
 # Per-client rows of every round: most of a 100-client summary, and in no table.
 _PER_ROUND_DETAIL = ("train-per-client", "evaluate-per-client")
+# Folders of the machine that made the run: meaningless elsewhere, and not published.
+_LOCAL_PATHS = (
+    ("output-dir",),
+    ("config", "output-dir"),
+    ("config", "data-dir"),
+    ("data", "location"),
+)
 
 
-def compact_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary without the per-client rows of every round (a few kB instead of MBs);
-    the aggregated rounds, every client's final numbers and all the rest stay."""
+def compact_summary(summary: dict[str, Any], code: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The summary without the per-client rows of every round (a few hundred kB instead of
+    MBs) and without the machine's folders; the aggregated rounds, every client's final
+    numbers and all the rest stay. ``code`` says which code made the run."""
     compact = copy.deepcopy(summary)
     for phase in ("cvae", "classifier"):
         for row in (compact.get(phase) or {}).get("rounds", []):
             for key in _PER_ROUND_DETAIL:
                 row.pop(key, None)
-    compact["compact"] = {"dropped-per-round": list(_PER_ROUND_DETAIL)}
+    for *parents, key in _LOCAL_PATHS:
+        section = compact
+        for parent in parents:
+            section = section.get(parent) or {}
+        if section.get(key):
+            section[key] = "(local folder, not published)"
+    compact["compact"] = {"dropped-per-round": list(_PER_ROUND_DETAIL), **(code or {})}
     return compact
 
 
-def publish(run_folder: Path, target: Path) -> list[Path]:
+def code_version(folder: Path) -> dict[str, Any]:
+    """The git commit of the code in ``folder`` and whether it had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "fedaug_flwr", "*.py")
+    return {"code-commit": commit or "unknown", "code-changed": bool(changed)}
+
+
+def publish(run_folder: Path, target: Path, code: dict[str, Any] | None = None) -> list[Path]:
     """Write a completed run's compact results to ``target``; returns the files."""
     summary = read_summary(run_folder)
     if summary is None:
@@ -60,7 +86,7 @@ def publish(run_folder: Path, target: Path) -> list[Path]:
     table = pd.DataFrame(client_rows(summary))
     clients = write_atomic(target / CLIENTS_TABLE, lambda tmp: table.to_csv(tmp, index=False))
     # the summary last: a folder with it is a published run
-    return [clients, write_json(target / SUMMARY, compact_summary(summary))]
+    return [clients, write_json(target / SUMMARY, compact_summary(summary, code))]
 
 
 def published(publish_dir: Path, run: Run) -> bool:
@@ -145,7 +171,8 @@ def run_campaign(
                 f"({summary['data'].get('fallback-reason')}): not published; point data-dir "
                 "or $FEDAUG_DATA_DIR at the data set and run the campaign again"
             )
-        files = publish(run_dir(scratch_dir, run), run_dir(publish_dir, run))
+        code = code_version(Path(__file__).resolve().parent)  # the code these runs use
+        files = publish(run_dir(scratch_dir, run), run_dir(publish_dir, run), code)
         minutes = float(summary.get("timing-s", {}).get("total", 0.0)) / 60
         if repo is not None:
             message = f"{spec.name}: {run.label} ({minutes:.0f} min)"
