@@ -32,7 +32,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedaug_flwr import __version__
+from fedaug_flwr import __version__, federation
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.data import Digits, MnistData, load_source, resolve_source
 from fedaug_flwr.fidelity import feature_fidelity
@@ -370,22 +370,9 @@ def _scores_and_histograms(
     return quality
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float = NODE_WAIT_S) -> list[int]:
-    """Node ids once at least ``minimum`` nodes are connected (they register asynchronously)."""
-    deadline = time.monotonic() + timeout
-    previous = -1
-    while True:
-        node_ids = sorted(grid.get_node_ids())
-        # In simulation all nodes appear within a second; wait until the count settles.
-        if len(node_ids) >= minimum and len(node_ids) == previous:
-            return node_ids
-        if time.monotonic() > deadline:
-            raise PhaseError(
-                f"only {len(node_ids)} SuperNodes connected after {timeout:.0f} s; "
-                f"min-clients={minimum}"
-            )
-        previous = len(node_ids)
-        time.sleep(1.0)
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float | None = None) -> list[int]:
+    """Node ids once at least ``minimum`` nodes are connected (see :mod:`federation`)."""
+    return federation.wait_for_nodes(grid, minimum, NODE_WAIT_S if timeout is None else timeout)
 
 
 def _rounds(strategy: RoutedFedAvg, result, extra: Callable[[int], dict] | None = None) -> list:
