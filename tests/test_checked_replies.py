@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 import client_app
 from fedaug_flwr import pipeline
 from fedaug_flwr.config import AppConfig
-from fedaug_flwr.protocol import ARRAYS, METRICS, RECEIVED_EVALUATION
+from fedaug_flwr.models import ExquisiteNetV1
+from fedaug_flwr.protocol import ARRAYS, CONFIG, METRICS, RECEIVED_EVALUATION, TaskConfig
 from fedaug_flwr.results import SUMMARY, load_state_dict
 from fedaug_flwr.strategies import PhaseError
 from fedaug_flwr.transport import from_array, to_array, weighted_mean
@@ -287,6 +288,28 @@ def test_supernodes_with_different_num_partitions_are_refused(tmp_path):
     ):
         run(tmp_path, nodes)
     assert not (tmp_path / "run" / SUMMARY).exists()
+
+
+# ------------------------------------------------------------ a diverging client
+
+
+def test_a_client_whose_loss_is_not_finite_stops_and_says_so(node_files):
+    grid = LocalGrid(client_app.app, own_data_nodes(node_files, 1))
+    config = AppConfig.from_run_config(FAST)
+    broken = ExquisiteNetV1().state_dict()
+    broken = {name: t.fill_(math.nan) if t.is_floating_point() else t for name, t in broken.items()}
+    record = TaskConfig(config, "mnist-5k", "").to_record()
+    record["server-round"] = 1
+    content = RecordDict({ARRAYS: ArrayRecord(broken), CONFIG: ConfigRecord(dict(record))})
+    message = Message(content, dst_node_id=FIRST_NODE_ID, message_type="train.clf")
+
+    (reply,) = grid.send_and_receive([message])
+
+    assert reply.has_error()
+    assert (
+        "NonFiniteLoss: local training stopped: the loss became nan in epoch 1 of 1, batch 1"
+        in (reply.error.reason)
+    )
 
 
 def test_fedavg_mean_refuses_weights_that_are_not_positive():
