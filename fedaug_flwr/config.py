@@ -30,6 +30,7 @@ OPTIMIZERS = ("adam", "sgd")
 BINARIZATIONS = ("rescale", "round")
 MINORITY_ROUNDINGS = ("nearest", "up")
 REFRESH = ("once", "every-round")
+AGGREGATIONS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
 # What one synthetic image costs a client: the uint8 28x28 image it keeps, the float32 copy
 # training makes of it (with its int64 label), and the uint8 copy that copy is made from.
 BYTES_PER_SYNTHETIC_IMAGE = 28 * 28 * (1 + 4 + 1) + 8
@@ -76,6 +77,9 @@ class AppConfig:
     clf_momentum: float
     clf_weight_decay: float
     clf_batch_size: int
+    clf_aggregation: str
+    clf_trim_fraction: float
+    clf_krum_malicious: int
     eval_batch_size: int
     pretrain: str
     pretrain_samples: int
@@ -221,6 +225,9 @@ _RULES: dict[str, _Rule] = {
     "clf-momentum": (float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "clf-weight-decay": (float, _non_negative, "a number >= 0"),
     "clf-batch-size": (int, _positive, "an integer >= 1"),
+    "clf-aggregation": (str, AGGREGATIONS.__contains__, f"one of {list(AGGREGATIONS)}"),
+    "clf-trim-fraction": (float, lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5)"),
+    "clf-krum-malicious": (int, _non_negative, "an integer >= 0"),
     "eval-batch-size": (int, _positive, "an integer >= 1"),
     "pretrain": (str, PRETRAIN_MODES.__contains__, f"one of {list(PRETRAIN_MODES)}"),
     "pretrain-samples": (int, lambda v: v >= 20, "an integer >= 20"),

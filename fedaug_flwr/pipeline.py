@@ -78,6 +78,7 @@ from fedaug_flwr.strategies import (
     in_partition_order,
     metric_dict,
     reply_failures,
+    routed_strategy,
     sender_of,
 )
 from fedaug_flwr.training import TensorData, evaluate_classifier, seed_for
@@ -412,8 +413,11 @@ def _rounds(strategy: RoutedFedAvg, result, extra: Callable[[int], dict] | None 
 def _strategy(
     config: AppConfig, action: str, evaluate: bool, sizes: dict[int, NodeSizes] | None = None
 ) -> RoutedFedAvg:
-    return RoutedFedAvg(
+    return routed_strategy(
+        config.clf_aggregation if action == "clf" else "fedavg",
         action,
+        trim_fraction=config.clf_trim_fraction,
+        krum_malicious=config.clf_krum_malicious,
         sizes=sizes,
         min_replies=config.min_clients,
         evaluate_on_receipt=evaluate and config.evaluate_on_receipt,
@@ -600,6 +604,7 @@ def train_classifier(
         "initial-weights-sha256": weights_digest(initial),
         "initial-global-test": metric_dict(server_metrics[0]),
         "federated-evaluation": strategy.federated_evaluation,
+        "aggregation": strategy.aggregation,
         "rounds": _rounds(strategy, result, global_test_of),
         "round-timing-s": strategy.timing_table(),
     }

@@ -22,7 +22,7 @@ A good reply holds exactly the records its message kind answers with:
   size: the count must then only be plausible, a positive integer of at most
   :data:`MAX_PLAUSIBLE_EXAMPLES`. The sizes are what the client claims, so this
   bounds a client's weight by its own earlier statement; it does not make a
-  lying client honest;
+  lying client honest (the robust ``clf-aggregation`` rules are for that);
 - ``partition-id`` the one it reported at the imputation.
 
 The imputation reply itself (:func:`imputation_problem`) must hold every size,

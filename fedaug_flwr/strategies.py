@@ -20,7 +20,9 @@ model, recorded under round r (it arrives during round r + 1).
 Every reply is checked (:mod:`fedaug_flwr.replies`) before it counts: a
 malformed or absurd one is that client's failure for the round, recorded with
 the reason, and only the good ones reach Flower's own check and the
-aggregation.
+aggregation. The classifier may be aggregated by Flower's robust rules
+(``FedMedian``, ``FedTrimmedAvg``, ``Krum``) instead of the mean: see
+:func:`routed_strategy`.
 
 It also times every round (send and train, aggregation, federated and
 server-side evaluation), which ``summary.json`` reports and ``bench/`` reads.
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 
 from fedaug_flwr.metrics import aggregate_clients
 from fedaug_flwr.protocol import EVALUATE_RECEIVED, METRICS, PARTITION_ID, RECEIVED_EVALUATION
@@ -145,6 +147,8 @@ def in_partition_order(replies: Iterable[Message]) -> list[Message]:
 
 class RoutedFedAvg(FedAvg):
     """FedAvg whose messages go to ``train.<action>`` / ``evaluate.<action>``."""
+
+    aggregation = "fedavg"  # what summary.json records
 
     def __init__(
         self,
@@ -300,9 +304,16 @@ class RoutedFedAvg(FedAvg):
         entry, good = self._record(replies, "train", server_round, self._model)
         self.train_log[server_round] = entry
         try:
-            return self._fedavg(good)
+            return self._aggregate_updates(server_round, good)
         finally:
             self._mark(server_round, "train-aggregated")
+
+    def _aggregate_updates(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global model from the checked replies: FedAvg's mean here; the robust
+        strategies below use their Flower strategy's own ``aggregate_train``."""
+        return self._fedavg(replies)
 
     def _fedavg(self, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg's ``aggregate_train`` with the faster array reader of :mod:`transport`."""
@@ -404,3 +415,63 @@ class RoutedFedAvg(FedAvg):
             if kind == "train":  # no model without enough updates
                 raise PhaseError(summary)
             log.warning("%s; evaluation kept for those who answered", summary)
+
+
+# Robust aggregation of the classifier (``clf-aggregation``). Each class puts RoutedFedAvg
+# (routing, reply checks, per-client records, evaluation on receipt) in front of Flower's
+# own strategy in the MRO and hands it the checked replies: the aggregation itself is
+# Flower's, unchanged. Their metrics are aggregated like FedAvg's (``_aggregate``).
+
+
+class RoutedFedMedian(RoutedFedAvg, FedMedian):
+    """Coordinate-wise median of the updates (Flower's ``FedMedian``)."""
+
+    aggregation = "fedmedian"
+
+    def _aggregate_updates(self, server_round: int, replies: list[Message]):
+        return FedMedian.aggregate_train(self, server_round, replies)
+
+
+class RoutedFedTrimmedAvg(RoutedFedAvg, FedTrimmedAvg):
+    """Coordinate-wise mean without the ``beta`` fraction of highest and of lowest values
+    (Flower's ``FedTrimmedAvg``; it trims ``int(beta * clients)`` from each end)."""
+
+    aggregation = "fedtrimmedavg"
+
+    def _aggregate_updates(self, server_round: int, replies: list[Message]):
+        if replies and int(self.beta * len(replies)) == 0:
+            log.warning(
+                "clf-trim-fraction=%g trims nothing from %d updates (it trims int(fraction x "
+                "updates) from each end): this round is a plain mean",
+                self.beta,
+                len(replies),
+            )
+        return FedTrimmedAvg.aggregate_train(self, server_round, replies)
+
+
+class RoutedKrum(RoutedFedAvg, Krum):
+    """The one update closest to its ``n - f - 2`` nearest others (Flower's ``Krum``,
+    ``f`` = ``num_malicious_nodes``)."""
+
+    aggregation = "krum"
+
+    def _aggregate_updates(self, server_round: int, replies: list[Message]):
+        return Krum.aggregate_train(self, server_round, replies)
+
+
+AGGREGATIONS: dict[str, type[RoutedFedAvg]] = {
+    cls.aggregation: cls for cls in (RoutedFedAvg, RoutedFedMedian, RoutedFedTrimmedAvg, RoutedKrum)
+}
+
+
+def routed_strategy(
+    aggregation: str, action: str, trim_fraction: float = 0.2, krum_malicious: int = 0, **kwargs
+) -> RoutedFedAvg:
+    """A :class:`RoutedFedAvg` that aggregates the updates by ``aggregation`` (a key of
+    :data:`AGGREGATIONS`), with that rule's own parameter."""
+    cls = AGGREGATIONS[aggregation]
+    if cls is RoutedFedTrimmedAvg:
+        kwargs["beta"] = trim_fraction
+    elif cls is RoutedKrum:
+        kwargs["num_malicious_nodes"] = krum_malicious
+    return cls(action, **kwargs)
