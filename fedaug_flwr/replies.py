@@ -150,8 +150,15 @@ class ReplyRules:
             most = reported.most_examples(self.counts)
         return example_count_problem(record[NUM_EXAMPLES], *most)
 
-    def problem(self, reply: Message, node_id: int, sent: ArrayRecord | None = None) -> str | None:
-        """Why ``reply`` cannot count, or ``None``; ``sent``: the model it must match."""
+    def problem(
+        self,
+        reply: Message,
+        node_id: int,
+        sent: ArrayRecord | None = None,
+        this_round: ArrayRecord | None = None,
+    ) -> str | None:
+        """Why ``reply`` cannot count, or ``None``; ``sent``: the model it must match
+        (``this_round``: the model sent in this round, see :func:`arrays_problem`)."""
         content = reply.content
         carries_model = self.message_type in MODEL_REPLIES
         expected = {METRICS, ARRAYS} if carries_model else {METRICS}
@@ -162,7 +169,7 @@ class ReplyRules:
         if carries_model:
             if not isinstance(content[ARRAYS], ArrayRecord):
                 return f"'{ARRAYS}' is not an ArrayRecord"
-            problem = None if sent is None else arrays_problem(content[ARRAYS], sent)
+            problem = None if sent is None else arrays_problem(content[ARRAYS], sent, this_round)
             if problem is not None:
                 return problem
         return self.metrics_problem(content[METRICS], node_id)
@@ -194,8 +201,15 @@ def example_count_problem(value: object, most: int, bound: str) -> str | None:
     return None
 
 
-def arrays_problem(record: ArrayRecord, sent: ArrayRecord) -> str | None:
-    """The same array names, shapes and dtypes as the model sent; every value finite."""
+def arrays_problem(
+    record: ArrayRecord, sent: ArrayRecord, this_round: ArrayRecord | None = None
+) -> str | None:
+    """The same array names, shapes and dtypes as the model sent; every value finite.
+
+    ``this_round``: the model sent in this round, whose dtypes are accepted too (FedAvg's
+    mean turns an int64 counter into float64, as Flower's does, and a client may answer
+    with the dtype it received).
+    """
     missing = [name for name in sent if name not in record]
     unexpected = [name for name in record if name not in sent]
     if missing or unexpected:
@@ -203,6 +217,8 @@ def arrays_problem(record: ArrayRecord, sent: ArrayRecord) -> str | None:
     for name, model in sent.items():
         array = record[name]
         got, want = (array.dtype, tuple(array.shape)), (model.dtype, tuple(model.shape))
+        if this_round is not None and name in this_round and got[0] == this_round[name].dtype:
+            want = (got[0], want[1])
         if got != want:
             return f"array '{name}' is {got[0]} {got[1]}; the model sent has {want[0]} {want[1]}"
         try:

@@ -167,6 +167,7 @@ class RoutedFedAvg(FedAvg):
         self.train_rules = ReplyRules(f"train.{action}", sizes)
         self.evaluate_rules = ReplyRules(f"evaluate.{action}", sizes, counts=TEST)
         self._model: ArrayRecord | None = None  # names, shapes and dtypes of every update
+        self._sent_models: dict[int, ArrayRecord] = {}  # the model each round sent
         self.min_replies = min_replies
         # Only sound when the clients that train are those that evaluate: all of them.
         self.evaluate_on_receipt = (
@@ -203,8 +204,8 @@ class RoutedFedAvg(FedAvg):
         result under the round of the model they evaluated.
         """
         self.round_timeout = timeout  # to tell "no reply in time" from other failures
-        # Every update must match the initial model's arrays (the aggregates may differ in
-        # dtype: FedAvg turns an int64 counter into float64, as Flower does).
+        # Every update must match the initial model's arrays (or the dtypes of the model
+        # sent that round: FedAvg turns an int64 counter into float64, as Flower does).
         self._model = initial_arrays
         self._num_rounds = num_rounds
         timed_evaluate_fn = None
@@ -284,6 +285,7 @@ class RoutedFedAvg(FedAvg):
         self._mark(server_round, "train-start")
         if self.evaluate_on_receipt:  # ``arrays`` is round (server_round - 1)'s global model
             config[EVALUATE_RECEIVED] = server_round > 1
+        self._sent_models[server_round] = arrays
         messages = super().configure_train(server_round, arrays, config, grid)
         return self._route(messages, "train", server_round)
 
@@ -301,7 +303,8 @@ class RoutedFedAvg(FedAvg):
         replies = in_partition_order(replies)
         if self.evaluate_on_receipt and server_round > 1:
             self._record_received_evaluations(server_round - 1, replies, server_round)
-        entry, good = self._record(replies, "train", server_round, self._model)
+        this_round = self._sent_models.pop(server_round, None)
+        entry, good = self._record(replies, "train", server_round, self._model, this_round)
         self.train_log[server_round] = entry
         try:
             return self._aggregate_updates(server_round, good)
@@ -376,17 +379,23 @@ class RoutedFedAvg(FedAvg):
         return super().aggregate_evaluate(server_round, good)
 
     def _record(
-        self, replies: list[Message], kind: str, server_round: int, model: ArrayRecord | None = None
+        self,
+        replies: list[Message],
+        kind: str,
+        server_round: int,
+        model: ArrayRecord | None = None,
+        this_round: ArrayRecord | None = None,
     ) -> tuple[RoundLog, list[Message]]:
         """The round's log, and the replies that passed their check (``model``: the arrays
-        every update must match); too few of them end a training phase."""
+        every update must match; ``this_round``: the model this round sent, whose dtypes
+        are accepted too); too few of them end a training phase."""
         sent = self._sent.pop((kind, server_round), [])
         entry = RoundLog(sent=len(sent))
         entry.failures = reply_failures(replies, sent, self.round_timeout)
         rules = self.train_rules if kind == "train" else self.evaluate_rules
 
         def problem(reply: Message, node_id: int) -> str | None:
-            return rules.problem(reply, node_id, model)
+            return rules.problem(reply, node_id, model, this_round)
 
         good, rejected = screen(replies, problem, sender_of(sent))
         entry.failures += rejected

@@ -197,6 +197,25 @@ def test_a_malformed_update_is_that_clients_failure_never_the_runs(case, node_fi
     assert len(first["evaluate-per-client"]) == 6
 
 
+def test_an_update_may_come_in_the_dtypes_of_the_model_it_received(node_files, tmp_path):
+    # FedAvg's mean makes BatchNorm's int64 counters float64 (as Flower's does): from
+    # round 2 a client may answer with those. In round 1 the model sent has int64 ones.
+    def counters_as_float64(content: RecordDict) -> None:
+        for name, array in list(content[ARRAYS].items()):
+            if array.dtype == "int64":
+                content[ARRAYS][name] = to_array(from_array(array).astype(np.float64))
+
+    nodes = own_data_nodes(node_files, 3)
+    summary, _ = run(
+        tmp_path, nodes, Tampering("train.clf", {0: counters_as_float64}), **{"clf-rounds": 2}
+    )
+    first, second = summary["classifier"]["rounds"]
+    assert re.search(
+        r"is float64 \(\); the model sent has int64", failures_of(first["failures"])[0]
+    )
+    assert second["failures"] == [] and len(second["train-per-client"]) == 3
+
+
 def test_all_zero_weights_fail_the_phase_with_the_reason_not_a_division(node_files, tmp_path):
     nodes = own_data_nodes(node_files, 3)
     zero = Tampering("train.clf", dict.fromkeys(range(3), examples(0)))
