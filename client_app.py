@@ -58,6 +58,7 @@ def impute(msg: Message, context: Context) -> Message:
     """
     task = _task(msg)
     split = _split(task, msg, context, node.TRAIN_SPLIT)
+    node_config = node.parse_node_config(context.node_config)
     generator = to_state_dict(msg.content[GENERATOR])
     report = node.impute(task, split, generator)
     if task.app.synthetic_refresh == "every-round":
@@ -70,8 +71,10 @@ def impute(msg: Message, context: Context) -> Message:
         msg,
         {
             PARTITION_ID: split.partition_id,
-            "own-data": int(node.parse_node_config(context.node_config).own_data),
+            "own-data": int(node_config.own_data),
             "partition-draws": split.draws,
+            # the server checks that every SuperNode cuts the same partitions
+            "num-partitions": node_config.num_partitions,
             "real-train": len(split.train),
             "val": len(split.val),
             "test": len(split.test),

@@ -16,12 +16,12 @@ Flower and the app's own bookkeeping cost, with no training or evaluation.
 
 from __future__ import annotations
 
-import torch
 from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 import client_app as app_module
 from fedaug_flwr import node
+from fedaug_flwr.metrics import METRIC_NAMES
 from fedaug_flwr.protocol import (
     ARRAYS,
     NUM_EXAMPLES,
@@ -32,8 +32,9 @@ from fedaug_flwr.protocol import (
 from fedaug_flwr.transport import to_state_dict
 
 VARIANTS = ("real", "noop-clf", "noop")
-# Fixed answers of the no-op evaluation: the server aggregates them like real ones.
-NOOP_EVALUATION = {"loss": 0.0, "accuracy": 0.0, "macro-f1": 0.0}
+# Fixed answers of the no-op evaluation, with every metric a real one has (the server
+# checks each reply's keys): it aggregates them like real ones.
+NOOP_EVALUATION = dict.fromkeys(METRIC_NAMES, 0.0)
 
 
 def _echo_weights(msg: Message) -> dict:
@@ -62,13 +63,8 @@ def noop_train_classifier(msg: Message, context: Context) -> Message:
     if task.app.synthetic_per_client > 0 and SYNTHETIC_STATE in context.state:
         synthetic = len(context.state[SYNTHETIC_STATE]["labels"].numpy())
     num_examples = node.fedavg_weight(task, split, synthetic)
-    metrics = {
-        "train-loss": 0.0,
-        NUM_EXAMPLES: num_examples,
-        PARTITION_ID: split.partition_id,
-        # what Ray gave this actor: summary.json then shows the actors' thread setting
-        "torch-threads": torch.get_num_threads(),
-    }
+    # the real handler's keys only: the server refuses a reply with others
+    metrics = {"train-loss": 0.0, NUM_EXAMPLES: num_examples, PARTITION_ID: split.partition_id}
     reply = _reply(msg, metrics, _echo_weights(msg))
     if app_module._evaluate_received(msg):  # as the real handler, minus the evaluation
         reply.content[RECEIVED_EVALUATION] = MetricRecord(_noop_evaluation(split))

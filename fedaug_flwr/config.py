@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +30,13 @@ OPTIMIZERS = ("adam", "sgd")
 BINARIZATIONS = ("rescale", "round")
 MINORITY_ROUNDINGS = ("nearest", "up")
 REFRESH = ("once", "every-round")
+AGGREGATIONS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
+# What one synthetic image costs a client: the uint8 28x28 image it keeps, the float32 copy
+# training makes of it (with its int64 label), and the uint8 copy that copy is made from.
+BYTES_PER_SYNTHETIC_IMAGE = 28 * 28 * (1 + 4 + 1) + 8
+# num-synthetic may take at most this share of the machine's memory (the rest: the real
+# images, the models, Python, torch and, in simulation, the other clients).
+SYNTHETIC_MEMORY_SHARE = 0.5
 
 
 class ConfigError(ValueError):
@@ -69,6 +77,9 @@ class AppConfig:
     clf_momentum: float
     clf_weight_decay: float
     clf_batch_size: int
+    clf_aggregation: str
+    clf_trim_fraction: float
+    clf_krum_malicious: int
     eval_batch_size: int
     pretrain: str
     pretrain_samples: int
@@ -132,6 +143,27 @@ class AppConfig:
                 "val-fraction + test-fraction must leave at least 10% for training "
                 f"(got {self.val_fraction} + {self.test_fraction})"
             )
+        _check_synthetic_memory(self.num_synthetic)
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory of this machine (no psutil: the standard library's sysconf)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _check_synthetic_memory(num_synthetic: int) -> None:
+    """Refuse a ``num-synthetic`` whose images cannot fit in a client's memory."""
+    need = num_synthetic * BYTES_PER_SYNTHETIC_IMAGE
+    memory = machine_memory()
+    allowed = int(memory * SYNTHETIC_MEMORY_SHARE)
+    if need > allowed:
+        most = allowed // BYTES_PER_SYNTHETIC_IMAGE
+        raise ConfigError(
+            f"run-config key 'num-synthetic' = {num_synthetic} needs about {need / 2**30:.1f} GiB "
+            f"per client ({BYTES_PER_SYNTHETIC_IMAGE} bytes per image: kept as uint8, copied "
+            f"to float32 for training), more than {SYNTHETIC_MEMORY_SHARE:.0%} of this "
+            f"machine's {memory / 2**30:.1f} GiB; at most {most} fit"
+        )
 
 
 # Validation rules per key: (type, predicate, description of what is allowed).
@@ -193,6 +225,9 @@ _RULES: dict[str, _Rule] = {
     "clf-momentum": (float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "clf-weight-decay": (float, _non_negative, "a number >= 0"),
     "clf-batch-size": (int, _positive, "an integer >= 1"),
+    "clf-aggregation": (str, AGGREGATIONS.__contains__, f"one of {list(AGGREGATIONS)}"),
+    "clf-trim-fraction": (float, lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5)"),
+    "clf-krum-malicious": (int, _non_negative, "an integer >= 0"),
     "eval-batch-size": (int, _positive, "an integer >= 1"),
     "pretrain": (str, PRETRAIN_MODES.__contains__, f"one of {list(PRETRAIN_MODES)}"),
     "pretrain-samples": (int, lambda v: v >= 20, "an integer >= 20"),

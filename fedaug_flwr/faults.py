@@ -15,7 +15,10 @@ Each comma-separated entry is ``<message-type>@<partition-id>[:<round>][=<action
   evaluation, which are not strategy rounds); any round when left out;
 - action: ``raise`` (default) raises :class:`InjectedFault` in the handler;
   ``kill`` SIGKILLs the process group of the ``flower-supernode`` that runs
-  this ClientApp, as if its machine died (deployment only).
+  this ClientApp, as if its machine died (deployment only); ``poison`` lets
+  the handler answer, then scales its update (the weights it sends minus
+  those it received) by :data:`POISON_SCALE`: a well-formed reply from a
+  malicious client, which only a robust aggregation (``clf-aggregation``) resists.
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedaug_flwr.protocol import CONFIG
+from fedaug_flwr.protocol import ARRAYS, CONFIG
+from fedaug_flwr.transport import from_array, to_array
 
 ENV_VAR = "FEDAUG_TEST_FAULTS"
-ACTIONS = ("raise", "kill")
+ACTIONS = ("raise", "kill", "poison")
+POISON_SCALE = 1e3
 _ENTRY = re.compile(
     r"^(?P<type>[a-z]+\.[a-z]+)@(?P<partition>\d+)(?::(?P<round>\d+))?(?:=(?P<action>\w+))?$"
 )
@@ -65,7 +70,7 @@ def parse_faults(text: str) -> list[Fault]:
         if match is None or action not in ACTIONS:
             raise ValueError(
                 f"{ENV_VAR} entry {entry!r} must look like "
-                f"'<message-type>@<partition-id>[:<round>][=raise|kill]'"
+                f"'<message-type>@<partition-id>[:<round>][=raise|kill|poison]'"
             )
         server_round = match.group("round")
         faults.append(
@@ -90,6 +95,8 @@ def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCall
         message_type = msg.metadata.message_type
         for fault in parse_faults(text):
             if fault.matches(message_type, partition_id, server_round):
+                if fault.action == "poison":
+                    return poisoned(msg, call_next(msg, context))
                 if fault.action == "kill":
                     kill_own_supernode()
                 raise InjectedFault(
@@ -97,6 +104,22 @@ def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCall
                     f"round {server_round}"
                 )
     return call_next(msg, context)
+
+
+def poisoned(msg: Message, reply: Message) -> Message:
+    """``reply`` with its update scaled by :data:`POISON_SCALE` (floating arrays only)."""
+    if reply.has_error() or ARRAYS not in reply.content.array_records:
+        return reply
+    received, sent = msg.content[ARRAYS], reply.content[ARRAYS]
+    scaled = ArrayRecord()
+    for name, array in sent.items():
+        values = from_array(array)
+        if values.dtype.kind == "f":
+            start = from_array(received[name])
+            values = (start + POISON_SCALE * (values - start)).astype(values.dtype)
+        scaled[name] = to_array(values)
+    reply.content[ARRAYS] = scaled
+    return reply
 
 
 def supernode_ancestor(pid: int | None = None) -> int | None:

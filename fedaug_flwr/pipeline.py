@@ -32,7 +32,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedaug_flwr import __version__
+from fedaug_flwr import __version__, federation
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.data import Digits, MnistData, load_source, resolve_source
 from fedaug_flwr.fidelity import feature_fidelity
@@ -61,6 +61,15 @@ from fedaug_flwr.quality import (
     label_matched_sample,
     reference_scores,
 )
+from fedaug_flwr.replies import (
+    TEST,
+    NodeSizes,
+    ReplyRules,
+    imputation_check,
+    partition_count_problem,
+    screen,
+    sizes_by_node,
+)
 from fedaug_flwr.results import FAILURE, SUMMARY, resolve_output_dir, save_state_dict, write_json
 from fedaug_flwr.strategies import (
     PhaseError,
@@ -69,6 +78,8 @@ from fedaug_flwr.strategies import (
     in_partition_order,
     metric_dict,
     reply_failures,
+    routed_strategy,
+    sender_of,
 )
 from fedaug_flwr.training import TensorData, evaluate_classifier, seed_for
 from fedaug_flwr.transport import to_state_dict
@@ -189,6 +200,7 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
         "imputation",
         lambda: impute_on_clients(grid, task, node_ids, cvae_weights, impute_failures),
     )
+    sizes = sizes_by_node(clients)  # what each node may claim from now on
     draws = sorted({int(c["partition-draws"]) for c in clients.values() if not c["own-data"]})
     report.sections["data"]["partition-draws"] = draws[0] if len(draws) == 1 else draws
     report.sections["imputation"] = {
@@ -203,7 +215,9 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
         pretrained_failures: list[dict] = []
         unchanged = report.timed(
             "pretrained-evaluation",
-            lambda: evaluate_on_clients(grid, task, node_ids, pretrained, pretrained_failures),
+            lambda: evaluate_on_clients(
+                grid, task, node_ids, pretrained, pretrained_failures, sizes
+            ),
         )
         report.sections["pretraining"]["pretrained"] = {
             "failures": pretrained_failures,
@@ -218,13 +232,13 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
     if config.pretrain == "local":
         final = report.timed(
             "local-finetuning",
-            lambda: finetune_locally(grid, task, node_ids, pretrained, final_failures),
+            lambda: finetune_locally(grid, task, node_ids, pretrained, final_failures, sizes),
         )
         report.sections["classifier"] = {"skipped": "local fine-tuning: no aggregated model"}
         final_global_test = None
     else:
         classifier, classifier_section = report.timed(
-            "classifier", lambda: train_classifier(grid, task, global_test, pretrained)
+            "classifier", lambda: train_classifier(grid, task, global_test, pretrained, sizes)
         )
         report.sections["classifier"] = classifier_section
         artifacts["classifier"] = save_state_dict(
@@ -232,7 +246,7 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
         ).name
         final = report.timed(
             "final-evaluation",
-            lambda: evaluate_on_clients(grid, task, node_ids, classifier, final_failures),
+            lambda: evaluate_on_clients(grid, task, node_ids, classifier, final_failures, sizes),
         )
         final_global_test = classifier_section["rounds"][-1]["global-test"]
 
@@ -370,22 +384,9 @@ def _scores_and_histograms(
     return quality
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float = NODE_WAIT_S) -> list[int]:
-    """Node ids once at least ``minimum`` nodes are connected (they register asynchronously)."""
-    deadline = time.monotonic() + timeout
-    previous = -1
-    while True:
-        node_ids = sorted(grid.get_node_ids())
-        # In simulation all nodes appear within a second; wait until the count settles.
-        if len(node_ids) >= minimum and len(node_ids) == previous:
-            return node_ids
-        if time.monotonic() > deadline:
-            raise PhaseError(
-                f"only {len(node_ids)} SuperNodes connected after {timeout:.0f} s; "
-                f"min-clients={minimum}"
-            )
-        previous = len(node_ids)
-        time.sleep(1.0)
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float | None = None) -> list[int]:
+    """Node ids once at least ``minimum`` nodes are connected (see :mod:`federation`)."""
+    return federation.wait_for_nodes(grid, minimum, NODE_WAIT_S if timeout is None else timeout)
 
 
 def _rounds(strategy: RoutedFedAvg, result, extra: Callable[[int], dict] | None = None) -> list:
@@ -409,9 +410,15 @@ def _rounds(strategy: RoutedFedAvg, result, extra: Callable[[int], dict] | None 
     return rows
 
 
-def _strategy(config: AppConfig, action: str, evaluate: bool) -> RoutedFedAvg:
-    return RoutedFedAvg(
+def _strategy(
+    config: AppConfig, action: str, evaluate: bool, sizes: dict[int, NodeSizes] | None = None
+) -> RoutedFedAvg:
+    return routed_strategy(
+        config.clf_aggregation if action == "clf" else "fedavg",
         action,
+        trim_fraction=config.clf_trim_fraction,
+        krum_malicious=config.clf_krum_malicious,
+        sizes=sizes,
         min_replies=config.min_clients,
         evaluate_on_receipt=evaluate and config.evaluate_on_receipt,
         fraction_train=config.fraction_train,
@@ -469,11 +476,13 @@ def send_to_all(
     timeout: float,
     min_replies: int,
     failures: list[dict] | None = None,
+    check: Callable[[Message, int], str | None] | None = None,
 ) -> list[dict]:
     """Send one message per node, wait for the replies, return their metrics.
 
-    Answers come in partition order, each with the replying ``node-id``. Error replies and nodes
-    that did not answer within ``timeout`` are logged and added to ``failures``.
+    Answers come in partition order, each with the replying ``node-id``. Error replies, replies
+    that fail ``check`` (why a reply from a node cannot count, or ``None``) and nodes that did
+    not answer within ``timeout`` are logged and added to ``failures``.
     """
     messages = [
         Message(content(), dst_node_id=node_id, message_type=message_type) for node_id in node_ids
@@ -481,6 +490,9 @@ def send_to_all(
     # in partition order: sums over clients (e.g. the final metrics) are then repeatable
     replies = in_partition_order(grid.send_and_receive(messages, timeout=timeout))
     failed = reply_failures(replies, messages, timeout)
+    if check is not None:
+        replies, rejected = screen(replies, check, sender_of(messages))
+        failed += rejected
     for failure in failed:
         log.warning("%s: node %s failed: %s", message_type, failure["node-id"], failure["reason"])
     if failures is not None:
@@ -518,8 +530,9 @@ def impute_on_clients(
         return RecordDict({GENERATOR: generator, CONFIG: task.to_record()})
 
     answers = send_to_all(
-        grid, node_ids, IMPUTE, content, task.app.round_timeout, task.app.min_clients, failures
-    )
+        grid, node_ids, IMPUTE, content, task.app.round_timeout, task.app.min_clients, failures,
+        imputation_check(task.app.synthetic_per_client),
+    )  # fmt: skip
     clients = {}
     for answer in answers:
         real, synthetic = answer["real-label-counts"], answer["synthetic-label-counts"]
@@ -532,8 +545,9 @@ def impute_on_clients(
         clients[partition_id] = {
             "partition-id": partition_id,
             NODE_ID: answer[NODE_ID],
-            "own-data": bool(answer.get("own-data", 0)),
-            "partition-draws": int(answer.get("partition-draws", 0)),
+            "own-data": bool(answer["own-data"]),
+            "partition-draws": int(answer["partition-draws"]),
+            "num-partitions": int(answer["num-partitions"]),
             "real-train": int(answer["real-train"]),
             "val": int(answer["val"]),
             "test": int(answer["test"]),
@@ -542,6 +556,8 @@ def impute_on_clients(
             "label-counts-synthetic": [int(c) for c in synthetic],
             "label-counts-after": [int(a) + int(b) for a, b in zip(real, synthetic, strict=False)],
         }
+    if (problem := partition_count_problem(clients)) is not None:
+        raise PhaseError(problem)
     return clients
 
 
@@ -556,13 +572,17 @@ def global_evaluator(test: TensorData, batch_size: int):
 
 
 def train_classifier(
-    grid: Grid, task: TaskConfig, global_test: TensorData, initial: dict | None = None
+    grid: Grid,
+    task: TaskConfig,
+    global_test: TensorData,
+    initial: dict | None = None,
+    sizes: dict[int, NodeSizes] | None = None,
 ) -> tuple[dict, dict]:
     """Phase 3: FedAvg of ExquisiteNet (from ``initial`` weights, e.g. pretrained, or fresh),
     evaluated on the clients' real test splits every round."""
     config = task.app
     initial = initial if initial is not None else seeded(config.seed, 2, ExquisiteNetV1)
-    strategy = _strategy(config, "clf", evaluate=True)
+    strategy = _strategy(config, "clf", evaluate=True, sizes=sizes)
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(initial),
@@ -584,6 +604,7 @@ def train_classifier(
         "initial-weights-sha256": weights_digest(initial),
         "initial-global-test": metric_dict(server_metrics[0]),
         "federated-evaluation": strategy.federated_evaluation,
+        "aggregation": strategy.aggregation,
         "rounds": _rounds(strategy, result, global_test_of),
         "round-timing-s": strategy.timing_table(),
     }
@@ -598,6 +619,7 @@ def per_client_with_model(
     message_type: str,
     min_replies: int,
     failures: list[dict],
+    sizes: dict[int, NodeSizes] | None = None,
 ) -> dict[int, dict]:
     """Send a classifier to every client for ``message_type``; their metrics by partition id.
 
@@ -609,30 +631,44 @@ def per_client_with_model(
     def content() -> RecordDict:
         return RecordDict({ARRAYS: arrays, CONFIG: task.to_record()})
 
+    rules = ReplyRules(message_type, sizes, counts=TEST)
     answers = send_to_all(
-        grid, node_ids, message_type, content, task.app.round_timeout, min_replies, failures
-    )
+        grid, node_ids, message_type, content, task.app.round_timeout, min_replies, failures,
+        rules.problem,
+    )  # fmt: skip
     for answer in answers:
         del answer[NODE_ID]
     return {int(a.pop(PARTITION_ID)): a for a in answers}
 
 
 def evaluate_on_clients(
-    grid: Grid, task: TaskConfig, node_ids: list[int], weights: dict, failures: list[dict]
+    grid: Grid,
+    task: TaskConfig,
+    node_ids: list[int],
+    weights: dict,
+    failures: list[dict],
+    sizes: dict[int, NodeSizes] | None = None,
 ) -> dict[int, dict]:
     """A classifier, unchanged, on every client's real test split.
 
     The model exists already: clients that fail here are recorded, never fatal.
     """
-    return per_client_with_model(grid, task, node_ids, weights, EVALUATE_CLASSIFIER, 0, failures)
+    return per_client_with_model(
+        grid, task, node_ids, weights, EVALUATE_CLASSIFIER, 0, failures, sizes
+    )
 
 
 def finetune_locally(
-    grid: Grid, task: TaskConfig, node_ids: list[int], pretrained: dict, failures: list[dict]
+    grid: Grid,
+    task: TaskConfig,
+    node_ids: list[int],
+    pretrained: dict,
+    failures: list[dict],
+    sizes: dict[int, NodeSizes] | None = None,
 ) -> dict[int, dict]:
     """Each client fine-tunes its own copy of the pretrained model; nothing is aggregated."""
     return per_client_with_model(
-        grid, task, node_ids, pretrained, FINETUNE_LOCALLY, task.app.min_clients, failures
+        grid, task, node_ids, pretrained, FINETUNE_LOCALLY, task.app.min_clients, failures, sizes
     )
 
 

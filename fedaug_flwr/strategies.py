@@ -17,6 +17,13 @@ own. A round then costs one message per client instead of two, with the same
 numbers: round r's federated evaluation is still that of round r's global
 model, recorded under round r (it arrives during round r + 1).
 
+Every reply is checked (:mod:`fedaug_flwr.replies`) before it counts: a
+malformed or absurd one is that client's failure for the round, recorded with
+the reason, and only the good ones reach Flower's own check and the
+aggregation. The classifier may be aggregated by Flower's robust rules
+(``FedMedian``, ``FedTrimmedAvg``, ``Krum``) instead of the mean: see
+:func:`routed_strategy`.
+
 It also times every round (send and train, aggregation, federated and
 server-side evaluation), which ``summary.json`` reports and ``bench/`` reads.
 """
@@ -26,15 +33,16 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 
 from fedaug_flwr.metrics import aggregate_clients
-from fedaug_flwr.protocol import EVALUATE_RECEIVED, METRICS, RECEIVED_EVALUATION
+from fedaug_flwr.protocol import EVALUATE_RECEIVED, METRICS, PARTITION_ID, RECEIVED_EVALUATION
+from fedaug_flwr.replies import TEST, NodeSizes, ReplyRules, screen
 from fedaug_flwr.transport import weighted_mean
 
 log = logging.getLogger(__name__)
@@ -72,6 +80,16 @@ def no_reply_reason(timeout: float | None) -> str:
     return f"no reply within round-timeout{limit}: node down or too slow"
 
 
+def sender_of(sent: Sequence[Message]) -> Callable[[Message], int]:
+    """The node a reply comes from: the destination of the message it answers."""
+    destination = {message.metadata.message_id: message.metadata.dst_node_id for message in sent}
+
+    def node_of(reply: Message) -> int:
+        return destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
+    return node_of
+
+
 def reply_failures(
     replies: list[Message], sent: Sequence[Message], timeout: float | None
 ) -> list[dict]:
@@ -81,11 +99,7 @@ def reply_failures(
     SuperNode that stopped sending heartbeats) comes from the SuperLink's own
     node id, so each reply is matched to the message it answers.
     """
-    destination = {message.metadata.message_id: message.metadata.dst_node_id for message in sent}
-
-    def node_of(reply: Message) -> int:
-        return destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-
+    node_of = sender_of(sent)
     failures = [
         {"node-id": node_of(reply), "reason": short_reason(reply.error.reason)}
         for reply in replies
@@ -120,10 +134,13 @@ def _aggregate(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord
 def in_partition_order(replies: Iterable[Message]) -> list[Message]:
     """Replies sorted by partition id: floating-point sums, hence a run, become repeatable."""
 
-    def key(reply: Message) -> tuple[int, int]:
-        if reply.has_error() or METRICS not in reply.content:
-            return (1, reply.metadata.src_node_id)
-        return (0, int(reply.content[METRICS].get("partition-id", reply.metadata.src_node_id)))
+    def key(reply: Message) -> tuple[int, int, int]:
+        node_id = reply.metadata.src_node_id
+        if not reply.has_error():  # a malformed reply is sorted last, never an error here
+            partition = reply.content.metric_records.get(METRICS, {}).get(PARTITION_ID)
+            if isinstance(partition, int) and not isinstance(partition, bool):
+                return (0, partition, node_id)
+        return (1, 0, node_id)
 
     return sorted(replies, key=key)
 
@@ -131,13 +148,26 @@ def in_partition_order(replies: Iterable[Message]) -> list[Message]:
 class RoutedFedAvg(FedAvg):
     """FedAvg whose messages go to ``train.<action>`` / ``evaluate.<action>``."""
 
+    aggregation = "fedavg"  # what summary.json records
+
     def __init__(
-        self, action: str, min_replies: int = 1, evaluate_on_receipt: bool = False, **kwargs
+        self,
+        action: str,
+        min_replies: int = 1,
+        evaluate_on_receipt: bool = False,
+        sizes: Mapping[int, NodeSizes] | None = None,
+        **kwargs,
     ) -> None:
+        """``sizes``: what each node (by node id) reported owning at the imputation, which
+        bounds the example counts of its replies (``None``: before the imputation)."""
         kwargs.setdefault("train_metrics_aggr_fn", _aggregate)
         kwargs.setdefault("evaluate_metrics_aggr_fn", _aggregate)
         super().__init__(**kwargs)
         self.action = action
+        self.train_rules = ReplyRules(f"train.{action}", sizes)
+        self.evaluate_rules = ReplyRules(f"evaluate.{action}", sizes, counts=TEST)
+        self._model: ArrayRecord | None = None  # names, shapes and dtypes of every update
+        self._sent_models: dict[int, ArrayRecord] = {}  # the model each round sent
         self.min_replies = min_replies
         # Only sound when the clients that train are those that evaluate: all of them.
         self.evaluate_on_receipt = (
@@ -174,6 +204,9 @@ class RoutedFedAvg(FedAvg):
         result under the round of the model they evaluated.
         """
         self.round_timeout = timeout  # to tell "no reply in time" from other failures
+        # Every update must match the initial model's arrays (or the dtypes of the model
+        # sent that round: FedAvg turns an int64 counter into float64, as Flower does).
+        self._model = initial_arrays
         self._num_rounds = num_rounds
         timed_evaluate_fn = None
         if evaluate_fn is not None:
@@ -252,6 +285,7 @@ class RoutedFedAvg(FedAvg):
         self._mark(server_round, "train-start")
         if self.evaluate_on_receipt:  # ``arrays`` is round (server_round - 1)'s global model
             config[EVALUATE_RECEIVED] = server_round > 1
+        self._sent_models[server_round] = arrays
         messages = super().configure_train(server_round, arrays, config, grid)
         return self._route(messages, "train", server_round)
 
@@ -269,15 +303,25 @@ class RoutedFedAvg(FedAvg):
         replies = in_partition_order(replies)
         if self.evaluate_on_receipt and server_round > 1:
             self._record_received_evaluations(server_round - 1, replies, server_round)
-        self.train_log[server_round] = self._record(replies, "train", server_round)
+        this_round = self._sent_models.pop(server_round, None)
+        entry, good = self._record(replies, "train", server_round, self._model, this_round)
+        self.train_log[server_round] = entry
         try:
-            return self._fedavg(replies)
+            return self._aggregate_updates(server_round, good)
         finally:
             self._mark(server_round, "train-aggregated")
 
+    def _aggregate_updates(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global model from the checked replies: FedAvg's mean here; the robust
+        strategies below use their Flower strategy's own ``aggregate_train``."""
+        return self._fedavg(replies)
+
     def _fedavg(self, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedAvg's ``aggregate_train`` with the faster array reader of :mod:`transport`."""
-        # FedAvg's own reply check (flwr is pinned to 1.42, where this helper is FedAvg's).
+        # FedAvg's own reply check (flwr is pinned to 1.42, where this helper is FedAvg's);
+        # the replies were checked one by one before (``_record``), so it cannot fail here.
         valid_replies, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid_replies:
             return None, None
@@ -299,17 +343,19 @@ class RoutedFedAvg(FedAvg):
         entry = RoundLog(sent=len(sent))
         entry.failures = reply_failures(replies, sent, self.round_timeout)
         contents = []
+        node_of = sender_of(sent)
         for reply in replies:
             if reply.has_error():
                 continue
             evaluation = reply.content.pop(RECEIVED_EVALUATION, None)
-            if evaluation is None:
-                entry.failures.append(
-                    {
-                        "node-id": reply.metadata.src_node_id,
-                        "reason": "the train reply lacks its evaluation of the received model",
-                    }
-                )
+            if not isinstance(evaluation, MetricRecord):
+                reason = "the train reply lacks its evaluation of the received model"
+                entry.failures.append({"node-id": node_of(reply), "reason": reason})
+                continue
+            problem = self.evaluate_rules.metrics_problem(evaluation, node_of(reply))
+            if problem is not None:
+                reason = f"rejected evaluation of the received model: {problem}"
+                entry.failures.append({"node-id": node_of(reply), "reason": reason})
                 continue
             entry.per_client.append(metric_dict(evaluation))
             contents.append(RecordDict({METRICS: evaluation}))
@@ -327,18 +373,35 @@ class RoutedFedAvg(FedAvg):
         if self.fraction_evaluate == 0.0:
             return None
         replies = in_partition_order(replies)
-        self.evaluate_log[server_round] = self._record(replies, "evaluate", server_round)
-        return super().aggregate_evaluate(server_round, replies)
+        self.evaluate_log[server_round], good = self._record(replies, "evaluate", server_round)
+        if not good:
+            return None
+        return super().aggregate_evaluate(server_round, good)
 
-    def _record(self, replies: list[Message], kind: str, server_round: int) -> RoundLog:
+    def _record(
+        self,
+        replies: list[Message],
+        kind: str,
+        server_round: int,
+        model: ArrayRecord | None = None,
+        this_round: ArrayRecord | None = None,
+    ) -> tuple[RoundLog, list[Message]]:
+        """The round's log, and the replies that passed their check (``model``: the arrays
+        every update must match; ``this_round``: the model this round sent, whose dtypes
+        are accepted too); too few of them end a training phase."""
         sent = self._sent.pop((kind, server_round), [])
         entry = RoundLog(sent=len(sent))
         entry.failures = reply_failures(replies, sent, self.round_timeout)
-        entry.per_client = [
-            metric_dict(reply.content["metrics"]) for reply in replies if not reply.has_error()
-        ]
+        rules = self.train_rules if kind == "train" else self.evaluate_rules
+
+        def problem(reply: Message, node_id: int) -> str | None:
+            return rules.problem(reply, node_id, model, this_round)
+
+        good, rejected = screen(replies, problem, sender_of(sent))
+        entry.failures += rejected
+        entry.per_client = [metric_dict(reply.content[METRICS]) for reply in good]
         self._check_enough(entry, kind, server_round)
-        return entry
+        return entry, good
 
     def _check_enough(self, entry: RoundLog, kind: str, server_round: int) -> None:
         """Log each failure; too few training replies end the phase (no model)."""
@@ -361,3 +424,63 @@ class RoutedFedAvg(FedAvg):
             if kind == "train":  # no model without enough updates
                 raise PhaseError(summary)
             log.warning("%s; evaluation kept for those who answered", summary)
+
+
+# Robust aggregation of the classifier (``clf-aggregation``). Each class puts RoutedFedAvg
+# (routing, reply checks, per-client records, evaluation on receipt) in front of Flower's
+# own strategy in the MRO and hands it the checked replies: the aggregation itself is
+# Flower's, unchanged. Their metrics are aggregated like FedAvg's (``_aggregate``).
+
+
+class RoutedFedMedian(RoutedFedAvg, FedMedian):
+    """Coordinate-wise median of the updates (Flower's ``FedMedian``)."""
+
+    aggregation = "fedmedian"
+
+    def _aggregate_updates(self, server_round: int, replies: list[Message]):
+        return FedMedian.aggregate_train(self, server_round, replies)
+
+
+class RoutedFedTrimmedAvg(RoutedFedAvg, FedTrimmedAvg):
+    """Coordinate-wise mean without the ``beta`` fraction of highest and of lowest values
+    (Flower's ``FedTrimmedAvg``; it trims ``int(beta * clients)`` from each end)."""
+
+    aggregation = "fedtrimmedavg"
+
+    def _aggregate_updates(self, server_round: int, replies: list[Message]):
+        if replies and int(self.beta * len(replies)) == 0:
+            log.warning(
+                "clf-trim-fraction=%g trims nothing from %d updates (it trims int(fraction x "
+                "updates) from each end): this round is a plain mean",
+                self.beta,
+                len(replies),
+            )
+        return FedTrimmedAvg.aggregate_train(self, server_round, replies)
+
+
+class RoutedKrum(RoutedFedAvg, Krum):
+    """The one update closest to its ``n - f - 2`` nearest others (Flower's ``Krum``,
+    ``f`` = ``num_malicious_nodes``)."""
+
+    aggregation = "krum"
+
+    def _aggregate_updates(self, server_round: int, replies: list[Message]):
+        return Krum.aggregate_train(self, server_round, replies)
+
+
+AGGREGATIONS: dict[str, type[RoutedFedAvg]] = {
+    cls.aggregation: cls for cls in (RoutedFedAvg, RoutedFedMedian, RoutedFedTrimmedAvg, RoutedKrum)
+}
+
+
+def routed_strategy(
+    aggregation: str, action: str, trim_fraction: float = 0.2, krum_malicious: int = 0, **kwargs
+) -> RoutedFedAvg:
+    """A :class:`RoutedFedAvg` that aggregates the updates by ``aggregation`` (a key of
+    :data:`AGGREGATIONS`), with that rule's own parameter."""
+    cls = AGGREGATIONS[aggregation]
+    if cls is RoutedFedTrimmedAvg:
+        kwargs["beta"] = trim_fraction
+    elif cls is RoutedKrum:
+        kwargs["num_malicious_nodes"] = krum_malicious
+    return cls(action, **kwargs)

@@ -7,6 +7,7 @@ here knows about Flower.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -18,6 +19,10 @@ from fedaug_flwr.data import Digits
 from fedaug_flwr.metrics import classification_metrics
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NonFiniteLoss(ArithmeticError):
+    """Local training produced a NaN or infinite loss."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,12 @@ def train(
     seed: int,
     on_epoch_end: Callable[[int, float], None] | None = None,
 ) -> float:
-    """Train for ``epochs`` over shuffled minibatches; returns the last epoch's mean loss."""
+    """Train for ``epochs`` over shuffled minibatches; returns the last epoch's mean loss.
+
+    A loss that is not finite (NaN or infinity: diverged, or a broken model) stops the
+    training with :class:`NonFiniteLoss`, naming the epoch and batch: such weights must
+    never be sent anywhere.
+    """
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
     generator = torch.Generator().manual_seed(seed)
@@ -74,14 +84,20 @@ def train(
     mean_loss = float("nan")
     for epoch in range(epochs):
         total, seen = 0.0, 0
-        for images, labels in minibatches(data, batch_size, generator):
+        for batch, (images, labels) in enumerate(minibatches(data, batch_size, generator)):
             if len(labels) < 2 and _has_batchnorm(model):
                 continue  # BatchNorm cannot train on a batch of one
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model, images, labels)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLoss(
+                    f"local training stopped: the loss became {value} in epoch {epoch + 1} of "
+                    f"{epochs}, batch {batch + 1} (diverged? try a lower learning rate)"
+                )
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * len(labels)
+            total += value * len(labels)
             seen += len(labels)
         mean_loss = total / max(seen, 1)
         if on_epoch_end is not None:

@@ -57,8 +57,12 @@ def to_array(ndarray: np.ndarray) -> Array:
     )
 
 
-def from_array(array: Array) -> np.ndarray:
-    """The (writable) ndarray that ``array.numpy()`` returns, without ``np.load``."""
+def from_array(array: Array, copy: bool = True) -> np.ndarray:
+    """The (writable) ndarray that ``array.numpy()`` returns, without ``np.load``.
+
+    ``copy=False``: a read-only view of the message's bytes, to look at only. Bytes
+    whose header does not describe the array's own dtype and shape go to Flower's reader.
+    """
     data = array.data
     if array.stype != NUMPY_STYPE or not data.startswith(_NPY_MAGIC):
         return array.numpy()
@@ -70,12 +74,18 @@ def from_array(array: Array) -> np.ndarray:
     start = 8 + length_bytes
     offset = start + int.from_bytes(data[8:start], "little")
     header = data[start:offset]
-    # Anything but the plain C-ordered layout np.save writes for these dtypes: Flower's reader.
-    if b"'fortran_order': False" not in header or f"'descr': '{dtype.str}'".encode() not in header:
-        return array.numpy()
     shape = tuple(array.shape)
+    # Anything but the plain C-ordered layout np.save writes for this dtype and shape:
+    # Flower's reader.
+    if (
+        b"'fortran_order': False" not in header
+        or f"'descr': '{dtype.str}'".encode() not in header
+        or f"'shape': {shape!r}".encode() not in header
+    ):
+        return array.numpy()
     flat = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset)
-    return flat.reshape(shape).copy()  # a copy, as np.load's: writable, not tied to the bytes
+    # a copy, as np.load's: writable, not tied to the bytes
+    return flat.reshape(shape).copy() if copy else flat.reshape(shape)
 
 
 def to_record(state_dict: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -98,8 +108,12 @@ def weighted_mean(records: Sequence[ArrayRecord], weights: Sequence[float | int]
 
     The same operations in the same order (each array times its weight
     factor, summed in place in record order) give the same bits, dtypes
-    included (an int64 counter becomes float64, as in Flower).
+    included (an int64 counter becomes float64, as in Flower). The replies are
+    checked before (:mod:`fedaug_flwr.replies`); weights that would divide by zero
+    or flip signs are refused here too.
     """
+    if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise ValueError(f"FedAvg weights must be finite numbers > 0; got {list(weights)}")
     total = sum(weights)
     factors = [weight / total for weight in weights]
     mean: dict[str, np.ndarray] = {}
