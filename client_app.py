@@ -178,7 +178,7 @@ def _synthetic(task: TaskConfig, split, context: Context, server_round: int) -> 
     if SYNTHETIC_STATE not in context.state:
         raise RuntimeError("no synthetic images on this node: the imputation phase did not run")
     record = context.state[SYNTHETIC_STATE]
-    return Digits(record["images"].numpy(), record["labels"].numpy())
+    return node.synthetic_images(task, record["images"].numpy(), record["labels"].numpy())
 
 
 def _task(msg: Message) -> TaskConfig:

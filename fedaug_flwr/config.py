@@ -19,15 +19,21 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from fedaug_flwr.data import binarized_by_default
+
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
-DATASETS = ("mnist-5k", "mnist")
+DATASETS = ("mnist-5k", "mnist", "fashion-mnist")
+# Real images: binarized or grey levels; "auto" is the data set's own choice (digits binarized
+# as in the study, Fashion-MNIST's clothing not).
+BINARIZE_MODES = ("auto", "on", "off")
 IMPUTATIONS = ("none", "uniform", "minority")
 RECON_LOSSES = ("bce", "sse")
 PRETRAIN_MODES = ("off", "federated", "local")
 FEDAVG_WEIGHTS = ("real", "augmented")
 OPTIMIZERS = ("adam", "sgd")
-BINARIZATIONS = ("rescale", "round")
+# Synthetic images: binarized like the real ones ("rescale", "round"), or grey levels ("off").
+BINARIZATIONS = ("rescale", "round", "off")
 MINORITY_ROUNDINGS = ("nearest", "up")
 REFRESH = ("once", "every-round")
 AGGREGATIONS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
@@ -50,6 +56,7 @@ class AppConfig:
     seed: int
     dataset: str
     data_dir: str
+    binarize: str
     dirichlet_beta: float
     min_partition_size: int
     partition_max_draws: int
@@ -80,6 +87,7 @@ class AppConfig:
     clf_aggregation: str
     clf_trim_fraction: float
     clf_krum_malicious: int
+    proximal_mu: float
     eval_batch_size: int
     pretrain: str
     pretrain_samples: int
@@ -108,6 +116,10 @@ class AppConfig:
         kwargs = {_KEYS[key]: _check(key, value) for key, value in values.items()}
         config = cls(**kwargs)
         config._check_relations()
+        if not config.binarized and config.synthetic_binarize != "off":
+            # How to binarize synthetic images means nothing when the real images are grey
+            # levels: the synthetic ones are grey too, and the record says so.
+            config = dataclasses.replace(config, synthetic_binarize="off")
         return config
 
     def to_run_config(self) -> dict[str, bool | int | float | str]:
@@ -116,6 +128,16 @@ class AppConfig:
             field.name.replace("_", "-"): getattr(self, field.name)
             for field in dataclasses.fields(self)
         }
+
+    @property
+    def binarized(self) -> bool:
+        """Whether the real images are binarized to 0/1 (``binarize``; "auto": the data
+        set's choice, MNIST's digits yes, Fashion-MNIST's clothing no) or kept as grey
+        levels. Every part of a run derives it from the run config: the server's global
+        test set, each client's data and its synthetic images."""
+        if self.binarize == "auto":
+            return binarized_by_default(self.dataset)
+        return self.binarize == "on"
 
     @property
     def synthetic_per_client(self) -> int:
@@ -142,6 +164,19 @@ class AppConfig:
             raise ConfigError(
                 "val-fraction + test-fraction must leave at least 10% for training "
                 f"(got {self.val_fraction} + {self.test_fraction})"
+            )
+        if self.binarized and self.synthetic_binarize == "off":
+            raise ConfigError(
+                "synthetic-binarize='off' (grey-level synthetic images) needs grey-level real "
+                f"images, but binarize={self.binarize!r} with dataset={self.dataset!r} "
+                "binarizes them: a classifier would see two kinds of pixels. Use "
+                "synthetic-binarize 'rescale' or 'round', or binarize='off'"
+            )
+        if self.proximal_mu > 0 and self.pretrain == "local":
+            raise ConfigError(
+                f"proximal-mu={self.proximal_mu} is FedProx's pull towards the global model, "
+                "but pretrain='local' fine-tunes each client's copy alone (no global model "
+                "to pull towards): use proximal-mu=0.0, or pretrain 'off' or 'federated'"
             )
         _check_synthetic_memory(self.num_synthetic)
 
@@ -194,6 +229,7 @@ _RULES: dict[str, _Rule] = {
     "seed": (int, _non_negative, "an integer >= 0"),
     "dataset": (str, DATASETS.__contains__, f"one of {list(DATASETS)}"),
     "data-dir": (str, _any, "a folder path (or empty)"),
+    "binarize": (str, BINARIZE_MODES.__contains__, f"one of {list(BINARIZE_MODES)}"),
     "dirichlet-beta": (float, _positive, "a number > 0 (e.g. 0.1 .. 100)"),
     "min-partition-size": (int, lambda v: v >= 3, "an integer >= 3"),
     "partition-max-draws": (int, _positive, "an integer >= 1"),
@@ -228,6 +264,7 @@ _RULES: dict[str, _Rule] = {
     "clf-aggregation": (str, AGGREGATIONS.__contains__, f"one of {list(AGGREGATIONS)}"),
     "clf-trim-fraction": (float, lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5)"),
     "clf-krum-malicious": (int, _non_negative, "an integer >= 0"),
+    "proximal-mu": (float, _non_negative, "a number >= 0 (0: FedAvg's local objective)"),
     "eval-batch-size": (int, _positive, "an integer >= 1"),
     "pretrain": (str, PRETRAIN_MODES.__contains__, f"one of {list(PRETRAIN_MODES)}"),
     "pretrain-samples": (int, lambda v: v >= 20, "an integer >= 20"),

@@ -8,6 +8,8 @@ Why not a library: torchmetrics' FID (and pytorch-fid, clean-fid) is built aroun
 Inception-v3 weights that must be downloaded, this app runs offline, and Inception
 features of 28x28 binary digits upscaled to 299x299 say little about digits. The
 Fréchet distance itself is a few lines of numpy/scipy, and coverage a few more.
+Both work on any images in [0, 1], binary or grey-level (Fashion-MNIST), as long as
+real and synthetic images are of one kind (as a run makes them).
 """
 
 from __future__ import annotations

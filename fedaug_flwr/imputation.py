@@ -2,7 +2,8 @@
 
 The label plan is pure numpy and seeded; generation decodes every requested
 image in a few large batches with the frozen CVAE and binarizes them like the
-real digits.
+real digits, or keeps them as grey levels like real grey-level images
+(``binarize="off"``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedaug_flwr.data import GREY_LEVELS
 from fedaug_flwr.models import CVAE, NUM_CLASSES
+
+SYNTHETIC_MODES = ("round", "rescale", "off")
 
 
 def minority_counts(
@@ -66,15 +70,17 @@ def generate(
     device: str | torch.device = "cpu",
     binarize: str = "round",
 ) -> np.ndarray:
-    """Binarized images (N, 28, 28) of 0/1 bytes, z ~ N(0, I), decoded per label.
+    """Images (N, 28, 28) of ``uint8``, z ~ N(0, I), decoded per label.
 
     ``binarize="round"`` rounds each pixel probability at 0.5; ``"rescale"`` first
     divides an image by its brightest pixel, as the study does (so a faint image still
-    has pixels at 1). All latent codes are drawn up front, so the images do not depend
-    on ``batch_size`` (torch draws normals differently for short and long runs).
+    has pixels at 1): both give 0/1 bytes. ``"off"`` keeps the decoder's pixel means p
+    in [0, 1] as grey levels, round(p * 255) (wrap them as ``Digits(..., grey=True)``).
+    All latent codes are drawn up front, so the images do not depend on ``batch_size``
+    (torch draws normals differently for short and long runs).
     """
-    if binarize not in ("round", "rescale"):
-        raise ValueError(f"unknown binarization {binarize!r}")
+    if binarize not in SYNTHETIC_MODES:
+        raise ValueError(f"unknown binarization {binarize!r}; known: {list(SYNTHETIC_MODES)}")
     cvae = cvae.to(device).eval()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     label_tensor = torch.as_tensor(labels, dtype=torch.long)
@@ -87,6 +93,8 @@ def generate(
         if binarize == "rescale":
             brightest = probabilities.amax(dim=(1, 2, 3), keepdim=True)
             probabilities = probabilities / brightest.clamp_min(torch.finfo(torch.float32).tiny)
+        elif binarize == "off":
+            probabilities = probabilities.clamp(0.0, 1.0) * GREY_LEVELS
         images[start : start + len(batch)] = (
             torch.round(probabilities).squeeze(1).to(torch.uint8).cpu().numpy()
         )

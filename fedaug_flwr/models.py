@@ -67,6 +67,15 @@ def cvae_loss(
 
     ``recon="bce"`` is binary cross-entropy (natural for 0/1 pixels); ``"sse"``
     is the summed squared error the study used.
+
+    Grey-level images (pixels in [0, 1], e.g. Fashion-MNIST) keep BCE: with a target
+    t in [0, 1] the pixel's loss -t log p - (1 - t) log(1 - p) is smallest at p = t,
+    so the decoder's sigmoid output learns each pixel's mean intensity, which is what
+    grey-level sampling keeps (``generate(..., binarize="off")``). It is the usual
+    choice for grey MNIST-like images (Kingma and Welling's VAE), needs no noise scale
+    as a Gaussian likelihood (SSE) does, and is the same code for 0/1 and grey pixels;
+    only its floor is no longer 0 (the targets' own entropy), which shifts the loss,
+    not its gradient. ``"sse"`` stays available for either kind.
     """
     reconstruction, mean, scale = model(images, labels)
     if recon == "bce":

@@ -39,7 +39,15 @@ from fedaug_flwr.imputation import generate, synthetic_labels
 from fedaug_flwr.models import CVAE, ExquisiteNetV1, classifier_loss, cvae_loss
 from fedaug_flwr.partition import ClientSplit, PartitionError, client_split, split_train_val_test
 from fedaug_flwr.protocol import TaskConfig
-from fedaug_flwr.training import TensorData, evaluate_classifier, evaluate_loss, seed_for, train
+from fedaug_flwr.training import (
+    TensorData,
+    evaluate_classifier,
+    evaluate_loss,
+    frozen_parameters,
+    proximal_penalty,
+    seed_for,
+    train,
+)
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -140,8 +148,8 @@ def detached_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @cache
-def _own_data(path: str) -> Digits:
-    return load_node_data(path)
+def _own_data(path: str, binarized: bool) -> Digits:
+    return load_node_data(path, binarized)
 
 
 # Salts of the reshuffled split (client-split-refresh = every-round): the split a client
@@ -196,12 +204,11 @@ def load_split(
     config = parse_node_config(node_config)
     if config.own_data:
         path = str(Path(config.data_path).expanduser().resolve())
-        return own_split(
-            task, _own_data(path), config.partition_id, f"data-path {path!r}", reshuffle
-        )
+        digits = _own_data(path, task.app.binarized)
+        return own_split(task, digits, config.partition_id, f"data-path {path!r}", reshuffle)
     app = task.app
     return client_split(
-        load_source(task.data_source, task.data_location).pool,
+        load_source(task.data_source, task.data_location, app.binarized).pool,
         partition_id=config.partition_id,
         num_partitions=config.num_partitions,
         beta=app.dirichlet_beta,
@@ -258,7 +265,16 @@ def impute(
         device=run_on,
         binarize=app.synthetic_binarize,
     )
-    return ImputationReport(real_counts, label_counts(labels), Digits(images, labels))
+    synthetic = synthetic_images(task, images, labels)
+    return ImputationReport(real_counts, label_counts(labels), synthetic)
+
+
+def synthetic_images(task: TaskConfig, images: np.ndarray, labels: np.ndarray) -> Digits:
+    """A node's synthetic images as :class:`Digits`, e.g. rebuilt from the arrays kept in
+    ``context.state``: binary or grey levels as the run config says (``binarize``), which
+    is what they were generated as (``synthetic-binarize`` is "off" exactly when the real
+    images are grey), so nothing but the arrays needs keeping."""
+    return Digits(np.asarray(images), np.asarray(labels), grey=not task.app.binarized)
 
 
 def adam(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
@@ -318,11 +334,19 @@ def train_classifier(
     partition_id: int,
     epochs: int,
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """Local ExquisiteNet epochs on (real + synthetic) training data."""
+    """Local ExquisiteNet epochs on (real + synthetic) training data.
+
+    With ``proximal-mu`` > 0 (FedProx) the loss gains ``(mu / 2) ||w - w_received||^2``,
+    the received weights kept frozen as they were loaded; the returned loss is the data
+    loss alone.
+    """
     app = task.app
     model = reusable_model(ExquisiteNetV1, weights, training_set.labels.device)
     torch.manual_seed(seed_for(app.seed, server_round, partition_id, 5))
     optimizer = classifier_optimizer(task, model)
+    penalty = None
+    if app.proximal_mu > 0:
+        penalty = proximal_penalty(frozen_parameters(model), app.proximal_mu)
     loss = train(
         model,
         training_set,
@@ -331,6 +355,7 @@ def train_classifier(
         epochs=epochs,
         batch_size=app.clf_batch_size,
         seed=seed_for(app.seed, server_round, partition_id, 6),
+        penalty=penalty,
     )
     return detached_copy(model), loss
 

@@ -160,7 +160,7 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
     config = report.config
     random.seed(config.seed)  # Flower strategies sample nodes with `random`
     source, location, fallback = resolve_source(config.dataset, config.data_dir)
-    data = report.timed("data", lambda: load_source(source, location))
+    data = report.timed("data", lambda: load_source(source, location, config.binarized))
     task = TaskConfig(config, data.source, location)
     node_ids = wait_for_nodes(grid, config.min_clients)
     report.sections["data"] = {
@@ -171,6 +171,7 @@ def _run_phases(grid: Grid, report: RunReport) -> None:
         "pool-size": len(data.pool),
         "global-test-size": len(data.test),
         "num-clients": len(node_ids),
+        "binarized": config.binarized,
     }
 
     artifacts = report.sections.setdefault("artifacts", {})
@@ -359,7 +360,10 @@ def quick_generator_quality(report: RunReport, cvae_weights: dict, data: MnistDa
         binarize=config.synthetic_binarize,
     )
     quality["fidelity"] = feature_fidelity(
-        reference, real, Digits(generated, real.labels), config.eval_batch_size
+        reference,
+        real,
+        Digits(generated, real.labels, grey=not config.binarized),
+        config.eval_batch_size,
     )
     report.sections["generator-quality"] = quality
     coverage = quality["fidelity"]["coverage"]

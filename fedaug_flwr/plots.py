@@ -18,8 +18,10 @@ from fedaug_flwr.results import write_atomic
 
 
 def save_sample_grid(images: np.ndarray, per_label: int, path: Path) -> Path:
-    """Save (10 * per_label, 28, 28) images, label-major, as a PNG with a row per label."""
-    tensor = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1)
+    """Save (10 * per_label, 28, 28) images, label-major, as a PNG with a row per label:
+    0/1 images, or uint8 grey levels 0..255 (any pixel above 1)."""
+    grey = images.size > 0 and int(images.max()) > 1
+    tensor = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1) / (255.0 if grey else 1.0)
     grid = make_grid(tensor, nrow=per_label, padding=2, pad_value=0.5)[0].numpy()
     rows = len(images) // per_label
     figure = Figure(figsize=(per_label * 0.45 + 0.8, rows * 0.45 + 0.6))
@@ -28,7 +30,7 @@ def save_sample_grid(images: np.ndarray, per_label: int, path: Path) -> Path:
     axis.set_yticks([2 + 30 * r + 14 for r in range(rows)], [str(r) for r in range(rows)])
     axis.set_xticks([])
     axis.set_ylabel("label")
-    axis.set_title("CVAE samples (binarized)")
+    axis.set_title("CVAE samples (grey levels)" if grey else "CVAE samples (binarized)")
     figure.tight_layout()
     write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     return path

@@ -41,10 +41,12 @@ def synthetic_digits(
     device: str | torch.device = "cpu",
     binarize: str = "round",
 ) -> Digits:
-    """``total`` binarized images with MNIST's label proportions, generated in batches."""
+    """``total`` images with MNIST's label proportions, generated in batches: binarized,
+    or grey levels with ``binarize="off"`` (see :func:`~fedaug_flwr.imputation.generate`)."""
     labels = np.repeat(np.arange(NUM_CLASSES), proportional_counts(total))
     labels = np.random.default_rng(seed).permutation(labels)
-    return Digits(generate(cvae, labels, seed, batch_size, device, binarize), labels)
+    images = generate(cvae, labels, seed, batch_size, device, binarize)
+    return Digits(images, labels, grey=binarize == "off")
 
 
 @dataclass(frozen=True)

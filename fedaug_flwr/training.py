@@ -1,14 +1,15 @@
 """The one training loop and the one evaluation loop, used by clients and the server.
 
 Data stays in memory as tensors; minibatches are slices of a seeded
-permutation, which avoids a DataLoader's per-item Python overhead. Nothing
-here knows about Flower.
+permutation, which avoids a DataLoader's per-item Python overhead. A penalty on
+the weights (FedProx's proximal term, :func:`proximal_penalty`) is an argument of
+the same loop. Nothing here knows about Flower.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from fedaug_flwr.data import Digits
 from fedaug_flwr.metrics import classification_metrics
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+Penalty = Callable[[nn.Module], torch.Tensor]
 
 
 class NonFiniteLoss(ArithmeticError):
@@ -27,19 +29,30 @@ class NonFiniteLoss(ArithmeticError):
 
 @dataclass(frozen=True)
 class TensorData:
-    """Images (N, 1, 28, 28) float32 in {0, 1} and int64 labels, on one device."""
+    """Images (N, 1, 28, 28) float32 in [0, 1] (0/1 when binarized) and int64 labels, on
+    one device."""
 
     images: torch.Tensor
     labels: torch.Tensor
 
     @classmethod
     def from_digits(cls, *parts: Digits, device: str | torch.device = "cpu") -> TensorData:
+        """``parts`` concatenated, each byte divided by its kind's scale (1 for 0/1 images,
+        255 for grey levels); binary and grey-level parts together are refused, as the
+        classifier would learn two kinds of pixels (e.g. 0/1 real beside grey synthetic)."""
+        kinds = {part.grey for part in parts}
+        if len(kinds) > 1:
+            raise ValueError(
+                "cannot put binary (0/1) and grey-level (0..255) images in one training set: "
+                f"parts are {['grey' if part.grey else 'binary' for part in parts]}"
+            )
         images = np.concatenate([part.images for part in parts])
         labels = np.concatenate([part.labels for part in parts])
-        return cls(
-            torch.from_numpy(images).to(device=device, dtype=torch.float32).unsqueeze(1),
-            torch.from_numpy(labels).to(device=device, dtype=torch.long),
-        )
+        pixels = torch.from_numpy(images).to(device=device, dtype=torch.float32).unsqueeze(1)
+        scale = parts[0].scale if parts else 1
+        if scale != 1:
+            pixels = pixels.div_(scale)
+        return cls(pixels, torch.from_numpy(labels).to(device=device, dtype=torch.long))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -70,12 +83,17 @@ def train(
     batch_size: int,
     seed: int,
     on_epoch_end: Callable[[int, float], None] | None = None,
+    penalty: Penalty | None = None,
 ) -> float:
     """Train for ``epochs`` over shuffled minibatches; returns the last epoch's mean loss.
 
     A loss that is not finite (NaN or infinity: diverged, or a broken model) stops the
     training with :class:`NonFiniteLoss`, naming the epoch and batch: such weights must
     never be sent anywhere.
+
+    ``penalty(model)``, when given, is added to every minibatch's loss before the
+    gradient (e.g. :func:`proximal_penalty`); the returned loss is the data loss
+    alone, comparable between runs with and without a penalty.
     """
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
@@ -95,7 +113,7 @@ def train(
                     f"local training stopped: the loss became {value} in epoch {epoch + 1} of "
                     f"{epochs}, batch {batch + 1} (diverged? try a lower learning rate)"
                 )
-            loss.backward()
+            (loss if penalty is None else loss + penalty(model)).backward()
             optimizer.step()
             total += value * len(labels)
             seen += len(labels)
@@ -103,6 +121,34 @@ def train(
         if on_epoch_end is not None:
             on_epoch_end(epoch, mean_loss)
     return mean_loss
+
+
+def proximal_penalty(anchor: Mapping[str, torch.Tensor], mu: float) -> Penalty:
+    """FedProx's proximal term (Li et al. 2020): ``(mu / 2) * ||w - anchor||^2`` over the
+    model's trainable parameters, ``anchor`` holding (frozen) the weights the client
+    received. Its gradient adds ``mu * (w - anchor)`` to the loss's; buffers (BatchNorm's
+    running statistics) are not weights and have none."""
+    frozen = {name: tensor.detach() for name, tensor in anchor.items()}
+
+    def penalty(model: nn.Module) -> torch.Tensor:
+        squares = [
+            (parameter - frozen[name]).pow(2).sum()
+            for name, parameter in model.named_parameters()
+            if parameter.requires_grad
+        ]
+        return (mu / 2) * torch.stack(squares).sum()
+
+    return penalty
+
+
+def frozen_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the model's trainable parameters: the anchor of
+    :func:`proximal_penalty` when taken right after the received weights are loaded."""
+    return {
+        name: parameter.detach().clone()
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad
+    }
 
 
 def _has_batchnorm(model: nn.Module) -> bool:

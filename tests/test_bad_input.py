@@ -48,10 +48,16 @@ from tests.local_grid import LocalGrid, set_task_identity
         ({"cvae-lr": float("nan")}, r"'cvae-lr' must be a number > 0; got nan"),
         ({"round-timeout": 0.0}, r"'round-timeout' must be a number of seconds > 0"),
         ({"min-partition-size": 2}, r"'min-partition-size' must be an integer >= 3"),
-        ({"dataset": "cifar10"}, r"'dataset' must be one of \['mnist-5k', 'mnist'\]"),
+        (
+            {"dataset": "cifar10"},
+            r"'dataset' must be one of \['mnist-5k', 'mnist', 'fashion-mnist'\]",
+        ),
         ({"imputation": "random"}, r"'imputation' must be one of \['none', 'uniform'"),
         ({"cvae-round": 3}, r"unknown run-config key\(s\) \['cvae-round'\]; known keys:"),
         ({"val-fraction": 0.5, "test-fraction": 0.4}, r"must leave at least 10% for training"),
+        ({"binarize": "grey"}, r"'binarize' must be one of \['auto', 'on', 'off'\]"),
+        ({"synthetic-binarize": "off"}, r"synthetic-binarize='off' \(grey-level synthetic"),
+        ({"proximal-mu": 0.1, "pretrain": "local"}, r"proximal-mu=0.1 .* pretrain='local'"),
     ],
 )
 def test_bad_run_config_is_rejected_before_the_server_writes_anything(
@@ -91,7 +97,10 @@ def _good_message_config() -> dict:
         ({"num-synthetic": -5}, r"'num-synthetic' must be an integer >= 0"),
         ({"imputation": "everything"}, r"'imputation' must be one of"),
         ({"not-a-key": 1}, r"unknown run-config key\(s\) \['not-a-key'\]"),
-        ({"data-source": "cifar10"}, r"'data-source' must be one of \['mnist-5k', 'mnist'\]"),
+        (
+            {"data-source": "cifar10"},
+            r"'data-source' must be one of \['mnist-5k', 'mnist', 'fashion-mnist'\]",
+        ),
         ({"data-source": None}, r"message config lacks \['data-source'\]"),
         (None, r"query.impute message lacks its 'config' record"),
     ],
