@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedaug_flwr.config import AppConfig, ConfigError
+from fedaug_flwr.progress import Progress
 from fedaug_flwr.results import OutputFolderError, ensure_writable, folder_lock, resolve_output_dir
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -609,7 +610,11 @@ def flwr_run(
     stream=None,
     timeout_s: float | None = None,
 ) -> RunOutcome:
-    """``flwr run --stream`` the app, echo its log, and return the run's final status."""
+    """``flwr run --stream`` the app, echo its log, and return the run's final status.
+
+    Under each of Flower's ``[ROUND r/n]`` lines it prints a progress line: the
+    phase, round r of n and an estimate of the time left in the phase
+    (:mod:`fedaug_flwr.progress`)."""
     stream = sys.stdout if stream is None else stream
     env = flwr_env(flwr_home)
     command = [bin_path("flwr"), "run", str(app_dir), connection, "--stream"]
@@ -624,6 +629,7 @@ def flwr_run(
     run_id, output_dir, timed_out = "", "", False
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     lines = _lines_of(process)
+    progress = Progress()
     try:
         while True:
             wait_s = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
@@ -638,6 +644,8 @@ def flwr_run(
             if line is None:
                 break
             stream.write(line)
+            if note := progress.feed(line):
+                stream.write(note + "\n")
             stream.flush()
             if match := re.search(r"Successfully started run (\d+)", line):
                 run_id = match.group(1)
