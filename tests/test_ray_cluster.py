@@ -21,6 +21,20 @@ from tests.conftest import TINY
 from tests.ray_cluster import LocalRayCluster, processes_with_marker
 
 DESCRIBE = "from fedaug_flwr.cluster import describe_cluster\nprint(json.dumps(describe_cluster()))"
+# As the ServerApp would see it: this job's actors (one per 1-CPU node), not other jobs'.
+OWN_ACTORS = """
+from fedaug_flwr.cluster import actor_nodes
+
+@ray.remote(num_cpus=1)
+class ProbeActor:
+    def node(self):
+        return ray.get_runtime_context().get_node_id()
+
+actors = [ProbeActor.remote() for _ in range(2)]
+placed = sorted(ray.get([actor.node.remote() for actor in actors]))
+job = ray.get_runtime_context().get_job_id()
+print(json.dumps([placed, actor_nodes("ProbeActor", job_id=job), actor_nodes("ProbeActor", "ff")]))
+"""
 ACTORS = "from fedaug_flwr.cluster import actor_nodes\nprint(json.dumps(actor_nodes()))"
 
 
@@ -51,7 +65,9 @@ def test_the_cluster_is_described_with_its_nodes_and_resources(cluster):
         assert node["alive"] and node["address"] == "127.0.0.2"
         assert node["resources"]["CPU"] == 1 and "GPU" not in node["resources"]
         assert not any(key.startswith("node:") for key in node["resources"])
-    assert described["client-actors"] == {}  # no simulation has run on it yet
+    assert described["client-actors"] == {}  # this job has none
+    placed, own, other_job = cluster.probe(OWN_ACTORS)
+    assert own == {node: 1 for node in placed} and len(own) == 2 and other_job == {}
 
 
 @pytest.mark.ray_cluster
