@@ -105,6 +105,7 @@ class AppConfig:
     min_clients: int
     round_timeout: float
     output_dir: str
+    tensorboard: bool
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:
@@ -282,6 +283,7 @@ _RULES: dict[str, _Rule] = {
     "min-clients": (int, _positive, "an integer >= 1"),
     "round-timeout": (float, _positive, "a number of seconds > 0"),
     "output-dir": (str, _any, "a folder path (or empty for a timestamped one)"),
+    "tensorboard": (bool, _any, "true (TensorBoard files in <output-dir>/tensorboard) or false"),
 }
 _KEYS = {key: key.replace("-", "_") for key in _RULES}
 assert set(_KEYS.values()) == {f.name for f in dataclasses.fields(AppConfig)}

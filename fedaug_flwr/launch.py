@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedaug_flwr.config import AppConfig, ConfigError
+from fedaug_flwr.progress import Progress
 from fedaug_flwr.results import OutputFolderError, ensure_writable, folder_lock, resolve_output_dir
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -69,14 +70,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 SIMULATION_ENV = {"RAY_worker_niceness": "0", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def flwr_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def flwr_env(
+    flwr_home: Path, base: Mapping[str, str] | None = None, ray_address: str | None = None
+) -> dict[str, str]:
     """Environment for flwr commands: private home, offline, no runtime installs.
 
-    It also keeps a simulation's Ray on loopback: by default Ray listens on the
-    machine's network address and on all interfaces; as a single-machine
-    "local" Ray (what this variable selects) it binds 127.0.0.1 only. And it
-    sets the simulation's thread and priority settings (SIMULATION_ENV) unless
-    the caller's environment already does.
+    Without ``ray_address`` it keeps a simulation's Ray on this machine and on
+    loopback: ``RAY_ADDRESS=local`` makes Flower's ``ray.init()`` start a new
+    Ray even when ``ray start`` left a cluster's address in Ray's temporary
+    folder (which ``ray.init()`` would otherwise attach to), and as a
+    single-machine "local" Ray (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) it
+    binds 127.0.0.1 only, not the machine's address and every interface. With
+    ``ray_address`` see :func:`ray_cluster_env`. It also sets the simulation's
+    thread and priority settings (SIMULATION_ENV) unless the caller's
+    environment already does.
     """
     env = {**SIMULATION_ENV, **(os.environ if base is None else base)}
     # Flower's processes start each other by name (flower-superexec, flwr-simulation...).
@@ -86,9 +93,77 @@ def flwr_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
     )
+    if ray_address is None:
+        env.update(RAY_ADDRESS="local", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    else:
+        env.update(ray_cluster_env(ray_address, env.get("PYTHONPATH", "")))
     return env
+
+
+# ------------------------------------------------------------------ an existing Ray cluster
+
+RAY_ADDRESS_VARIABLE = "RAY_ADDRESS"
+
+
+def resolve_ray_address(explicit: str | None = None) -> str | None:
+    """The Ray cluster a simulation attaches to: ``explicit`` (``--ray-address``), else
+    ``$RAY_ADDRESS``; None (a new Ray on this machine) when neither is set or it is
+    ``local``, Ray's own word for that."""
+    address = (explicit or os.environ.get(RAY_ADDRESS_VARIABLE) or "").strip()
+    return None if address in ("", "local") else address
+
+
+def ray_cluster_env(ray_address: str, pythonpath: str = "") -> dict[str, str]:
+    """What the private SuperLink's environment needs to run the simulation on a cluster.
+
+    Flower 1.42 calls ``ray.init()`` in the ``flwr-simulation`` process the
+    SuperLink starts (through its SuperExec, which inherit its environment),
+    without an address: Ray then attaches to the cluster named by
+    ``RAY_ADDRESS``. Multi-node Ray must not be switched off. Client actors on
+    other machines unpickle the ClientApp by importing ``client_app`` and
+    ``fedaug_flwr``: the job's ``PYTHONPATH`` (Flower passes the driver's
+    ``sys.path`` and ``$PYTHONPATH``) gets this checkout first, which must be
+    at the same path on every node; the app's copy in the temporary
+    ``FLWR_HOME`` exists on this machine only.
+    """
+    paths = [str(APP_DIR), *(p for p in pythonpath.split(os.pathsep) if p and p != str(APP_DIR))]
+    return {
+        RAY_ADDRESS_VARIABLE: ray_address,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+        "PYTHONPATH": os.pathsep.join(paths),
+    }
+
+
+def federation_config(
+    num_supernodes: int,
+    num_cpus: int = 1,
+    num_gpus: float = 0.0,
+    ray_address: str | None = None,
+    ray_num_cpus: int | None = None,
+    ray_num_gpus: int | None = None,
+) -> dict[str, object]:
+    """``flwr run --federation-config`` of a simulation.
+
+    ``num_cpus`` / ``num_gpus`` are each client actor's share. ``ray_num_cpus`` /
+    ``ray_num_gpus`` size the Ray that Flower starts on this machine (Flower's
+    ``init-args-num-cpus`` / ``-num-gpus``, passed to ``ray.init``; unset: all of
+    it). On an existing cluster (``ray_address``) the nodes' own resources count
+    and ``ray.init`` refuses them (ValueError here, before anything starts).
+    """
+    federation: dict[str, object] = {
+        "num-supernodes": num_supernodes,
+        "client-resources-num-cpus": num_cpus,
+        "client-resources-num-gpus": float(num_gpus),
+    }
+    sizes = {"init-args-num-cpus": ray_num_cpus, "init-args-num-gpus": ray_num_gpus}
+    sizes = {key: int(value) for key, value in sizes.items() if value is not None}
+    if sizes and ray_address is not None:
+        raise ValueError(
+            "the size of the Ray on this machine (ray_num_cpus / ray_num_gpus) cannot be set "
+            f"for a run on the Ray cluster at {ray_address}: its nodes' resources count"
+        )
+    return {**federation, **sizes}
 
 
 def bin_path(name: str) -> str:
@@ -147,6 +222,7 @@ class SuperLink:
     port: int = field(default_factory=free_port)
     extra_args: Sequence[str] = ()
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    ray_address: str | None = None  # a simulation's Ray cluster (None: a new, local Ray)
     process: subprocess.Popen | None = None
 
     @property
@@ -176,7 +252,7 @@ class SuperLink:
         self.process = subprocess.Popen(
             command,
             cwd=self.flwr_home,
-            env={**flwr_env(self.flwr_home), **self.extra_env},
+            env={**flwr_env(self.flwr_home, ray_address=self.ray_address), **self.extra_env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() takes its children too
@@ -534,7 +610,11 @@ def flwr_run(
     stream=None,
     timeout_s: float | None = None,
 ) -> RunOutcome:
-    """``flwr run --stream`` the app, echo its log, and return the run's final status."""
+    """``flwr run --stream`` the app, echo its log, and return the run's final status.
+
+    Under each of Flower's ``[ROUND r/n]`` lines it prints a progress line: the
+    phase, round r of n and an estimate of the time left in the phase
+    (:mod:`fedaug_flwr.progress`)."""
     stream = sys.stdout if stream is None else stream
     env = flwr_env(flwr_home)
     command = [bin_path("flwr"), "run", str(app_dir), connection, "--stream"]
@@ -549,6 +629,7 @@ def flwr_run(
     run_id, output_dir, timed_out = "", "", False
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     lines = _lines_of(process)
+    progress = Progress()
     try:
         while True:
             wait_s = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
@@ -563,6 +644,8 @@ def flwr_run(
             if line is None:
                 break
             stream.write(line)
+            if note := progress.feed(line):
+                stream.write(note + "\n")
             stream.flush()
             if match := re.search(r"Successfully started run (\d+)", line):
                 run_id = match.group(1)
@@ -631,25 +714,40 @@ def simulate(
     num_gpus: float = 0.0,
     flwr_home: Path | None = None,
     stream=None,
+    ray_address: str | None = None,
+    ray_num_cpus: int | None = None,
+    ray_num_gpus: int | None = None,
 ) -> RunOutcome:
     """One simulated run of the app on a private SuperLink; every process of it is stopped
-    afterwards (also when interrupted) and its temporary home removed."""
+    afterwards (also when interrupted) and its temporary home removed.
+
+    ``ray_address`` (default ``$RAY_ADDRESS``) runs the client actors on that Ray
+    cluster (``docs/scale-out.md``); the cluster itself is left as it was.
+    """
     AppConfig.from_run_config(run_config)  # fail before starting anything
     check_environment()
+    address = resolve_ray_address(ray_address)
+    federation = federation_config(
+        num_supernodes, num_cpus, num_gpus, address, ray_num_cpus, ray_num_gpus
+    )
     owned = flwr_home is None
     with contextlib.ExitStack() as held:
         held.enter_context(output_dir_held(run_config, "a simulation (fedaug_flwr.launch)"))
         home = Path(tempfile.mkdtemp(prefix="fedaug-flwr-home-")) if owned else flwr_home
         if owned:
             held.callback(shutil.rmtree, home, ignore_errors=True)
-        with SuperLink(home) as superlink:
+        with SuperLink(home, ray_address=address) as superlink:
             write_connection(home, superlink.address)
-            federation = {
-                "num-supernodes": num_supernodes,
-                "client-resources-num-cpus": num_cpus,
-                "client-resources-num-gpus": float(num_gpus),
-            }
             return flwr_run(home, run_config, federation, stream=stream)
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ray-address`` (the launcher's and the sweeps' command lines)."""
+    parser.add_argument(
+        "--ray-address", metavar="HOST:PORT",
+        help="run the client actors on this Ray cluster (started with `ray start`; see "
+        "docs/scale-out.md); default: $RAY_ADDRESS, else a new Ray on this machine",
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -667,17 +765,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run-config overrides, as for flwr run: key=value pairs or a .toml file "
         "(repeatable; later ones win)",
     )  # fmt: skip
+    add_ray_arguments(parser)
+    parser.add_argument(
+        "--ray-num-cpus", type=int, metavar="N",
+        help="CPUs of the Ray started on this machine (default: all); not with a cluster",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ray-num-gpus", type=int, metavar="N",
+        help="GPUs of the Ray started on this machine (default: all); not with a cluster",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.num_supernodes < 1 or args.num_cpus < 1 or args.num_gpus < 0:
         parser.error("--num-supernodes and --num-cpus must be >= 1, --num-gpus >= 0")
+    if (args.ray_num_cpus is not None and args.ray_num_cpus < 1) or (
+        args.ray_num_gpus is not None and args.ray_num_gpus < 0
+    ):
+        parser.error("--ray-num-cpus must be >= 1, --ray-num-gpus >= 0")
+    address = resolve_ray_address(args.ray_address)
     try:
         overrides = parse_overrides(args.run_config)
         AppConfig.from_run_config(overrides)
-    except ConfigError as error:
+        federation_config(1, ray_address=address, ray_num_cpus=args.ray_num_cpus,
+                          ray_num_gpus=args.ray_num_gpus)  # fmt: skip
+    except (ConfigError, ValueError) as error:
         parser.error(str(error))
     try:
         with signals_interrupt():
-            outcome = simulate(overrides, args.num_supernodes, args.num_cpus, args.num_gpus)
+            outcome = simulate(
+                overrides, args.num_supernodes, args.num_cpus, args.num_gpus,
+                ray_address=address, ray_num_cpus=args.ray_num_cpus,
+                ray_num_gpus=args.ray_num_gpus,
+            )  # fmt: skip
     except (EnvironmentProblem, OutputFolderError) as error:
         parser.error(str(error))
     except KeyboardInterrupt:  # simulate() has stopped every process of the run already

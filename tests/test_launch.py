@@ -126,7 +126,7 @@ def test_run_config_toml_files_are_read_and_passed_on(tmp_path, monkeypatch, cap
     assert "unknown run-config key(s) ['tool.flwr.app.config.seed']" in capsys.readouterr().err
 
     started = []
-    monkeypatch.setattr(launch, "simulate", lambda overrides, *a: started.append(overrides))
+    monkeypatch.setattr(launch, "simulate", lambda overrides, *a, **k: started.append(overrides))
     with pytest.raises(AttributeError):  # the stand-in returns no outcome to report
         launch.main(["--run-config", str(preset)])
     assert started == [{"imputation": "uniform", "num-synthetic": 500, "cvae-lr": 0.01}]

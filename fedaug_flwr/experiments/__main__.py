@@ -9,7 +9,9 @@
 ``campaign`` runs an experiment file's stages in order and publishes (and commits)
 each completed run's compact results (see :mod:`fedaug_flwr.experiments.campaign`).
 ``--federation num-gpus=0.1`` (run, campaign) overrides the file's simulation size for
-this machine; results do not depend on it. ``run`` aggregates the tables when it
+this machine; results do not depend on it. ``--ray-address HOST:PORT`` (run, campaign;
+default ``$RAY_ADDRESS``) runs the simulations on an existing Ray cluster
+(docs/scale-out.md). ``run`` aggregates the tables when it
 finishes; ``plot`` aggregates, then draws every figure the results support into
 ``<sweep folder>/figures/``.
 Exit status: 0 when everything asked for is complete, 1 when a run failed,
@@ -24,6 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedaug_flwr import launch
 from fedaug_flwr.experiments import aggregate, campaign, figures, runner
 from fedaug_flwr.experiments.grid import (
     SweepError,
@@ -73,11 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selection(run)
     run.add_argument("--verbose", action="store_true", help="echo each run's Flower log")
     _add_federation(run)
+    launch.add_ray_arguments(run)
     long = commands.add_parser(
         "campaign", help="run a campaign's stages in order, publishing and committing each run"
     )
     _add_selection(long)
     _add_federation(long)
+    launch.add_ray_arguments(long)
     long.add_argument("--publish", help="published results folder (default: the file's 'publish')")
     long.add_argument("--max-runs", type=int, help="stop after this many runs")
     long.add_argument(
@@ -123,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = campaign.run_campaign(
                 spec, _sweep_dir(spec.output, args.out), publish_dir.resolve(), runs,
                 commit_results=not args.no_commit, max_runs=args.max_runs,
+                ray_address=launch.resolve_ray_address(args.ray_address),
             )  # fmt: skip
             return 0 if not report.failed else 1
         if args.command in ("run", "list"):
@@ -135,7 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"{row['status']:9} {row['folder']}  {row['error']}".rstrip())
                 return 0
             _stop_cleanly_on_signals()
-            report = runner.run_sweep(spec, sweep_dir, runs, echo_logs=args.verbose)
+            report = runner.run_sweep(
+                spec, sweep_dir, runs, echo_logs=args.verbose,
+                ray_address=launch.resolve_ray_address(args.ray_address),
+            )  # fmt: skip
             aggregate.write_tables(sweep_dir)
             print(f"tables in {sweep_dir / aggregate.TABLES_DIR}")
             return 0 if report.ok else 1

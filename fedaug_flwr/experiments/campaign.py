@@ -138,8 +138,10 @@ def run_campaign(
     max_runs: int | None = None,
     launcher: Launcher = simulate,
     out: TextIO | None = None,
+    ray_address: str | None = None,
 ) -> CampaignReport:
-    """Run the campaign's unpublished runs in order, publishing (and committing) each."""
+    """Run the campaign's unpublished runs in order, publishing (and committing) each
+    (on the Ray cluster at ``ray_address`` when given, see :func:`run_sweep`)."""
     out = sys.stdout if out is None else out
     runs = ordered_runs(spec) if runs is None else list(runs)
     publish_dir = Path(publish_dir).resolve()
@@ -159,7 +161,9 @@ def run_campaign(
             report.left = todo[index - 1 :]
             break
         out.write(f"campaign [{index}/{len(todo)}] {run.label}\n")
-        sweep = run_sweep(spec, scratch_dir, [run], launcher=launcher, out=out)
+        sweep = run_sweep(
+            spec, scratch_dir, [run], launcher=launcher, out=out, ray_address=ray_address
+        )
         if not sweep.ok:
             report.failed.extend(sweep.failed)
             continue

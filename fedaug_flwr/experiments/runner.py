@@ -127,8 +127,12 @@ def run_sweep(
     launcher: Launcher = launch.simulate,
     out: TextIO | None = None,
     echo_logs: bool = False,
+    ray_address: str | None = None,
 ) -> SweepReport:
     """Run ``runs`` (default: the whole grid) that are not complete yet, one at a time.
+
+    ``ray_address`` runs every simulation on that Ray cluster (the launcher's
+    ``ray_address``; unset, the launcher reads ``$RAY_ADDRESS``).
 
     :class:`SweepError` when another sweep holds ``sweep_dir``, or when this
     Python cannot start Flower; KeyboardInterrupt (Ctrl-C, SIGTERM) passes
@@ -148,7 +152,7 @@ def run_sweep(
             held.enter_context(folder_lock(sweep_dir, f"sweep '{spec.name}'"))
         except OutputFolderError as error:
             raise SweepError(str(error)) from error
-        return _run_held(spec, sweep_dir, runs, launcher, out, echo_logs)
+        return _run_held(spec, sweep_dir, runs, launcher, out, echo_logs, ray_address)
 
 
 def _run_held(
@@ -158,6 +162,7 @@ def _run_held(
     launcher: Launcher,
     out: TextIO,
     echo_logs: bool,
+    ray_address: str | None = None,
 ) -> SweepReport:
     _check_stored_configs(sweep_dir, runs)
     write_spec(sweep_dir, spec)
@@ -175,7 +180,8 @@ def _run_held(
     for index, run in enumerate(todo, start=1):
         _say(out, f"[{index}/{len(todo)}] {run.label} ...")
         run_start = time.monotonic()
-        error = _execute(run, sweep_dir, spec, launcher, out if echo_logs else None)
+        echo = out if echo_logs else None
+        error = _execute(run, sweep_dir, spec, launcher, echo, ray_address)
         durations.append(time.monotonic() - run_start)
         if error is None:
             report.completed.append(run)
@@ -194,9 +200,15 @@ def _run_held(
 
 
 def _execute(
-    run: Run, sweep_dir: Path, spec: SweepSpec, launcher: Launcher, echo: TextIO | None
+    run: Run,
+    sweep_dir: Path,
+    spec: SweepSpec,
+    launcher: Launcher,
+    echo: TextIO | None,
+    ray_address: str | None = None,
 ) -> str | None:
     """One run in a clean folder; returns None on success, else the reason it failed."""
+    cluster = {} if ray_address is None else {"ray_address": ray_address}
     folder = run_dir(sweep_dir, run)
     if folder.exists():
         shutil.rmtree(folder)  # half-written or failed before: start from nothing
@@ -213,6 +225,7 @@ def _execute(
                 num_cpus=int(spec.federation["num-cpus"]),
                 num_gpus=float(spec.federation["num-gpus"]),
                 stream=stream,
+                **cluster,
             )
     except KeyboardInterrupt:
         write_launch_state(folder, "interrupted", ended=time.strftime("%F %T"))

@@ -1,0 +1,70 @@
+"""Round r of n and the time left in the phase, from a run's streamed log.
+
+The launcher echoes Flower's log as it arrives (``flwr run --stream``). Two
+kinds of lines mark progress: the app's ``[fedaug] phase '<name>' starts``
+(:meth:`fedaug_flwr.pipeline.RunReport.timed`) and Flower's ``[ROUND r/n]``,
+logged when a strategy begins round r of n. From round 2 on, round r's line
+means r - 1 rounds are done, so the phase's mean round time so far times the
+rounds not done yet (n - r + 1, this one included) estimates the time left in
+the phase. The first round is left out of the mean once a later one is done:
+it also starts the client actors. :class:`Progress` turns those lines into one
+compact line per round; the launcher prints it under Flower's. (The pipeline
+module named above is being reorganized; the log line's text is what counts.)
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+PREFIX = "fedaug-flwr progress:"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PHASE = re.compile(r"\[fedaug\] phase '([^']+)' starts")
+_ROUND = re.compile(r"\[ROUND (\d+)/(\d+)\]")
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s``, ``1 h 02 min``."""
+    minutes, secs = divmod(int(round(max(seconds, 0.0))), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+@dataclass
+class Progress:
+    """Feed it every log line; it answers a progress line at each round, else None."""
+
+    clock: Callable[[], float] = time.monotonic
+    phase: str = "rounds"  # until the app names one
+    _round_starts: list[float] = field(default_factory=list, repr=False)
+
+    def feed(self, line: str) -> str | None:
+        plain = _ANSI.sub("", line)
+        if match := _PHASE.search(plain):
+            self.phase, self._round_starts = match.group(1), []
+            return None
+        match = _ROUND.search(plain)
+        if match is None:
+            return None
+        current, total = int(match.group(1)), int(match.group(2))
+        if current == 1:
+            self._round_starts = []  # a new strategy: count from here
+        self._round_starts.append(self.clock())
+        head = f"{PREFIX} {self.phase} round {current}/{total}"
+        if len(self._round_starts) < 2:  # nothing measured yet (or joined mid-phase)
+            return head
+        starts = self._round_starts
+        done = len(starts) - 1
+        elapsed = starts[-1] - starts[0]
+        # The first round also starts the actors (and imports torch in them): once a
+        # later round is done, it is left out of the mean.
+        mean = elapsed / done if done == 1 else (starts[-1] - starts[1]) / (done - 1)
+        left = mean * (total - current + 1)
+        return (
+            f"{head}; {done} done in {duration(elapsed)} ({duration(mean)} a round), "
+            f"about {duration(left)} left in this phase"
+        )
