@@ -40,6 +40,10 @@ class TensorData:
         return len(self.labels)
 
 
+# How an epoch is cut into minibatches: (data, batch size, seeded generator) -> batches.
+Batches = Callable[[TensorData, int, torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
 def minibatches(
     data: TensorData, batch_size: int, generator: torch.Generator | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -65,8 +69,13 @@ def train(
     batch_size: int,
     seed: int,
     on_epoch_end: Callable[[int, float], None] | None = None,
+    batches: Batches = minibatches,
 ) -> float:
-    """Train for ``epochs`` over shuffled minibatches; returns the last epoch's mean loss."""
+    """Train for ``epochs`` over shuffled minibatches; returns the last epoch's mean loss.
+
+    ``batches`` cuts each epoch into minibatches (default: consecutive slices of a
+    seeded permutation); DP-SGD passes Poisson sampling (:mod:`fedaug_flwr.dp`).
+    """
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
     generator = torch.Generator().manual_seed(seed)
@@ -74,7 +83,7 @@ def train(
     mean_loss = float("nan")
     for epoch in range(epochs):
         total, seen = 0.0, 0
-        for images, labels in minibatches(data, batch_size, generator):
+        for images, labels in batches(data, batch_size, generator):
             if len(labels) < 2 and _has_batchnorm(model):
                 continue  # BatchNorm cannot train on a batch of one
             optimizer.zero_grad(set_to_none=True)
