@@ -29,6 +29,7 @@ OPTIMIZERS = ("adam", "sgd")
 BINARIZATIONS = ("rescale", "round")
 MINORITY_ROUNDINGS = ("nearest", "up")
 REFRESH = ("once", "every-round")
+CVAE_DP = ("off", "sample", "client")
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,12 @@ class AppConfig:
     finetune_local_epochs: int
     quality_samples: int
     quality_epochs: int
+    privacy_audit: bool
+    cvae_dp: str
+    cvae_dp_noise: float
+    cvae_dp_clip: float
+    cvae_dp_delta: float
+    cvae_dp_epsilon: float
     fraction_train: float
     fraction_evaluate: float
     evaluate_on_receipt: bool
@@ -131,6 +138,11 @@ class AppConfig:
             raise ConfigError(
                 "val-fraction + test-fraction must leave at least 10% for training "
                 f"(got {self.val_fraction} + {self.test_fraction})"
+            )
+        if self.cvae_dp != "off" and self.cvae_dp_noise == 0 and self.cvae_dp_epsilon == 0:
+            raise ConfigError(
+                f"cvae-dp='{self.cvae_dp}' needs a noise multiplier (cvae-dp-noise > 0) or a "
+                "budget to derive it from (cvae-dp-epsilon > 0); both are 0"
             )
 
 
@@ -204,6 +216,12 @@ _RULES: dict[str, _Rule] = {
     "finetune-local-epochs": (int, _positive, "an integer >= 1"),
     "quality-samples": (int, lambda v: v == 0 or v >= 20, "0 (no quality check) or >= 20"),
     "quality-epochs": (int, _positive, "an integer >= 1"),
+    "privacy-audit": (bool, _any, "true or false"),
+    "cvae-dp": (str, CVAE_DP.__contains__, f"one of {list(CVAE_DP)}"),
+    "cvae-dp-noise": (float, _non_negative, "a noise multiplier >= 0 (0: from cvae-dp-epsilon)"),
+    "cvae-dp-clip": (float, _positive, "a clipping norm > 0"),
+    "cvae-dp-delta": (float, _fraction_open, "a number strictly between 0 and 1 (e.g. 1e-5)"),
+    "cvae-dp-epsilon": (float, _non_negative, "a budget epsilon > 0, or 0 for no budget"),
     "fraction-train": (float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     "fraction-evaluate": (float, _fraction_closed, "a number in [0, 1]"),
     "evaluate-on-receipt": (bool, _any, "true or false"),

@@ -67,3 +67,38 @@ def test_fractions_must_leave_training_data():
 def test_no_imputation_means_no_synthetic_images():
     assert AppConfig.from_run_config({"imputation": "none"}).synthetic_per_client == 0
     assert AppConfig.from_run_config({"num-synthetic": 7}).synthetic_per_client == 7
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("privacy-audit", "yes"),
+        ("cvae-dp", "user"),
+        ("cvae-dp-noise", -0.5),
+        ("cvae-dp-clip", 0.0),
+        ("cvae-dp-delta", 0.0),
+        ("cvae-dp-delta", 1.0),
+        ("cvae-dp-epsilon", -1.0),
+        ("cvae-dp-epsilon", float("inf")),
+    ],
+)
+def test_bad_privacy_value_is_rejected_naming_its_key(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        AppConfig.from_run_config({key: value})
+
+
+def test_privacy_keys_default_to_no_dp_and_an_audit():
+    config = AppConfig.from_run_config({})
+    assert (config.cvae_dp, config.privacy_audit, config.cvae_dp_epsilon) == ("off", True, 0.0)
+    sample = AppConfig.from_run_config({"cvae-dp": "sample", "cvae-dp-epsilon": 4})
+    assert (sample.cvae_dp_noise, sample.cvae_dp_epsilon) == (1.0, 4.0)
+
+
+def test_dp_needs_a_noise_or_a_budget():
+    with pytest.raises(ConfigError, match="cvae-dp='client' needs a noise multiplier"):
+        AppConfig.from_run_config({"cvae-dp": "client", "cvae-dp-noise": 0.0})
+    derived = AppConfig.from_run_config(
+        {"cvae-dp": "client", "cvae-dp-noise": 0.0, "cvae-dp-epsilon": 8.0}
+    )
+    assert derived.cvae_dp_noise == 0.0
+    AppConfig.from_run_config({"cvae-dp-noise": 0.0})  # off: nothing to check
