@@ -58,6 +58,10 @@ class TensorData:
         return len(self.labels)
 
 
+# How an epoch is cut into minibatches: (data, batch size, seeded generator) -> batches.
+Batches = Callable[[TensorData, int, torch.Generator], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
 def minibatches(
     data: TensorData, batch_size: int, generator: torch.Generator | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -84,6 +88,7 @@ def train(
     seed: int,
     on_epoch_end: Callable[[int, float], None] | None = None,
     penalty: Penalty | None = None,
+    batches: Batches = minibatches,
 ) -> float:
     """Train for ``epochs`` over shuffled minibatches; returns the last epoch's mean loss.
 
@@ -94,6 +99,9 @@ def train(
     ``penalty(model)``, when given, is added to every minibatch's loss before the
     gradient (e.g. :func:`proximal_penalty`); the returned loss is the data loss
     alone, comparable between runs with and without a penalty.
+
+    ``batches`` cuts each epoch into minibatches (default: consecutive slices of a
+    seeded permutation); DP-SGD passes Poisson sampling (:mod:`fedaug_flwr.dp`).
     """
     if len(data) == 0:
         raise ValueError("cannot train on an empty dataset")
@@ -102,7 +110,7 @@ def train(
     mean_loss = float("nan")
     for epoch in range(epochs):
         total, seen = 0.0, 0
-        for batch, (images, labels) in enumerate(minibatches(data, batch_size, generator)):
+        for batch, (images, labels) in enumerate(batches(data, batch_size, generator)):
             if len(labels) < 2 and _has_batchnorm(model):
                 continue  # BatchNorm cannot train on a batch of one
             optimizer.zero_grad(set_to_none=True)
