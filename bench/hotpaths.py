@@ -33,9 +33,8 @@ from fedaug_flwr import node
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.data import binarize, find_idx_folder, read_idx, read_mnist5k
 from fedaug_flwr.models import ExquisiteNetV1, classifier_loss
-from fedaug_flwr.pipeline import seeded
 from fedaug_flwr.protocol import TaskConfig
-from fedaug_flwr.training import TensorData, evaluate_classifier, seed_for, train
+from fedaug_flwr.training import TensorData, evaluate_classifier, seed_for, seeded, train
 
 
 def cpu_seconds(work: Callable[[], object], repeats: int) -> float:

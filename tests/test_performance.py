@@ -22,9 +22,15 @@ from fedaug_flwr.config import AppConfig
 from fedaug_flwr.data import binarize, load_mnist5k, read_mnist5k
 from fedaug_flwr.imputation import generate
 from fedaug_flwr.models import CVAE, ExquisiteNetV1, classifier_loss, cvae_loss
-from fedaug_flwr.pipeline import seeded
 from fedaug_flwr.protocol import SYNTHETIC_STATE, TaskConfig
-from fedaug_flwr.training import TensorData, evaluate_classifier, evaluate_loss, seed_for, train
+from fedaug_flwr.training import (
+    TensorData,
+    evaluate_classifier,
+    evaluate_loss,
+    seed_for,
+    seeded,
+    train,
+)
 from server_app import build_server_app
 from tests.conftest import TINY, make_context, make_message
 from tests.test_simulation import InProcessGrid
