@@ -41,7 +41,14 @@ from fedaug_flwr.protocol import (
     GENERATOR,
     IMPUTE,
     METRICS,
+    OWN_DATA,
+    PARTITION_DRAWS,
     PARTITION_ID,
+    REAL_TRAIN,
+    SYNTHETIC_TRAIN,
+    TEST,
+    VAL,
+    ImputationAnswer,
     TaskConfig,
 )
 from fedaug_flwr.strategies import (
@@ -78,7 +85,8 @@ class Imputation:
     @property
     def partition_draws(self) -> int | list[int]:
         """The Dirichlet draws the clients needed (a list if they disagree)."""
-        draws = sorted({c["partition-draws"] for c in self.clients.values() if not c["own-data"]})
+        clients = self.clients.values()
+        draws = sorted({c[PARTITION_DRAWS] for c in clients if not c[OWN_DATA]})
         return draws[0] if len(draws) == 1 else draws
 
 
@@ -284,34 +292,40 @@ def impute_on_clients(
     )
     clients = {}
     for answer in answers:
-        real, synthetic = answer["real-label-counts"], answer["synthetic-label-counts"]
-        partition_id = int(answer[PARTITION_ID])
+        reported = ImputationAnswer.from_metrics(answer)
+        partition_id = reported.partition_id
         if partition_id in clients:
             raise PhaseError(
                 f"SuperNodes {clients[partition_id][NODE_ID]} and {answer[NODE_ID]} both have "
                 f"partition-id {partition_id}: give every SuperNode its own partition-id"
             )
-        clients[partition_id] = {
-            "partition-id": partition_id,
-            NODE_ID: answer[NODE_ID],
-            "own-data": bool(answer.get("own-data", 0)),
-            "partition-draws": int(answer.get("partition-draws", 0)),
-            "real-train": int(answer["real-train"]),
-            "val": int(answer["val"]),
-            "test": int(answer["test"]),
-            "synthetic-train": int(answer["synthetic-train"]),
-            "label-counts-before": [int(c) for c in real],
-            "label-counts-synthetic": [int(c) for c in synthetic],
-            "label-counts-after": [int(a) + int(b) for a, b in zip(real, synthetic, strict=False)],
-        }
+        clients[partition_id] = client_row(reported, answer[NODE_ID])
     section = {
         "mode": config.imputation,
         "refresh": config.synthetic_refresh,
         "num-synthetic-per-client": config.synthetic_per_client,
-        "total-synthetic": sum(c["synthetic-train"] for c in clients.values()),
+        "total-synthetic": sum(c[SYNTHETIC_TRAIN] for c in clients.values()),
         "failures": failures,
     }
     return Imputation(clients, section)
+
+
+def client_row(answer: ImputationAnswer, node_id: int) -> dict:
+    """A client's entry in the summary's ``clients``: its data, before the final metrics."""
+    real, synthetic = answer.real_label_counts, answer.synthetic_label_counts
+    return {
+        PARTITION_ID: answer.partition_id,
+        NODE_ID: node_id,
+        OWN_DATA: answer.own_data,
+        PARTITION_DRAWS: answer.partition_draws,
+        REAL_TRAIN: answer.real_train,
+        VAL: answer.val,
+        TEST: answer.test,
+        SYNTHETIC_TRAIN: answer.synthetic_train,
+        "label-counts-before": real,
+        "label-counts-synthetic": synthetic,
+        "label-counts-after": [a + b for a, b in zip(real, synthetic, strict=False)],
+    }
 
 
 def evaluate_on_clients(

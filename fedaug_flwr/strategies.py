@@ -34,7 +34,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedaug_flwr.metrics import aggregate_clients
-from fedaug_flwr.protocol import EVALUATE_RECEIVED, METRICS, RECEIVED_EVALUATION
+from fedaug_flwr.protocol import (
+    EVALUATE_RECEIVED,
+    METRICS,
+    PARTITION_ID,
+    RECEIVED_EVALUATION,
+    TRAIN_LOSS,
+    VAL_LOSS,
+)
 from fedaug_flwr.transport import weighted_mean
 
 log = logging.getLogger(__name__)
@@ -107,7 +114,7 @@ def metric_dict(record: MetricRecord) -> dict:
 def _aggregate(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     rows = [metric_dict(content[METRICS]) for content in contents]
     aggregated = aggregate_clients(rows, weighted_by_key)
-    for key in ("train-loss", "val-loss"):  # training-side losses, example-weighted
+    for key in (TRAIN_LOSS, VAL_LOSS):  # training-side losses, example-weighted
         if rows and all(key in row for row in rows):
             weights = [float(row[weighted_by_key]) for row in rows]
             values = [float(row[key]) for row in rows]
@@ -123,7 +130,7 @@ def in_partition_order(replies: Iterable[Message]) -> list[Message]:
     def key(reply: Message) -> tuple[int, int]:
         if reply.has_error() or METRICS not in reply.content:
             return (1, reply.metadata.src_node_id)
-        return (0, int(reply.content[METRICS].get("partition-id", reply.metadata.src_node_id)))
+        return (0, int(reply.content[METRICS].get(PARTITION_ID, reply.metadata.src_node_id)))
 
     return sorted(replies, key=key)
 
