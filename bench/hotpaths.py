@@ -56,8 +56,15 @@ def old_train_classifier(task, training_set, weights, partition_id):
     optimizer = torch.optim.Adam(
         model.parameters(), lr=app.clf_lr, weight_decay=app.clf_weight_decay
     )
-    train(model, training_set, classifier_loss, optimizer, epochs=1,
-          batch_size=app.clf_batch_size, seed=seed_for(app.seed, 1, partition_id, 6))  # fmt: skip
+    train(
+        model,
+        training_set,
+        classifier_loss,
+        optimizer,
+        epochs=1,
+        batch_size=app.clf_batch_size,
+        seed=seed_for(app.seed, 1, partition_id, 6),
+    )
     return model.state_dict()
 
 
@@ -111,7 +118,7 @@ def measure(data_dir: str, repeats: int) -> list[dict]:
                 "binarize 60k MNIST images (every process)",
                 lambda: old_binarize(raw),
                 lambda: binarize(raw),
-            )  # fmt: skip
+            )
         )
     results = []
     for name, old, new in rows:

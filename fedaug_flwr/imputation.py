@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedaug_flwr.models import CVAE, NUM_CLASSES
+from fedaug_flwr.data import NUM_CLASSES
+from fedaug_flwr.models import CVAE
 
 
 def minority_counts(

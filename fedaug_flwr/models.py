@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NUM_CLASSES = 10
+from fedaug_flwr.data import NUM_CLASSES
+
 IMAGE_PIXELS = 28 * 28
 
 

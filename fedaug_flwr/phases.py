@@ -16,7 +16,6 @@ phase raises :class:`~fedaug_flwr.strategies.PhaseError` only when fewer than
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from fedaug_flwr import log
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.metrics import aggregate_clients
 from fedaug_flwr.models import (
@@ -62,7 +62,6 @@ from fedaug_flwr.strategies import (
 from fedaug_flwr.training import TensorData, evaluate_classifier, seeded
 from fedaug_flwr.transport import to_state_dict
 
-log = logging.getLogger("flwr.fedaug")  # printed by Flower's own log handler
 NODE_ID = "node-id"  # the Flower node id of a SuperNode, as the server saw it
 NODE_WAIT_S = 300.0
 

@@ -10,7 +10,6 @@ traceback, the timings so far) instead, never a summary.
 
 from __future__ import annotations
 
-import logging
 import time
 import traceback
 from collections.abc import Callable
@@ -21,12 +20,11 @@ from typing import TypeVar
 
 import torch
 
-from fedaug_flwr import __version__
+from fedaug_flwr import __version__, log
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.presets import matching_preset
 from fedaug_flwr.results import FAILURE, SUMMARY, resolve_output_dir, save_state_dict, write_json
 
-log = logging.getLogger("flwr.fedaug")  # printed by Flower's own log handler
 T = TypeVar("T")
 
 # The sections of summary.json, in their order there (after the run's config).

@@ -12,12 +12,12 @@ results folder (``artifacts``), by name.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fedaug_flwr import log
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.data import NUM_CLASSES, Digits, MnistData
 from fedaug_flwr.fidelity import feature_fidelity
@@ -36,7 +36,6 @@ from fedaug_flwr.quality import (
 from fedaug_flwr.results import save_state_dict
 from fedaug_flwr.training import TensorData, seed_for
 
-log = logging.getLogger("flwr.fedaug")  # printed by Flower's own log handler
 SAMPLES_PER_LABEL = 10
 CVAE_SAMPLES = "cvae_samples.png"
 

@@ -23,7 +23,6 @@ server-side evaluation), which ``summary.json`` reports and ``bench/`` reads.
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +32,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedaug_flwr import log
 from fedaug_flwr.metrics import aggregate_clients
 from fedaug_flwr.protocol import (
     EVALUATE_RECEIVED,
@@ -43,8 +43,6 @@ from fedaug_flwr.protocol import (
     VAL_LOSS,
 )
 from fedaug_flwr.transport import weighted_mean
-
-log = logging.getLogger(__name__)
 
 
 class PhaseError(RuntimeError):
@@ -342,7 +340,7 @@ class RoutedFedAvg(FedAvg):
         entry = RoundLog(sent=len(sent))
         entry.failures = reply_failures(replies, sent, self.round_timeout)
         entry.per_client = [
-            metric_dict(reply.content["metrics"]) for reply in replies if not reply.has_error()
+            metric_dict(reply.content[METRICS]) for reply in replies if not reply.has_error()
         ]
         self._check_enough(entry, kind, server_round)
         return entry

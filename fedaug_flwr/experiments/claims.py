@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from fedaug_flwr.experiments.figures import (
+from fedaug_flwr.experiments.aggregate import (
     BETA,
     F1,
     IMPUTATION_MODES,

@@ -21,18 +21,22 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedaug_flwr.experiments.aggregate import Tables, write_tables
+from fedaug_flwr.experiments.aggregate import (
+    BETA,
+    F1,
+    IMPUTATION_MODES,
+    MODE,
+    FigureError,
+    K,
+    Tables,
+    imputation_curve,
+    write_tables,
+)
+from fedaug_flwr.experiments.claims import claims_markdown
 from fedaug_flwr.experiments.runner import read_spec, run_dir
 from fedaug_flwr.results import read_summary, write_atomic
 
 FIGURES_DIR = "figures"
-BETA, MODE, K = "dirichlet-beta", "imputation", "num-synthetic"
-IMPUTATION_MODES = ("uniform", "minority")
-F1 = "test-macro-f1"
-
-
-class FigureError(ValueError):
-    """The tables do not hold what a figure needs."""
 
 
 def save_figure(figure: Figure, path: Path) -> Path:
@@ -48,18 +52,6 @@ def _require(table: pd.DataFrame, columns: Sequence[str], figure: str) -> None:
         raise FigureError(f"{figure} needs column(s) {missing}, which this sweep's tables lack")
     if table.empty:
         raise FigureError(f"{figure}: the table has no rows (no complete runs yet?)")
-
-
-def _is_baseline(table: pd.DataFrame) -> pd.Series:
-    return (table[MODE] == "none") | (table[K] == 0)
-
-
-def imputation_curve(table: pd.DataFrame, mode: str) -> pd.DataFrame:
-    """Rows of one imputation mode plus the no-synthetic baseline as its k = 0."""
-    rows = table[(table[MODE] == mode) & ~_is_baseline(table)]
-    baseline = table[_is_baseline(table)].copy()
-    baseline[K] = 0
-    return pd.concat([baseline, rows], ignore_index=True)
 
 
 def _fmt_beta(beta: float) -> str:
@@ -440,8 +432,6 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
     attempt("table1", table1)
 
     def claims() -> Path:
-        from fedaug_flwr.experiments.claims import claims_markdown
-
         text = claims_markdown(tables.final_runs)
         return write_atomic(out / "claims.md", lambda tmp: tmp.write_text(text))
 
