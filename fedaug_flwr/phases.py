@@ -16,8 +16,10 @@ phase raises :class:`~fedaug_flwr.strategies.PhaseError` only when fewer than
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -193,16 +195,40 @@ def global_evaluator(test: TensorData, batch_size: int):
 
 
 def _strategy(config: AppConfig, action: str, evaluate: bool) -> RoutedFedAvg:
-    return RoutedFedAvg(
-        action,
-        min_replies=config.min_clients,
-        evaluate_on_receipt=evaluate and config.evaluate_on_receipt,
-        fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate if evaluate else 0.0,
-        min_train_nodes=config.min_clients,
-        min_evaluate_nodes=config.min_clients if evaluate else 0,
-        min_available_nodes=config.min_clients,
-    )
+    """FedAvg of ``action``; without ``evaluate`` (the CVAE) it has no evaluation rounds."""
+
+    def build() -> RoutedFedAvg:
+        return RoutedFedAvg(
+            action,
+            min_replies=config.min_clients,
+            evaluate_on_receipt=evaluate and config.evaluate_on_receipt,
+            fraction_train=config.fraction_train,
+            fraction_evaluate=config.fraction_evaluate if evaluate else 0.0,
+            min_train_nodes=config.min_clients,
+            min_evaluate_nodes=config.min_clients if evaluate else 0,
+            min_available_nodes=config.min_clients,
+        )
+
+    if evaluate:
+        return build()
+    # Flower warns "fraction_evaluate is set to 0.0" for a strategy built without evaluation,
+    # which reads as if the user's fraction-evaluate (the classifier's) were ignored.
+    with _dropped(logging.getLogger("flwr"), "fraction_evaluate is set to 0.0"):
+        return build()
+
+
+@contextmanager
+def _dropped(logger: logging.Logger, message_start: str) -> Iterator[None]:
+    """Within the block, ``logger`` drops records whose message starts with ``message_start``."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(message_start)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _require_model(result, phase: str) -> ArrayRecord:

@@ -162,6 +162,7 @@ def plot_test_loss_per_round(
     if not any((imputation_curve(table, mode)[K] > 0).any() for mode in modes):
         raise FigureError(f"test loss per round: no runs with {' or '.join(modes)} imputation")
     betas = sorted(table[BETA].unique())
+    rounds = sorted(int(r) for r in table["round"].unique())
     figure = Figure(figsize=(3.4 * len(betas) + 1.5, 3.0 * len(modes)))
     axes = figure.subplots(len(modes), len(betas), squeeze=False, sharex=True, sharey=True)
     for row, mode in enumerate(modes):
@@ -172,17 +173,24 @@ def plot_test_loss_per_round(
                 lines = lines.sort_values("round")
                 mean = lines["test-loss-mean"].to_numpy(float)
                 std = np.nan_to_num(lines["test-loss-std"].to_numpy(float))
-                n = int(lines["n"].min())
-                axis.plot(lines["round"], mean, marker="o", ms=3, label=f"k = {int(k)} (n={n})")
+                label = f"k = {int(k)} (n={int(lines['n'].min())})"
+                if len(lines) == 1:  # one round: a point with its error bar, not a line
+                    axis.errorbar(lines["round"], mean, yerr=std, fmt="o", capsize=3, label=label)
+                    continue
+                axis.plot(lines["round"], mean, marker="o", ms=3, label=label)
                 axis.fill_between(lines["round"], mean - std, mean + std, alpha=0.2)
             axis.set_title(f"{mode}, beta = {_fmt_beta(beta)}")
-            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axis.set_xlim(rounds[0] - 0.5, rounds[-1] + 0.5)
+            if len(rounds) <= 10:
+                axis.set_xticks(rounds)
+            else:
+                axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             if row == len(modes) - 1:
                 axis.set_xlabel("round")
             if col == 0:
                 axis.set_ylabel("client test loss")
             axis.legend(fontsize=7)
-    figure.suptitle("Test loss (mean over clients) per round; band = +-1 std over seeds")
+    figure.suptitle("Test loss (mean over clients) per round; band or bar = +-1 std over seeds")
     return save_figure(figure, path)
 
 
