@@ -58,8 +58,11 @@ def export_revision(revision: str, folder: Path) -> str:
     """The tree of ``revision`` in ``folder``; returns the commit it resolved to."""
     commit = subprocess.run(
         ["git", "rev-parse", "--verify", f"{revision}^{{commit}}"],
-        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     archive = subprocess.run(
         ["git", "archive", commit], cwd=REPO_ROOT, capture_output=True, check=True
     ).stdout
@@ -71,8 +74,11 @@ def export_revision(revision: str, folder: Path) -> str:
 def merge_base(first: str, second: str) -> str:
     return subprocess.run(
         ["git", "merge-base", first, second],
-        cwd=REPO_ROOT, capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def comparable(summary: dict) -> dict:
@@ -98,7 +104,7 @@ def launch(tree: Path, supernodes: int, run_config: dict, output: Path) -> dict:
             str(supernodes),
             "--run-config",
             to_overrides({**run_config, "output-dir": str(output)}),
-        ],  # fmt: skip
+        ],
         cwd=tree,
     )
     summary = read_summary(output)
@@ -116,9 +122,10 @@ def launch(tree: Path, supernodes: int, run_config: dict, output: Path) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.before_after", description=__doc__)
     parser.add_argument(
-        "--baseline", default=None,
+        "--baseline",
+        default=None,
         help="git revision to compare against (default: merge-base of HEAD and main)",
-    )  # fmt: skip
+    )
     parser.add_argument("--num-supernodes", type=int, default=10, help="as make run")
     parser.add_argument("--run-config", action="append", default=[], metavar="'k=v k2=v2'")
     parser.add_argument("--repeats", type=int, default=2)
@@ -164,7 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "after-over-before-cpu": ratio(rows[1]["CPU s (median)"], rows[0]["CPU s (median)"]),
         "same-results": same,
         f"same-results-within-{RELATIVE_TOLERANCE:g}": same_rounded,
-        "runs": runs,
+        # the timings of every run; their results only as the verdict above (whole
+        # summaries per run made the report hundreds of KB that nothing reads)
+        "runs": {
+            name: [{k: v for k, v in run.items() if k != "results"} for run in tree_runs]
+            for name, tree_runs in runs.items()
+        },
         "load-average-at-end": load_average(),
     }
     print_table(

@@ -24,10 +24,16 @@ from fedaug_flwr import node
 from fedaug_flwr.metrics import METRIC_NAMES
 from fedaug_flwr.protocol import (
     ARRAYS,
-    NUM_EXAMPLES,
-    PARTITION_ID,
     RECEIVED_EVALUATION,
     SYNTHETIC_STATE,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    EvaluationAnswer,
+    TrainAnswer,
+    message_round,
+    read_task,
+    reply,
+    wants_received_evaluation,
 )
 from fedaug_flwr.transport import to_state_dict
 
@@ -42,19 +48,16 @@ def _echo_weights(msg: Message) -> dict:
     return to_state_dict(msg.content[ARRAYS])
 
 
-# The real handlers' reply: the same records, the same conversion of the weights.
-_reply = app_module._reply
-
-
 def _task_and_split(msg: Message, context: Context, purpose: int = node.TRAIN_SPLIT):
-    task = app_module._task(msg)
-    return task, app_module._split(task, msg, context, purpose)
+    task = read_task(msg)
+    return task, node.split_for(task, context.node_config, message_round(msg), purpose)
 
 
 def noop_train_cvae(msg: Message, context: Context) -> Message:
     task, split = _task_and_split(msg, context)
-    metrics = {"train-loss": 0.0, "val-loss": 0.0, NUM_EXAMPLES: node.fedavg_weight(task, split)}
-    return _reply(msg, {**metrics, PARTITION_ID: split.partition_id}, _echo_weights(msg))
+    losses = {TRAIN_LOSS: 0.0, VAL_LOSS: 0.0}
+    answer = TrainAnswer(split.partition_id, node.fedavg_weight(task, split), losses)
+    return reply(msg, answer.to_metrics(), _echo_weights(msg))
 
 
 def noop_train_classifier(msg: Message, context: Context) -> Message:
@@ -62,23 +65,23 @@ def noop_train_classifier(msg: Message, context: Context) -> Message:
     synthetic = 0
     if task.app.synthetic_per_client > 0 and SYNTHETIC_STATE in context.state:
         synthetic = len(context.state[SYNTHETIC_STATE]["labels"].numpy())
-    num_examples = node.fedavg_weight(task, split, synthetic)
+    weight = node.fedavg_weight(task, split, synthetic)
     # the real handler's keys only: the server refuses a reply with others
-    metrics = {"train-loss": 0.0, NUM_EXAMPLES: num_examples, PARTITION_ID: split.partition_id}
-    reply = _reply(msg, metrics, _echo_weights(msg))
-    if app_module._evaluate_received(msg):  # as the real handler, minus the evaluation
-        reply.content[RECEIVED_EVALUATION] = MetricRecord(_noop_evaluation(split))
-    return reply
+    metrics = TrainAnswer(split.partition_id, weight, {TRAIN_LOSS: 0.0}).to_metrics()
+    message = reply(msg, metrics, _echo_weights(msg))
+    if wants_received_evaluation(msg):  # as the real handler, minus the evaluation
+        message.content[RECEIVED_EVALUATION] = MetricRecord(_noop_evaluation(split))
+    return message
 
 
 def noop_evaluate_classifier(msg: Message, context: Context) -> Message:
     task, split = _task_and_split(msg, context, node.EVALUATE_SPLIT)
     _echo_weights(msg)
-    return _reply(msg, _noop_evaluation(split))
+    return reply(msg, _noop_evaluation(split))
 
 
 def _noop_evaluation(split) -> dict:
-    return {**NOOP_EVALUATION, NUM_EXAMPLES: len(split.test), PARTITION_ID: split.partition_id}
+    return EvaluationAnswer(split.partition_id, len(split.test), NOOP_EVALUATION).to_metrics()
 
 
 def build_client_app(variant: str) -> ClientApp:

@@ -153,12 +153,17 @@ def flower_run(
     output_dir = workdir / f"{variant}-{scale.clients}-{scale.dataset}"
     shutil.rmtree(output_dir, ignore_errors=True)
     args = [
-        "--variant", variant,
-        "--num-supernodes", str(scale.clients),
-        "--cpus-per-client", str(resources["cpus-per-client"]),
-        "--gpus-per-client", str(resources["gpus-per-client"]),
-        "--run-config", json.dumps({**config, "output-dir": str(output_dir)}),
-    ]  # fmt: skip
+        "--variant",
+        variant,
+        "--num-supernodes",
+        str(scale.clients),
+        "--cpus-per-client",
+        str(resources["cpus-per-client"]),
+        "--gpus-per-client",
+        str(resources["gpus-per-client"]),
+        "--run-config",
+        json.dumps({**config, "output-dir": str(output_dir)}),
+    ]
     if resources.get("total-cpus"):
         args += ["--total-cpus", str(resources["total-cpus"])]
     child = run_child("bench.flower_child", args, timeout_s=CHILD_TIMEOUT_S)
@@ -181,10 +186,13 @@ def flower_run(
 def plain_run(scale: Scale, config: dict, phase: str, threads: int | None, workdir: Path) -> dict:
     output = workdir / f"plain-{scale.clients}-{scale.dataset}.json"
     args = [
-        "--num-clients", str(scale.clients),
-        "--run-config", json.dumps({**config, "output-dir": str(workdir / "unused")}),
-        "--output", str(output),
-    ]  # fmt: skip
+        "--num-clients",
+        str(scale.clients),
+        "--run-config",
+        json.dumps({**config, "output-dir": str(workdir / "unused")}),
+        "--output",
+        str(output),
+    ]
     if threads is not None:
         args += ["--threads", str(threads)]
     if phase == "cvae":
@@ -372,29 +380,35 @@ def main(phase: str, argv: Sequence[str] | None = None) -> int:
         description=f"The {phase} phase's rounds: Flower simulation against a plain loop.",
     )
     parser.add_argument(
-        "--scales", nargs="+", type=Scale.parse,
+        "--scales",
+        nargs="+",
+        type=Scale.parse,
         default=[Scale.parse(s) for s in ("10:mnist-5k", "100:mnist-5k", "10:mnist", "100:mnist")],
         help="CLIENTS:DATASET pairs (default: 10 and 100 clients on mnist-5k and mnist)",
-    )  # fmt: skip
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the measured phase")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each kind per scale")
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--gpus-per-client", type=float, default=0.0)
     parser.add_argument("--total-cpus", type=int, default=None, help="CPUs Ray may use")
     parser.add_argument(
-        "--loop-threads", type=int, nargs="+", default=[1, 0],
+        "--loop-threads",
+        type=int,
+        nargs="+",
+        default=[1, 0],
         help="torch threads of the plain loop, one run per value (0: torch's default, all "
         "cores); the faster is the baseline",
-    )  # fmt: skip
+    )
     parser.add_argument("--data-dir", default=default_data_dir(), help="full MNIST folder")
     parser.add_argument(
         "--run-config", default="{}", help="JSON object of extra run-config values for both sides"
     )
     if phase == "classifier":
         parser.add_argument(
-            "--evaluate-messages", action="store_true",
+            "--evaluate-messages",
+            action="store_true",
             help="also run Flower with evaluate-on-receipt = false (separate evaluate messages)",
-        )  # fmt: skip
+        )
     parser.add_argument("--output", default=str(RESULTS_DIR / f"{phase}.json"))
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1:

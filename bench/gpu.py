@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.data_dir,
             "--output",
             args.output,
-        ],  # fmt: skip
+        ],
     )
 
 

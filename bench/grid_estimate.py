@@ -77,9 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_s = ROUNDS * round_s + (cvae_phase + fixed if k else fixed - quality)
         total += runs * run_s
         rows.append(
-            {"k": k, "runs": runs, "classifier round s": round(round_s, 1),
-             "run min": round(run_s / 60, 1), "runs h": round(runs * run_s / 3600, 1)}
-        )  # fmt: skip
+            {
+                "k": k,
+                "runs": runs,
+                "classifier round s": round(round_s, 1),
+                "run min": round(run_s / 60, 1),
+                "runs h": round(runs * run_s / 3600, 1),
+            }
+        )
     estimate = {
         "grid-hours": round(total / 3600, 1),
         "train-images-per-second": round(train_throughput, 1),
@@ -88,8 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fixed-per-run-s": round(fixed, 1),
         "generator-quality-s": quality,
     }
-    print_table(f"estimated run time per grid cell (100 clients, full MNIST, {args.machine})",
-                rows, list(rows[0]))  # fmt: skip
+    print_table(
+        f"estimated run time per grid cell (100 clients, full MNIST, {args.machine})",
+        rows,
+        list(rows[0]),
+    )
     print(f"full grid of {sum(r for _, r in GRID)} runs ~ {estimate['grid-hours']} h")
     save_results(
         args.output,
@@ -100,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rows": rows,
             "estimate": estimate,
             "inputs": [args.classifier, args.cvae, args.memory],
-        },  # fmt: skip
+        },
     )
     return 0
 

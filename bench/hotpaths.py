@@ -33,9 +33,8 @@ from fedaug_flwr import node
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.data import binarize, find_idx_folder, read_idx, read_mnist5k
 from fedaug_flwr.models import ExquisiteNetV1, classifier_loss
-from fedaug_flwr.pipeline import seeded
 from fedaug_flwr.protocol import TaskConfig
-from fedaug_flwr.training import TensorData, evaluate_classifier, seed_for, train
+from fedaug_flwr.training import TensorData, evaluate_classifier, seed_for, seeded, train
 
 
 def cpu_seconds(work: Callable[[], object], repeats: int) -> float:
@@ -57,8 +56,15 @@ def old_train_classifier(task, training_set, weights, partition_id):
     optimizer = torch.optim.Adam(
         model.parameters(), lr=app.clf_lr, weight_decay=app.clf_weight_decay
     )
-    train(model, training_set, classifier_loss, optimizer, epochs=1,
-          batch_size=app.clf_batch_size, seed=seed_for(app.seed, 1, partition_id, 6))  # fmt: skip
+    train(
+        model,
+        training_set,
+        classifier_loss,
+        optimizer,
+        epochs=1,
+        batch_size=app.clf_batch_size,
+        seed=seed_for(app.seed, 1, partition_id, 6),
+    )
     return model.state_dict()
 
 
@@ -112,7 +118,7 @@ def measure(data_dir: str, repeats: int) -> list[dict]:
                 "binarize 60k MNIST images (every process)",
                 lambda: old_binarize(raw),
                 lambda: binarize(raw),
-            )  # fmt: skip
+            )
         )
     results = []
     for name, old, new in rows:

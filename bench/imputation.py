@@ -42,9 +42,8 @@ from fedaug_flwr.config import AppConfig
 from fedaug_flwr.data import find_idx_folder
 from fedaug_flwr.imputation import generate, generate_one_at_a_time, synthetic_labels
 from fedaug_flwr.models import CVAE
-from fedaug_flwr.pipeline import seeded
 from fedaug_flwr.protocol import TaskConfig
-from fedaug_flwr.training import seed_for
+from fedaug_flwr.training import seed_for, seeded
 
 
 def client_labels(config: AppConfig, num_clients: int) -> np.ndarray:

@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 str(args.num_cpus),
                 "--run-config",
                 to_overrides(run_config),
-            ],  # fmt: skip
+            ],
         )
         summary = read_summary(workdir / "run")
     finally:

@@ -81,10 +81,12 @@ def measure(scale: Scale, rounds: int, repeats: int, data_dir: str, workdir: Pat
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__)
     parser.add_argument(
-        "--scales", nargs="+", type=Scale.parse,
+        "--scales",
+        nargs="+",
+        type=Scale.parse,
         default=[Scale.parse(s) for s in ("100:mnist-5k", "100:mnist")],
         help="CLIENTS:DATASET pairs (default: 100 clients on mnist-5k and on mnist)",
-    )  # fmt: skip
+    )
     parser.add_argument("--rounds", type=int, default=3, help="classifier rounds per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each scheme per scale")
     parser.add_argument("--data-dir", default=default_data_dir(), help="full MNIST folder")

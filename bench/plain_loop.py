@@ -36,10 +36,9 @@ from fedaug_flwr.config import AppConfig
 from fedaug_flwr.data import Digits, load_source, resolve_source
 from fedaug_flwr.metrics import aggregate_clients
 from fedaug_flwr.models import CVAE, ExquisiteNetV1
-from fedaug_flwr.pipeline import seeded
 from fedaug_flwr.protocol import TaskConfig
 from fedaug_flwr.results import write_json
-from fedaug_flwr.training import TensorData, evaluate_classifier
+from fedaug_flwr.training import TensorData, evaluate_classifier, seeded
 
 StateDict = Mapping[str, torch.Tensor]
 

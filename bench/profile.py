@@ -103,18 +103,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dataset == "mnist":
         run_config["data-dir"] = args.data_dir
     child = subprocess.Popen(
-        [sys.executable, "-m", "bench.flower_child", "--variant", args.variant,
-         "--num-supernodes", str(args.num_supernodes), "--run-config", json.dumps(run_config)],
-        cwd=REPO_ROOT, env={**SIMULATION_ENV, **os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bench.flower_child",
+            "--variant",
+            args.variant,
+            "--num-supernodes",
+            str(args.num_supernodes),
+            "--run-config",
+            json.dumps(run_config),
+        ],
+        cwd=REPO_ROOT,
+        env={**SIMULATION_ENV, **os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(child.stdout), daemon=True).start()
     name = f"{args.variant}-{args.num_supernodes}-{args.dataset}"
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine_info(), "variant": args.variant, "run-config": run_config,
-              "num-supernodes": args.num_supernodes, "duration-s": args.duration}  # fmt: skip
+    report = {
+        "machine": machine_info(),
+        "variant": args.variant,
+        "run-config": run_config,
+        "num-supernodes": args.num_supernodes,
+        "duration-s": args.duration,
+    }
     try:
         if not wait_for(child, "phase 'classifier' starts", lines, timeout_s=1800):
             print("".join(lines[-40:]), file=sys.stderr)
@@ -142,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            )
             for role, pid in targets.items()
         }
         for recorder in recorders.values():

@@ -32,7 +32,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from fedaug_flwr.protocol import ARRAYS, CONFIG
+from fedaug_flwr.protocol import ARRAYS, message_round
 from fedaug_flwr.transport import from_array, to_array
 
 ENV_VAR = "FEDAUG_TEST_FAULTS"
@@ -89,9 +89,7 @@ def fault_injection_mod(msg: Message, context: Context, call_next: ClientAppCall
     text = os.environ.get(ENV_VAR, "")
     if text:
         partition_id = context.node_config.get("partition-id", -1)
-        server_round = 0
-        if CONFIG in msg.content.config_records:
-            server_round = int(msg.content[CONFIG].get("server-round", 0))
+        server_round = message_round(msg)
         message_type = msg.metadata.message_type
         for fault in parse_faults(text):
             if fault.matches(message_type, partition_id, server_round):

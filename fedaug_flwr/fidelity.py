@@ -44,9 +44,11 @@ def pooled_features(model: ExquisiteNetV1, digits: Digits, batch_size: int) -> n
 def frechet_distance(real: np.ndarray, synthetic: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two (N, D) feature sets."""
     return frechet_distance_of_moments(
-        real.mean(axis=0), np.cov(real, rowvar=False),
-        synthetic.mean(axis=0), np.cov(synthetic, rowvar=False),
-    )  # fmt: skip
+        real.mean(axis=0),
+        np.cov(real, rowvar=False),
+        synthetic.mean(axis=0),
+        np.cov(synthetic, rowvar=False),
+    )
 
 
 def frechet_distance_of_moments(

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedaug_flwr.data import GREY_LEVELS
-from fedaug_flwr.models import CVAE, NUM_CLASSES
+from fedaug_flwr.data import GREY_LEVELS, NUM_CLASSES
+from fedaug_flwr.models import CVAE
 
 SYNTHETIC_MODES = ("round", "rescale", "off")
 

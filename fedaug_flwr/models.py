@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-NUM_CLASSES = 10
+from fedaug_flwr.data import NUM_CLASSES
+
 IMAGE_PIXELS = 28 * 28
 
 
@@ -176,3 +180,24 @@ def classifier_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_cvae(weights: Mapping[str, torch.Tensor], latent_dim: int) -> CVAE:
+    model = CVAE(latent_dim)
+    model.load_state_dict(weights)
+    return model
+
+
+def load_classifier(weights: Mapping[str, torch.Tensor]) -> ExquisiteNetV1:
+    model = ExquisiteNetV1()
+    model.load_state_dict(weights)
+    return model
+
+
+def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's tensors, to show which weights a phase started from."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(weights[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

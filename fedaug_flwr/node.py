@@ -221,6 +221,14 @@ def load_split(
     )
 
 
+def split_for(
+    task: TaskConfig, node_config: Mapping[str, object], server_round: int, purpose: int
+) -> ClientSplit:
+    """This node's split for a message of ``server_round``: drawn anew per round and
+    ``purpose`` with ``client-split-refresh`` every-round, else the client's fixed split."""
+    return load_split(task, node_config, reshuffle_key(task, server_round, purpose))
+
+
 def fedavg_weight(task: TaskConfig, split: ClientSplit, synthetic: int = 0) -> int:
     """This client's weight in FedAvg (``fedavg-weights``): all its real images (the
     study's code weights by a client's whole real partition, never its synthetic

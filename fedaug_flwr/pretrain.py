@@ -7,19 +7,17 @@ set, never a client's data.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from fedaug_flwr import log
 from fedaug_flwr.data import MNIST_TRAIN_LABEL_COUNTS, NUM_CLASSES, Digits
 from fedaug_flwr.imputation import generate
 from fedaug_flwr.models import CVAE, ExquisiteNetV1, classifier_loss
 from fedaug_flwr.training import TensorData, evaluate_classifier, seed_for, train
-
-log = logging.getLogger("flwr.fedaug")
 
 
 def proportional_counts(
@@ -111,9 +109,13 @@ def evaluation_curve(
         log.info(
             "[fedaug] pretraining epoch %d/%d: train loss %.4f, synthetic-test acc %.3f, "
             "real-test loss %.3f acc %.3f",
-            epoch, epochs, train_loss, row["synthetic-test"]["accuracy"],
-            row["real-test"]["loss"], row["real-test"]["accuracy"],
-        )  # fmt: skip
+            epoch,
+            epochs,
+            train_loss,
+            row["synthetic-test"]["accuracy"],
+            row["real-test"]["loss"],
+            row["real-test"]["accuracy"],
+        )
 
     return rows, record
 

@@ -2,7 +2,7 @@
 
 The launcher echoes Flower's log as it arrives (``flwr run --stream``). Two
 kinds of lines mark progress: the app's ``[fedaug] phase '<name>' starts``
-(:meth:`fedaug_flwr.pipeline.RunReport.timed`) and Flower's ``[ROUND r/n]``,
+(:meth:`fedaug_flwr.run_record.RunRecord.timed`) and Flower's ``[ROUND r/n]``,
 logged when a strategy begins round r of n. From round 2 on, round r's line
 means r - 1 rounds are done, so the phase's mean round time so far times the
 rounds not done yet (n - r + 1, this one included) estimates the time left in

@@ -1,4 +1,14 @@
-"""What travels between ServerApp and ClientApp: message types and record keys.
+"""What travels between ServerApp and ClientApp: message types, record keys, replies.
+
+One definition for both sides (and the benchmarks' ClientApps):
+
+- the message types, which route to the ClientApp handler of that name;
+- the record keys of a message and of its reply;
+- one small dataclass per kind of reply (:class:`TrainAnswer`, :class:`ImputationAnswer`,
+  :class:`EvaluationAnswer`, :class:`LocalFinetuneAnswer`), which turns into the
+  reply's ``metrics`` record (and the server's reading of it back);
+- helpers that read a message (:func:`read_task`, :func:`message_round`,
+  :func:`wants_received_evaluation`) and build a reply (:func:`reply`).
 
 The server sends the whole validated run config (plus the data source it
 resolved) in every message, so a client never depends on ``context.run_config``
@@ -8,11 +18,13 @@ exactly what the server decided.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedaug_flwr.config import DATASETS, AppConfig, ConfigError
+from fedaug_flwr.transport import to_record
 
 # Message types: "<category>.<action>" routes to the ClientApp handler of that name.
 TRAIN_CVAE = "train.cvae"
@@ -21,6 +33,7 @@ TRAIN_CLASSIFIER = "train.clf"
 EVALUATE_CLASSIFIER = "evaluate.clf"
 FINETUNE_LOCALLY = "train.local"  # fine-tune a copy, evaluate it, send back only metrics
 
+# Records of a message and of its reply.
 ARRAYS = "arrays"  # the model being trained / evaluated
 GENERATOR = "generator"  # the frozen CVAE, for imputation
 CONFIG = "config"
@@ -33,10 +46,25 @@ SYNTHETIC_STATE = "synthetic"  # key in context.state: this node's synthetic ima
 GENERATOR_STATE = "generator"  # key in context.state: the global CVAE (synthetic-refresh)
 SERVER_ROUND = "server-round"  # set by Flower's strategies in every message's config
 
+# Keys of a message's config record besides the run config.
 DATA_SOURCE = "data-source"  # what the server resolved "dataset" to: one of DATASETS
 DATA_LOCATION = "data-location"
-NUM_EXAMPLES = "num-examples"
+
+# Keys of a reply's metrics record.
+NUM_EXAMPLES = "num-examples"  # the client's FedAvg weight (train) or test images (evaluate)
 PARTITION_ID = "partition-id"
+TRAIN_LOSS = "train-loss"
+VAL_LOSS = "val-loss"
+TRAIN_EXAMPLES = "train-examples"
+OWN_DATA = "own-data"
+PARTITION_DRAWS = "partition-draws"
+NUM_PARTITIONS = "num-partitions"
+REAL_TRAIN = "real-train"
+VAL = "val"
+TEST = "test"
+SYNTHETIC_TRAIN = "synthetic-train"
+REAL_LABEL_COUNTS = "real-label-counts"
+SYNTHETIC_LABEL_COUNTS = "synthetic-label-counts"
 
 
 @dataclass(frozen=True)
@@ -74,6 +102,122 @@ class TaskConfig:
         return cls(AppConfig.from_run_config(values), source, location)
 
 
-def server_round(record: ConfigRecord) -> int:
-    """The round a message belongs to (0 for messages outside a strategy's rounds)."""
-    return int(record.get(SERVER_ROUND, 0))
+# ------------------------------------------------------------------ reading a message
+
+
+def read_task(msg: Message) -> TaskConfig:
+    """The task a message carries; :class:`ConfigError` if it has none or a bad one."""
+    if CONFIG not in msg.content.config_records:
+        raise ConfigError(f"{msg.metadata.message_type} message lacks its '{CONFIG}' record")
+    return TaskConfig.from_record(msg.content[CONFIG])
+
+
+def message_round(msg: Message) -> int:
+    """The round a message belongs to (0 outside a strategy's rounds, or without a config)."""
+    if CONFIG not in msg.content.config_records:
+        return 0
+    return int(msg.content[CONFIG].get(SERVER_ROUND, 0))
+
+
+def wants_received_evaluation(msg: Message) -> bool:
+    """Whether a train message asks to evaluate the model it brings first (on receipt)."""
+    return bool(msg.content[CONFIG].get(EVALUATE_RECEIVED, False))
+
+
+def reply(msg: Message, metrics: Mapping[str, object], weights: Mapping | None = None) -> Message:
+    """The reply to ``msg``: its ``metrics`` record and, for training, the new weights."""
+    content = RecordDict({METRICS: MetricRecord(dict(metrics))})
+    if weights is not None:
+        content[ARRAYS] = to_record(weights)
+    return Message(content, reply_to=msg)
+
+
+# ------------------------------------------------------------------ replies
+
+
+@dataclass(frozen=True)
+class TrainAnswer:
+    """Reply to ``train.cvae`` and ``train.clf``, beside the new weights (``arrays``)."""
+
+    partition_id: int
+    num_examples: int  # the client's FedAvg weight (``fedavg-weights``)
+    losses: Mapping[str, float]  # train-loss (and val-loss for the CVAE)
+
+    def to_metrics(self) -> dict:
+        return {**self.losses, NUM_EXAMPLES: self.num_examples, PARTITION_ID: self.partition_id}
+
+
+@dataclass(frozen=True)
+class ImputationAnswer:
+    """Reply to ``query.impute``: the client's data sizes and label counts."""
+
+    partition_id: int
+    own_data: bool  # the node brought its own data (``data-path``)
+    partition_draws: int  # Dirichlet splits drawn until every client was big enough
+    num_partitions: int  # the partitions the node cut its pool into (all nodes must agree)
+    real_train: int
+    val: int
+    test: int
+    synthetic_train: int
+    real_label_counts: list[int]
+    synthetic_label_counts: list[int]
+
+    def to_metrics(self) -> dict:
+        return {
+            PARTITION_ID: self.partition_id,
+            OWN_DATA: int(self.own_data),
+            PARTITION_DRAWS: self.partition_draws,
+            NUM_PARTITIONS: self.num_partitions,
+            REAL_TRAIN: self.real_train,
+            VAL: self.val,
+            TEST: self.test,
+            SYNTHETIC_TRAIN: self.synthetic_train,
+            REAL_LABEL_COUNTS: list(self.real_label_counts),
+            SYNTHETIC_LABEL_COUNTS: list(self.synthetic_label_counts),
+        }
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, object]) -> ImputationAnswer:
+        return cls(
+            partition_id=int(metrics[PARTITION_ID]),
+            own_data=bool(metrics.get(OWN_DATA, 0)),
+            partition_draws=int(metrics.get(PARTITION_DRAWS, 0)),
+            num_partitions=int(metrics.get(NUM_PARTITIONS, 1)),
+            real_train=int(metrics[REAL_TRAIN]),
+            val=int(metrics[VAL]),
+            test=int(metrics[TEST]),
+            synthetic_train=int(metrics[SYNTHETIC_TRAIN]),
+            real_label_counts=[int(c) for c in metrics[REAL_LABEL_COUNTS]],
+            synthetic_label_counts=[int(c) for c in metrics[SYNTHETIC_LABEL_COUNTS]],
+        )
+
+
+@dataclass(frozen=True)
+class EvaluationAnswer:
+    """A classifier's metrics on the client's real test split: the reply to
+    ``evaluate.clf``, and a ``train.clf`` reply's ``received-evaluation`` record."""
+
+    partition_id: int
+    num_examples: int  # test images
+    metrics: Mapping[str, float]  # loss, accuracy, the F1 scores (fedaug_flwr.metrics)
+
+    def to_metrics(self) -> dict:
+        return {**self.metrics, NUM_EXAMPLES: self.num_examples, PARTITION_ID: self.partition_id}
+
+
+@dataclass(frozen=True)
+class LocalFinetuneAnswer:
+    """Reply to ``train.local``: the fine-tuned copy's test metrics, and its training."""
+
+    evaluation: EvaluationAnswer
+    train_loss: float
+    train_examples: int
+
+    def to_metrics(self) -> dict:
+        return {
+            **self.evaluation.metrics,
+            TRAIN_LOSS: self.train_loss,
+            TRAIN_EXAMPLES: self.train_examples,
+            NUM_EXAMPLES: self.evaluation.num_examples,
+            PARTITION_ID: self.evaluation.partition_id,
+        }

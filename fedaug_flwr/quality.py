@@ -54,7 +54,7 @@ def per_class_scores(model: torch.nn.Module, data: TensorData, batch_size: int) 
             for v in recall_score(
                 labels, predictions, labels=classes, average=None, zero_division=0
             )
-        ],  # fmt: skip
+        ],
         "per-class-f1": [
             float(v)
             for v in f1_score(labels, predictions, labels=classes, average=None, zero_division=0)

@@ -47,6 +47,7 @@ from fedaug_flwr.protocol import (
     IMPUTE,
     METRICS,
     NUM_EXAMPLES,
+    NUM_PARTITIONS,
     PARTITION_ID,
     TRAIN_CLASSIFIER,
     TRAIN_CVAE,
@@ -55,7 +56,6 @@ from fedaug_flwr.transport import from_array
 
 # 10^8 28x28 digits are 78 GB: more than any client of this app holds in memory.
 MAX_PLAUSIBLE_EXAMPLES = 10**8
-NUM_PARTITIONS = "num-partitions"
 
 _TEST_METRICS = (*METRIC_NAMES, NUM_EXAMPLES, PARTITION_ID)
 IMPUTE_SIZES = ("real-train", "val", "test", "synthetic-train")

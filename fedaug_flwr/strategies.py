@@ -30,7 +30,6 @@ server-side evaluation), which ``summary.json`` reports and ``bench/`` reads.
 
 from __future__ import annotations
 
-import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,12 +39,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 
+from fedaug_flwr import log
 from fedaug_flwr.metrics import aggregate_clients
-from fedaug_flwr.protocol import EVALUATE_RECEIVED, METRICS, PARTITION_ID, RECEIVED_EVALUATION
+from fedaug_flwr.protocol import (
+    EVALUATE_RECEIVED,
+    METRICS,
+    PARTITION_ID,
+    RECEIVED_EVALUATION,
+    TRAIN_LOSS,
+    VAL_LOSS,
+)
 from fedaug_flwr.replies import TEST, NodeSizes, ReplyRules, screen
 from fedaug_flwr.transport import weighted_mean
-
-log = logging.getLogger(__name__)
 
 
 class PhaseError(RuntimeError):
@@ -121,7 +126,7 @@ def metric_dict(record: MetricRecord) -> dict:
 def _aggregate(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     rows = [metric_dict(content[METRICS]) for content in contents]
     aggregated = aggregate_clients(rows, weighted_by_key)
-    for key in ("train-loss", "val-loss"):  # training-side losses, example-weighted
+    for key in (TRAIN_LOSS, VAL_LOSS):  # training-side losses, example-weighted
         if rows and all(key in row for row in rows):
             weights = [float(row[weighted_by_key]) for row in rows]
             values = [float(row[key]) for row in rows]

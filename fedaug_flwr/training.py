@@ -198,3 +198,10 @@ def evaluate_loss(model: nn.Module, data: TensorData, loss_fn: LossFn, batch_siz
 def seed_for(*parts: int) -> int:
     """A 63-bit seed derived from several integers (run seed, round, partition...)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def seeded(seed: int, phase: int, build: Callable[[], nn.Module]) -> dict[str, torch.Tensor]:
+    """Initial weights that depend on the run seed only (torch's global RNG is left alone)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed_for(seed, phase))
+        return build().state_dict()

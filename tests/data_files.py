@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedaug_flwr.site_data import idx_bytes, write_idx_folder  # noqa: F401 - for the tests
+
 
 @cache
 def _bundled_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -26,20 +28,3 @@ def real_digits(count: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def write_npz(path: Path, images: np.ndarray, labels: np.ndarray, **extra) -> Path:
     np.savez(path, x=images, y=labels, **extra)
     return path
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """The IDX encoding of an unsigned-byte array: magic 0 0 8 ndim, big-endian sizes, data."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, 0x08, array.ndim])
-    header += b"".join(int(size).to_bytes(4, "big") for size in array.shape)
-    return header + array.tobytes()
-
-
-def write_idx_folder(
-    folder: Path, images: np.ndarray, labels: np.ndarray, name: str = "train"
-) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}-images-idx3-ubyte").write_bytes(idx_bytes(images))
-    (folder / f"{name}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
-    return folder

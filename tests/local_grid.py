@@ -41,11 +41,14 @@ class LocalGrid:
         self.client_app = client_app
         self.contexts = {
             FIRST_NODE_ID + i: Context(
-                run_id=1, node_id=FIRST_NODE_ID + i, node_config=dict(node_config),
-                state=RecordDict(), run_config={},
+                run_id=1,
+                node_id=FIRST_NODE_ID + i,
+                node_config=dict(node_config),
+                state=RecordDict(),
+                run_config={},
             )
             for i, node_config in enumerate(node_configs)
-        }  # fmt: skip
+        }
         self.silent = set(silent)
         self.delivered: list[tuple[int, str]] = []
 

@@ -129,26 +129,51 @@ def test_clientapp_rejects_a_bad_message_config(change, expected):
         ({}, NodeConfigError, r"needs partition-id and either num-partitions \(a Dirichlet"),
         ({"partition-id": 0}, NodeConfigError, r"or data-path \(the node's own data\)"),
         ({"data-path": "/data/site.npz"}, NodeConfigError, r"needs partition-id"),
-        ({"partition-id": "0", "num-partitions": 3}, NodeConfigError,
-         r"'partition-id' must be an integer >= 0, different on every SuperNode; got '0' \(str\)"),
-        ({"partition-id": True, "num-partitions": 3}, NodeConfigError,
-         r"'partition-id' must be an integer"),
-        ({"partition-id": 3, "num-partitions": 3}, NodeConfigError,
-         r"'partition-id' must lie in 0..num-partitions-1 \(0..2\); got 3"),
+        (
+            {"partition-id": "0", "num-partitions": 3},
+            NodeConfigError,
+            r"'partition-id' must be an integer >= 0, different on every SuperNode; "
+            r"got '0' \(str\)",
+        ),
+        (
+            {"partition-id": True, "num-partitions": 3},
+            NodeConfigError,
+            r"'partition-id' must be an integer",
+        ),
+        (
+            {"partition-id": 3, "num-partitions": 3},
+            NodeConfigError,
+            r"'partition-id' must lie in 0..num-partitions-1 \(0..2\); got 3",
+        ),
         ({"partition-id": -1, "num-partitions": 3}, NodeConfigError, r"got -1"),
-        ({"partition-id": 0, "num-partitions": 0}, NodeConfigError,
-         r"'num-partitions' must be >= 1; got 0"),
-        ({"partition-id": 0, "num-partitions": 3, "site": "x"}, NodeConfigError,
-         r"unknown node-config key\(s\) \['site'\]; allowed: partition-id"),
+        (
+            {"partition-id": 0, "num-partitions": 0},
+            NodeConfigError,
+            r"'num-partitions' must be >= 1; got 0",
+        ),
+        (
+            {"partition-id": 0, "num-partitions": 3, "site": "x"},
+            NodeConfigError,
+            r"unknown node-config key\(s\) \['site'\]; allowed: partition-id",
+        ),
         ({"data-path": 7}, NodeConfigError, r"'data-path' must be a quoted path string"),
-        ({"partition-id": 0, "data-path": "/nonexistent/site.npz"}, DataError,
-         r"data-path '/nonexistent/site.npz' does not exist; it must be an .npz file"),
-        ({"data-path": "tiny.npz"}, PartitionError,
-         r"holds 6 images, fewer than min-partition-size=40: too small to split"),
-        ({"partition-id": 0, "num-partitions": 500}, PartitionError,
-         r"4000 images cannot give 500 clients at least 40 each"),
+        (
+            {"partition-id": 0, "data-path": "/nonexistent/site.npz"},
+            DataError,
+            r"data-path '/nonexistent/site.npz' does not exist; it must be an .npz file",
+        ),
+        (
+            {"data-path": "tiny.npz"},
+            PartitionError,
+            r"holds 6 images, fewer than min-partition-size=40: too small to split",
+        ),
+        (
+            {"partition-id": 0, "num-partitions": 500},
+            PartitionError,
+            r"4000 images cannot give 500 clients at least 40 each",
+        ),
     ],
-)  # fmt: skip
+)
 def test_clientapp_rejects_a_bad_node_config(node_config, error, expected, tmp_path):
     if node_config.get("data-path") == "tiny.npz":
         tiny = write_npz(tmp_path / "tiny.npz", *real_digits(6))
@@ -160,9 +185,6 @@ def test_clientapp_rejects_a_bad_node_config(node_config, error, expected, tmp_p
 
 
 # ------------------------------------------------------------------- data files
-
-
-AS_ROOT = pytest.mark.skipif(os.geteuid() == 0, reason="root reads files without permission")
 
 
 class _RunsCodeWhenUnpickled:
@@ -194,8 +216,10 @@ def _make_bad_data(kind: str, folder: Path) -> Path:
         (folder / "junk.npz").write_bytes(os.urandom(2000))
         return folder / "junk.npz"
     if kind == "unreadable-npz":
-        good.chmod(0)
-        return good
+        # a Unix socket: no user can read it, root included (who ignores permission bits)
+        with socket.socket(socket.AF_UNIX) as unreadable:
+            unreadable.bind(str(folder / "s.npz"))
+        return folder / "s.npz"
     if kind == "npz-without-y":
         np.savez(folder / "x-only.npz", x=images)
         return folder / "x-only.npz"
@@ -248,7 +272,7 @@ def _make_bad_data(kind: str, folder: Path) -> Path:
         ("not-npz", r"digits.csv' is neither a folder nor an .npz file"),
         ("truncated-npz", r"cut.npz' is not a readable .npz file \(corrupt, truncated"),
         ("garbage-npz", r"junk.npz' is not a readable .npz file"),
-        pytest.param("unreadable-npz", r"good.npz' is not a readable .npz file", marks=AS_ROOT),
+        ("unreadable-npz", r"/s.npz' is not a readable .npz file"),
         ("npz-without-y", r"x-only.npz' lacks array\(s\) \['y'\] \(has \['x'\]\)"),
         ("pickled-npz", r"pickled.npz' holds arrays that cannot be read without unpickling"),
         ("wrong-shape", r"images must have shape \(N, 28, 28\); got \(30, 32, 32\)"),
@@ -268,7 +292,7 @@ def _make_bad_data(kind: str, folder: Path) -> Path:
         ("idx-wrong-shape", r"images must have shape \(N, 28, 28\); got \(30, 20, 20\)"),
         ("idx-corrupt-gz", r"cannot read IDX file .*train-images-idx3-ubyte.gz: error"),
     ],
-)  # fmt: skip
+)
 def test_bad_node_data_is_rejected_without_running_its_code(kind, expected, tmp_path):
     path = _make_bad_data(kind, tmp_path)
     with pytest.raises(DataError, match=expected):
@@ -325,13 +349,19 @@ def busy_port():
         (["up", "--num-supernodes", "0"], r"--num-supernodes must be an integer >= 1; got 0"),
         (["up", "--superlink-port", "80"], r"--superlink-port must be an integer port in 1024.."),
         (["up", "--supernode-port", "65534"], r"ports .*\.\.65536 run past 65535"),
-        (["up", "--superlink-port", "20001", "--supernode-port", "20000"],
-         r"--superlink-port 20001 collides with the SuperNode ports 20000..20002"),
+        (
+            ["up", "--superlink-port", "20001", "--supernode-port", "20000"],
+            r"--superlink-port 20001 collides with the SuperNode ports 20000..20002",
+        ),
         (["up", "--superlink-port", "BUSY"], r"port\(s\) \[BUSY(, \d+)*\] on 127.0.0.1 are in use"),
-        (["up", "--num-supernodes", "2", "--data-path", "GOOD"],
-         r"--data-path must be given once per SuperNode \(2\) or not at all"),
-        (["up", "--num-supernodes", "1", "--data-path", "/nonexistent/a.npz"],
-         r"data-path '/nonexistent/a.npz' does not exist"),
+        (
+            ["up", "--num-supernodes", "2", "--data-path", "GOOD"],
+            r"--data-path must be given once per SuperNode \(2\) or not at all",
+        ),
+        (
+            ["up", "--num-supernodes", "1", "--data-path", "/nonexistent/a.npz"],
+            r"data-path '/nonexistent/a.npz' does not exist",
+        ),
         (["up", "--num-supernodes", "1", "--data-path", "CORRUPT"], r"is not a readable .npz"),
         (["up", "--torch-threads", "-1"], r"--torch-threads must be >= 1"),
         (["up", "--secure", "yes"], r"unrecognized arguments: yes"),
@@ -339,7 +369,7 @@ def busy_port():
         (["run"], r"no deployment is up in .*; run `up` first"),
         (["sideways"], r"invalid choice: 'sideways'"),
     ],
-)  # fmt: skip
+)
 def test_deploy_script_rejects_bad_arguments_before_starting_anything(
     argv, expected, tmp_path, busy_port, monkeypatch, capsys
 ):

@@ -131,6 +131,7 @@ def test_a_run_that_fell_back_to_other_data_is_not_published(repo, tmp_path):
     spec = parse_spec({**SPEC, "base": {**SPEC["base"], "dataset": "mnist"}})
     publish = repo / "published"
     with pytest.raises(SweepError, match="instead of 'mnist'"):
-        run_campaign(spec, tmp_path / "scratch", publish, launcher=RecordingLauncher(),
-                     out=io.StringIO())  # fmt: skip
+        run_campaign(
+            spec, tmp_path / "scratch", publish, launcher=RecordingLauncher(), out=io.StringIO()
+        )
     assert not list(publish.glob("*/seed-*/summary.json"))

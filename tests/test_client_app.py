@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from client_app import app as client_app
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.data import load_source
-from fedaug_flwr.models import CVAE, ExquisiteNetV1
+from fedaug_flwr.models import CVAE, ExquisiteNetV1, load_classifier
 from fedaug_flwr.partition import client_split
 from fedaug_flwr.protocol import TaskConfig
+from fedaug_flwr.training import TensorData, evaluate_classifier
 from tests.conftest import TINY, make_context, make_message
 
 NUM_PARTITIONS = 4
@@ -26,9 +28,15 @@ def task_record(**overrides) -> ConfigRecord:
 
 def expected_split(partition_id: int, config: AppConfig):
     return client_split(
-        load_source("mnist-5k", "").pool, partition_id, NUM_PARTITIONS, config.dirichlet_beta,
-        config.seed, config.min_partition_size, config.val_fraction, config.test_fraction,
-    )  # fmt: skip
+        load_source("mnist-5k", "").pool,
+        partition_id,
+        NUM_PARTITIONS,
+        config.dirichlet_beta,
+        config.seed,
+        config.min_partition_size,
+        config.val_fraction,
+        config.test_fraction,
+    )
 
 
 def impute(context, **overrides):
@@ -40,7 +48,8 @@ def impute(context, **overrides):
 
 def test_train_cvae_returns_one_model_and_weighting_metrics():
     context = make_context(1, NUM_PARTITIONS)
-    content = RecordDict({"arrays": ArrayRecord(CVAE().state_dict()), "config": task_record()})
+    sent = CVAE().state_dict()
+    content = RecordDict({"arrays": ArrayRecord(sent), "config": task_record()})
     reply = client_app(make_message(content, "train.cvae"), context)
     assert not reply.has_error()
     assert list(reply.content.array_records) == ["arrays"]
@@ -49,9 +58,12 @@ def test_train_cvae_returns_one_model_and_weighting_metrics():
     real = len(split.train) + len(split.val) + len(split.test)  # fedavg-weights = "real"
     assert metrics["num-examples"] == real and metrics["partition-id"] == 1
     assert np.isfinite(metrics["train-loss"]) and np.isfinite(metrics["val-loss"])
-    before = CVAE().state_dict()
     after = reply.content["arrays"].to_torch_state_dict()
-    assert set(after) == set(before)
+    assert set(after) == set(sent)
+    assert all(after[k].shape == sent[k].shape for k in sent)
+    # trained, not echoed: every layer's weights moved
+    moved = [k for k in sent if k.endswith("weight") and not torch.equal(after[k], sent[k])]
+    assert moved == [k for k in sent if k.endswith("weight")]
 
 
 @pytest.mark.parametrize("mode", ["uniform", "minority"])
@@ -106,7 +118,12 @@ def test_classifier_trains_on_real_plus_synthetic_and_evaluates_on_real_test_onl
     )
     metrics = evaluation.content["metrics"]
     assert metrics["num-examples"] == len(split.test)  # no synthetic image in the test split
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro-f1"] <= 1.0
+    # the metrics of the model it was sent, on its real test split
+    trained = load_classifier(train.content["arrays"].to_torch_state_dict())
+    expected = evaluate_classifier(
+        trained, TensorData.from_digits(split.test), TINY["eval-batch-size"]
+    )
+    assert {k: metrics[k] for k in expected} == pytest.approx(expected)
 
 
 def test_classifier_without_imputation_state_refuses_to_train_silently_on_real_only():
@@ -127,8 +144,6 @@ def test_node_without_partition_config_gets_a_clear_error():
 
 
 def test_same_message_same_seed_gives_identical_weights():
-    import torch
-
     initial = CVAE().state_dict()
 
     def train_once():

@@ -146,3 +146,19 @@ def test_images_too_dark_to_binarize_are_refused(tmp_path):
 def test_mnist_uses_an_existing_idx_folder(tmp_path):
     write_mnist_folder(tmp_path / "raw")
     assert resolve_source("mnist", str(tmp_path)) == ("mnist", str(tmp_path), "")
+
+
+def test_site_files_hold_the_pool_shares_that_nodes_read_back(tmp_path):
+    from fedaug_flwr.data import load_node_data, load_source
+    from fedaug_flwr.site_data import main, site_shares
+
+    paths = [tmp_path / "site-1.npz", tmp_path / "sites" / "site-2-idx"]
+    assert main([str(p) for p in paths] + ["--size", "300"]) == 0
+    assert paths[0].is_file() and paths[1].is_dir()
+    shares = site_shares(load_source("mnist-5k", "").pool, 2, 300, seed=0)
+    for path, share in zip(paths, shares, strict=True):
+        read = load_node_data(path)
+        assert np.array_equal(read.images, share.images)
+        assert np.array_equal(read.labels, share.labels)
+    with pytest.raises(ValueError, match="do not fit in 4000 images"):
+        site_shares(load_source("mnist-5k", "").pool, 3, 1500, seed=0)

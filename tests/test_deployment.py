@@ -106,8 +106,11 @@ def site_data(tmp_path_factory) -> list[str]:
 def run_and_read(deployment: LocalDeployment, tmp_path: Path, overrides: dict) -> dict:
     output_dir = tmp_path / "results"
     log = (tmp_path / "flwr-run.log").open("w")
-    outcome = deployment.run({**TINY_RUN, **overrides, "output-dir": str(output_dir)},
-                             stream=log, timeout_s=RUN_TIMEOUT_S)  # fmt: skip
+    outcome = deployment.run(
+        {**TINY_RUN, **overrides, "output-dir": str(output_dir)},
+        stream=log,
+        timeout_s=RUN_TIMEOUT_S,
+    )
     log.close()
     assert outcome.ok, f"{outcome}; see {tmp_path / 'flwr-run.log'}"
     assert outcome.output_dir == str(output_dir)
@@ -195,10 +198,20 @@ def test_insecure_deployment_survives_a_raising_client_and_a_killed_supernode(
 
     # `down` works from another shell, by the recorded process ids
     down = subprocess.run(
-        [sys.executable, "-m", "fedaug_flwr.deploy", "--state-dir", str(deployment.state_dir),
-         "down"],
-        cwd=APP_DIR, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedaug_flwr.deploy",
+            "--state-dir",
+            str(deployment.state_dir),
+            "down",
+        ],
+        cwd=APP_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert down.returncode == 0, down.stderr
     assert "stopped supernode-2, supernode-1, superlink" in down.stdout
     assert deployment.state() is None

@@ -190,9 +190,11 @@ def test_generator_quality_columns(tmp_path):
 def test_an_older_summary_with_pretraining_gives_no_quality_columns():
     # before the check had its reference, generator-quality held the pretrained model's scores
     summary = fake_summary(
-        {"imputation": "none", "num-synthetic": 0, "pretrain": "federated"}, f1=0.7, loss=0.8,
+        {"imputation": "none", "num-synthetic": 0, "pretrain": "federated"},
+        f1=0.7,
+        loss=0.8,
         pretraining=fake_pretraining(0.01, 1.5, 0.3),
-    )  # fmt: skip
+    )
     assert final_row(summary)["quality-frechet-distance"] == pytest.approx(7.0)
     del summary["generator-quality"]["reference"]
     assert not any(column.startswith("quality-") for column in final_row(summary))

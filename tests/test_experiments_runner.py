@@ -233,8 +233,12 @@ def test_a_real_sweep_runs_through_flower_and_resumes(tmp_path):
     stamp = (good / SUMMARY).stat().st_mtime_ns
     again = subprocess.run(
         [*command, "--only", "dataset=mnist-5k"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert "1 already complete, 0 to run" in again.stdout
     assert (good / SUMMARY).stat().st_mtime_ns == stamp

@@ -15,7 +15,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 import client_app
-from fedaug_flwr import pipeline
+from fedaug_flwr import phases, pipeline
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.faults import ENV_VAR, InjectedFault, parse_faults
 from fedaug_flwr.results import FAILURE, SUMMARY, load_state_dict
@@ -186,8 +186,7 @@ def test_answers_to_every_node_come_in_partition_order_whatever_the_arrival_orde
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
     grid = ReversedGrid(echo, [{"partition-id": i} for i in (2, 0, 1)])
-    failures: list[dict] = []
-    answers = pipeline.send_to_all(
-        grid, grid.get_node_ids(), "query.echo", RecordDict, 30.0, 3, failures
+    answers, failures = phases.send_to_all(
+        grid, grid.get_node_ids(), "query.echo", RecordDict, 30.0, 3
     )
     assert [a["partition-id"] for a in answers] == [0, 1, 2] and failures == []

@@ -83,8 +83,14 @@ def test_giving_up_says_what_to_change():
 
 def test_client_split_records_the_draws_and_can_be_reshuffled_per_round():
     pool = load_mnist5k().pool
-    kwargs = dict(num_partitions=5, beta=0.5, seed=7, min_partition_size=40,
-                  val_fraction=0.1, test_fraction=0.1)  # fmt: skip
+    kwargs = dict(
+        num_partitions=5,
+        beta=0.5,
+        seed=7,
+        min_partition_size=40,
+        val_fraction=0.1,
+        test_fraction=0.1,
+    )
     fixed = client_split(pool, 1, **kwargs)
     assert fixed.draws >= 1
     round_1 = client_split(pool, 1, **kwargs, reshuffle=(1, 8))
@@ -178,8 +184,11 @@ def run_small(tmp_path: Path, name: str, **overrides) -> tuple[dict, RecordingGr
 
     output = tmp_path / name
     run_config = {
-        **SMALL_RUN, "quality-samples": 0, "output-dir": str(output), **overrides,
-    }  # fmt: skip
+        **SMALL_RUN,
+        "quality-samples": 0,
+        "output-dir": str(output),
+        **overrides,
+    }
     nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
     grid = RecordingGrid(client_app.app, nodes)
     build_server_app(run_config)(grid, Context(1, 1, {}, RecordDict(), {}))

@@ -77,7 +77,7 @@ def test_classifier_phase_starts_from_the_pretrained_weights(pretrained_run):
         pretraining["pretrained"]["global-test"]
     )
     weights = load_state_dict(output / "pretrained.pt")
-    from fedaug_flwr.pipeline import weights_digest
+    from fedaug_flwr.models import weights_digest
 
     assert weights_digest(weights) == pretraining["weights-sha256"]
 

@@ -14,7 +14,7 @@ import pytest
 from flwr.app import Context, RecordDict
 
 import client_app
-from fedaug_flwr import federation, pipeline
+from fedaug_flwr import federation, phases, pipeline
 from fedaug_flwr.config import AppConfig, ConfigError
 from fedaug_flwr.strategies import PhaseError
 from server_app import build_server_app
@@ -54,7 +54,7 @@ class SimulatedGrid(LocalGrid):
 
 def test_too_few_simulated_supernodes_fail_at_once(tmp_path, monkeypatch):
     monkeypatch.setattr(federation, "SIMULATION_GRIDS", (SimulatedGrid,))
-    monkeypatch.setattr(pipeline, "NODE_WAIT_S", 5.0)  # without the check: fail in 5 s
+    monkeypatch.setattr(phases, "NODE_WAIT_S", 5.0)  # without the check: fail in 5 s
     config = AppConfig.from_run_config(
         {**SMALL_RUN, "min-clients": 3, "output-dir": str(tmp_path / "run")}
     )

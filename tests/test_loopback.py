@@ -28,9 +28,13 @@ ray.shutdown()
 
 def test_ray_started_with_the_launchers_environment_listens_on_loopback_only(tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-c", RAY_THEN_WAIT], env=flwr_env(tmp_path), cwd=APP_DIR,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, "-c", RAY_THEN_WAIT],
+        env=flwr_env(tmp_path),
+        cwd=APP_DIR,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert process.stdout.readline().strip() == "ready"
         addresses = listening_addresses([process.pid, *descendants(process.pid)])

@@ -54,8 +54,14 @@ def test_too_many_clients_says_what_to_change(labels):
 
 def test_client_split_is_80_10_10_disjoint_and_repeatable():
     pool = load_mnist5k().pool
-    kwargs = dict(num_partitions=5, beta=0.5, seed=7, min_partition_size=10,
-                  val_fraction=0.1, test_fraction=0.1)  # fmt: skip
+    kwargs = dict(
+        num_partitions=5,
+        beta=0.5,
+        seed=7,
+        min_partition_size=10,
+        val_fraction=0.1,
+        test_fraction=0.1,
+    )
     split = client_split(pool, 2, **kwargs)
     total = len(split.train) + len(split.val) + len(split.test)
     assert abs(len(split.test) - 0.1 * total) <= 1 and abs(len(split.val) - 0.1 * total) <= 1

@@ -22,9 +22,15 @@ from fedaug_flwr.config import AppConfig
 from fedaug_flwr.data import binarize, load_mnist5k, read_mnist5k
 from fedaug_flwr.imputation import generate
 from fedaug_flwr.models import CVAE, ExquisiteNetV1, classifier_loss, cvae_loss
-from fedaug_flwr.pipeline import seeded
 from fedaug_flwr.protocol import SYNTHETIC_STATE, TaskConfig
-from fedaug_flwr.training import TensorData, evaluate_classifier, evaluate_loss, seed_for, train
+from fedaug_flwr.training import (
+    TensorData,
+    evaluate_classifier,
+    evaluate_loss,
+    seed_for,
+    seeded,
+    train,
+)
 from server_app import build_server_app
 from tests.conftest import TINY, make_context, make_message
 from tests.test_simulation import InProcessGrid
@@ -68,9 +74,15 @@ def reference_train_classifier(task, training_set, weights, server_round, partit
     optimizer = torch.optim.Adam(
         model.parameters(), lr=app.clf_lr, weight_decay=app.clf_weight_decay
     )
-    loss = train(model, training_set, classifier_loss, optimizer, epochs=1,
-                 batch_size=app.clf_batch_size,
-                 seed=seed_for(app.seed, server_round, partition_id, 6))  # fmt: skip
+    loss = train(
+        model,
+        training_set,
+        classifier_loss,
+        optimizer,
+        epochs=1,
+        batch_size=app.clf_batch_size,
+        seed=seed_for(app.seed, server_round, partition_id, 6),
+    )
     return model.state_dict(), loss
 
 
@@ -83,10 +95,15 @@ def reference_train_cvae(task, split, weights, server_round):
     def loss_fn(m, x, y):
         return cvae_loss(m, x, y, app.cvae_kl_weight, app.cvae_recon_loss)
 
-    loss = train(model, TensorData.from_digits(split.train), loss_fn,
-                 torch.optim.Adam(model.parameters(), lr=app.cvae_lr), epochs=1,
-                 batch_size=app.cvae_batch_size,
-                 seed=seed_for(app.seed, server_round, split.partition_id, 4))  # fmt: skip
+    loss = train(
+        model,
+        TensorData.from_digits(split.train),
+        loss_fn,
+        torch.optim.Adam(model.parameters(), lr=app.cvae_lr),
+        epochs=1,
+        batch_size=app.cvae_batch_size,
+        seed=seed_for(app.seed, server_round, split.partition_id, 4),
+    )
     val = evaluate_loss(model, TensorData.from_digits(split.val), loss_fn, app.eval_batch_size)
     return model.state_dict(), {"train-loss": loss, "val-loss": val}
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedaug_flwr import pipeline
+from fedaug_flwr import server_work
 from fedaug_flwr.data import Digits, load_source
 from fedaug_flwr.fidelity import (
     coverage,
@@ -144,7 +144,7 @@ def finetune_run(tmp_path_factory):
     """One in-process run with pretraining, recording every training of a classifier on
     synthetic or reference images."""
     calls = []
-    real_training = pipeline.train_on_synthetic
+    real_training = server_work.train_on_synthetic
 
     def recorded(train_set, *args, **kwargs):
         calls.append((train_set, args, kwargs))
@@ -154,7 +154,7 @@ def finetune_run(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(pipeline, "train_on_synthetic", recorded)
+            patch.setattr(server_work, "train_on_synthetic", recorded)
             folder = tmp_path_factory.mktemp("quality")
             summary = run_in_process(folder, "run", seed=3, pretrain="federated")
     finally:

@@ -14,10 +14,10 @@ import math
 import pytest
 import torch
 
-from fedaug_flwr import pipeline
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.faults import ENV_VAR
 from fedaug_flwr.models import ExquisiteNetV1
+from fedaug_flwr.training import seeded
 from tests.local_grid import set_task_identity
 from tests.test_checked_replies import FAST, own_data_nodes, run, write_node_files
 
@@ -58,7 +58,7 @@ def test_one_poisoned_client_against_each_aggregation(
 ):
     # partition 4's update (its weights minus the global ones) arrives scaled by 1,000
     monkeypatch.setenv(ENV_VAR, "train.clf@4=poison")
-    initial = pipeline.seeded(AppConfig.from_run_config(FAST).seed, 2, ExquisiteNetV1)
+    initial = seeded(AppConfig.from_run_config(FAST).seed, 2, ExquisiteNetV1)
     summary, poisoned = run(
         tmp_path, own_data_nodes(node_files, 5), **{"clf-aggregation": aggregation}
     )

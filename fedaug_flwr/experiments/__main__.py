@@ -49,16 +49,22 @@ def _add_selection(parser: argparse.ArgumentParser) -> None:
         "--out", help="sweep folder (default: the file's 'output', relative to the current dir)"
     )
     parser.add_argument(
-        "--only", action="append", default=[], metavar="AXIS=V1[,V2]",
+        "--only",
+        action="append",
+        default=[],
+        metavar="AXIS=V1[,V2]",
         help="run only cells with these axis values (repeatable; 'seed=0,1' selects seeds)",
-    )  # fmt: skip
+    )
 
 
 def _add_federation(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--federation", action="append", default=[], metavar="KEY=VALUE",
+        "--federation",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override the file's federation (num-supernodes, num-cpus, num-gpus) here",
-    )  # fmt: skip
+    )
 
 
 def _spec(args: argparse.Namespace) -> SweepSpec:
@@ -126,10 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs = [r for r in runs if r in chosen]
             _stop_cleanly_on_signals()
             report = campaign.run_campaign(
-                spec, _sweep_dir(spec.output, args.out), publish_dir.resolve(), runs,
-                commit_results=not args.no_commit, max_runs=args.max_runs,
+                spec,
+                _sweep_dir(spec.output, args.out),
+                publish_dir.resolve(),
+                runs,
+                commit_results=not args.no_commit,
+                max_runs=args.max_runs,
                 ray_address=launch.resolve_ray_address(args.ray_address),
-            )  # fmt: skip
+            )
             return 0 if not report.failed else 1
         if args.command in ("run", "list"):
             spec = _spec(args)

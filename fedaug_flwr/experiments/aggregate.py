@@ -29,17 +29,25 @@ from typing import Any
 
 import pandas as pd
 
+from fedaug_flwr.data import NUM_CLASSES
 from fedaug_flwr.experiments.grid import Run, SweepSpec
 from fedaug_flwr.experiments.runner import read_spec, run_dir, statuses
 from fedaug_flwr.metrics import METRIC_NAMES
 from fedaug_flwr.results import read_summary, write_atomic
 
 TABLES_DIR = "tables"
-NUM_CLASSES = 10
 # Config values that name what a run studied; kept as columns even when not swept.
 STUDY_KEYS = ("dataset", "dirichlet-beta", "imputation", "num-synthetic", "pretrain")
 # The preset a run's config matches (summary.json's own key; older summaries lack it).
 PRESET_KEY = "study-preset"
+# Columns the figures and the claims read.
+BETA, MODE, K = "dirichlet-beta", "imputation", "num-synthetic"
+IMPUTATION_MODES = ("uniform", "minority")
+F1 = "test-macro-f1"
+
+
+class FigureError(ValueError):
+    """The tables do not hold what a figure (or the claims) needs."""
 
 
 @dataclass
@@ -289,3 +297,16 @@ def read_tables(sweep_dir: Path) -> Tables:
         except pd.errors.EmptyDataError:
             frames[name] = pd.DataFrame()
     return Tables(**frames)
+
+
+def is_baseline(table: pd.DataFrame) -> pd.Series:
+    return (table[MODE] == "none") | (table[K] == 0)
+
+
+def imputation_curve(table: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Rows of one imputation mode plus the no-synthetic baseline as its k = 0 (runs
+    without synthetic images are the k = 0 point of both the uniform and minority curves)."""
+    rows = table[(table[MODE] == mode) & ~is_baseline(table)]
+    baseline = table[is_baseline(table)].copy()
+    baseline[K] = 0
+    return pd.concat([baseline, rows], ignore_index=True)

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from fedaug_flwr.experiments.figures import (
+from fedaug_flwr.experiments.aggregate import (
     BETA,
     F1,
     IMPUTATION_MODES,

@@ -21,14 +21,23 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedaug_flwr.experiments.aggregate import Tables, write_tables
+from fedaug_flwr.experiments.aggregate import (
+    BETA,
+    F1,
+    IMPUTATION_MODES,
+    MODE,
+    FigureError,
+    K,
+    Tables,
+    imputation_curve,
+    is_baseline,
+    write_tables,
+)
+from fedaug_flwr.experiments.claims import claims_report
 from fedaug_flwr.experiments.runner import read_spec, run_dir
 from fedaug_flwr.results import read_summary, write_atomic
 
 FIGURES_DIR = "figures"
-BETA, MODE, K = "dirichlet-beta", "imputation", "num-synthetic"
-IMPUTATION_MODES = ("uniform", "minority")
-F1 = "test-macro-f1"
 # The study's figures plot the global model on the MNIST test set: micro-F1 (= accuracy)
 # in its imputation figures, macro-F1 in its finetune comparison (docs/study.md).
 STUDY_IMPUTATION_METRIC = "global-test-accuracy"
@@ -44,10 +53,6 @@ def metric_label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric)
 
 
-class FigureError(ValueError):
-    """The tables do not hold what a figure needs."""
-
-
 def save_figure(figure: Figure, path: Path) -> Path:
     """Write a PNG atomically, legends outside the axes included."""
     path = Path(path)
@@ -61,18 +66,6 @@ def _require(table: pd.DataFrame, columns: Sequence[str], figure: str) -> None:
         raise FigureError(f"{figure} needs column(s) {missing}, which this sweep's tables lack")
     if table.empty:
         raise FigureError(f"{figure}: the table has no rows (no complete runs yet?)")
-
-
-def _is_baseline(table: pd.DataFrame) -> pd.Series:
-    return (table[MODE] == "none") | (table[K] == 0)
-
-
-def imputation_curve(table: pd.DataFrame, mode: str) -> pd.DataFrame:
-    """Rows of one imputation mode plus the no-synthetic baseline as its k = 0."""
-    rows = table[(table[MODE] == mode) & ~_is_baseline(table)]
-    baseline = table[_is_baseline(table)].copy()
-    baseline[K] = 0
-    return pd.concat([baseline, rows], ignore_index=True)
 
 
 def _fmt_beta(beta: float) -> str:
@@ -183,6 +176,7 @@ def plot_test_loss_per_round(
     if not any((imputation_curve(table, mode)[K] > 0).any() for mode in modes):
         raise FigureError(f"test loss per round: no runs with {' or '.join(modes)} imputation")
     betas = sorted(table[BETA].unique())
+    rounds = sorted(int(r) for r in table["round"].unique())
     figure = Figure(figsize=(3.4 * len(betas) + 1.5, 3.0 * len(modes)))
     axes = figure.subplots(len(modes), len(betas), squeeze=False, sharex=True, sharey=True)
     for row, mode in enumerate(modes):
@@ -193,17 +187,24 @@ def plot_test_loss_per_round(
                 lines = lines.sort_values("round")
                 mean = lines["test-loss-mean"].to_numpy(float)
                 std = np.nan_to_num(lines["test-loss-std"].to_numpy(float))
-                n = int(lines["n"].min())
-                axis.plot(lines["round"], mean, marker="o", ms=3, label=f"k = {int(k)} (n={n})")
+                label = f"k = {int(k)} (n={int(lines['n'].min())})"
+                if len(lines) == 1:  # one round: a point with its error bar, not a line
+                    axis.errorbar(lines["round"], mean, yerr=std, fmt="o", capsize=3, label=label)
+                    continue
+                axis.plot(lines["round"], mean, marker="o", ms=3, label=label)
                 axis.fill_between(lines["round"], mean - std, mean + std, alpha=0.2)
             axis.set_title(f"{mode}, beta = {_fmt_beta(beta)}")
-            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axis.set_xlim(rounds[0] - 0.5, rounds[-1] + 0.5)
+            if len(rounds) <= 10:
+                axis.set_xticks(rounds)
+            else:
+                axis.xaxis.set_major_locator(MaxNLocator(integer=True))
             if row == len(modes) - 1:
                 axis.set_xlabel("round")
             if col == 0:
                 axis.set_ylabel("client test loss")
             axis.legend(fontsize=7)
-    figure.suptitle("Test loss (mean over clients) per round; band = +-1 std over seeds")
+    figure.suptitle("Test loss (mean over clients) per round; band or bar = +-1 std over seeds")
     return save_figure(figure, path)
 
 
@@ -314,7 +315,7 @@ def finetune_comparison(
     needed = [BETA, "pretrain", f"{metric}-mean", f"pretrained-{metric}-mean"]
     if "pretrain" not in final_cells.columns or f"pretrained-{metric}-mean" not in final_cells:
         raise FigureError(f"finetune comparison needs column(s) {needed} (runs with pretraining)")
-    plain = _is_baseline(final_cells) if MODE in final_cells and K in final_cells else True
+    plain = is_baseline(final_cells) if MODE in final_cells and K in final_cells else True
     vanilla = final_cells[(final_cells["pretrain"] == "off") & plain]
     tuned = final_cells[(final_cells["pretrain"] == pretrain_mode) & plain]
     rows = []
@@ -481,8 +482,6 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
     attempt("table1", table1)
 
     def claims() -> Path:
-        from fedaug_flwr.experiments.claims import claims_report
-
         text = claims_report(tables.final_runs)
         return write_atomic(out / "claims.md", lambda tmp: tmp.write_text(text))
 

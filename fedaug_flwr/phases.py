@@ -1,0 +1,431 @@
+"""The phases that talk to clients: each sends its messages through the Grid and
+returns what it made with its section of ``summary.json``.
+
+- :func:`train_cvae` (phase 1) and :func:`train_classifier` (phase 3): rounds of
+  FedAvg (:class:`~fedaug_flwr.strategies.RoutedFedAvg`);
+- :func:`impute_on_clients` (phase 2): one ``query.impute`` message per client;
+- :func:`evaluate_on_clients` and :func:`finetune_locally`: a model sent once to
+  every client, outside any round;
+- :func:`send_to_all`, the one-message-per-client exchange under the last three.
+
+Clients may fail (an exception, missing data, a dead SuperNode): each failure is
+logged and recorded, with the Flower node id, in the phase's ``failures``. A
+phase raises :class:`~fedaug_flwr.strategies.PhaseError` only when fewer than
+``min-clients`` answer where it needs them to produce its model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedaug_flwr import federation, log
+from fedaug_flwr.config import AppConfig
+from fedaug_flwr.metrics import aggregate_clients
+from fedaug_flwr.models import (
+    CVAE,
+    ExquisiteNetV1,
+    count_parameters,
+    load_classifier,
+    weights_digest,
+)
+from fedaug_flwr.protocol import (
+    ARRAYS,
+    CONFIG,
+    EVALUATE_CLASSIFIER,
+    FINETUNE_LOCALLY,
+    GENERATOR,
+    IMPUTE,
+    METRICS,
+    NUM_PARTITIONS,
+    OWN_DATA,
+    PARTITION_DRAWS,
+    PARTITION_ID,
+    REAL_TRAIN,
+    SYNTHETIC_TRAIN,
+    TEST,
+    VAL,
+    ImputationAnswer,
+    TaskConfig,
+)
+from fedaug_flwr.replies import (
+    NodeSizes,
+    ReplyRules,
+    imputation_check,
+    partition_count_problem,
+    screen,
+)
+from fedaug_flwr.strategies import (
+    PhaseError,
+    RoundLog,
+    RoutedFedAvg,
+    in_partition_order,
+    metric_dict,
+    reply_failures,
+    routed_strategy,
+    sender_of,
+)
+from fedaug_flwr.training import TensorData, evaluate_classifier, seeded
+from fedaug_flwr.transport import to_state_dict
+
+NODE_ID = "node-id"  # the Flower node id of a SuperNode, as the server saw it
+NODE_WAIT_S = 300.0
+
+
+@dataclass
+class Trained:
+    """A federated model and its section of the summary."""
+
+    weights: dict
+    section: dict
+
+
+@dataclass
+class Imputation:
+    """What each client reported about its data (by partition id), and the phase's section."""
+
+    clients: dict[int, dict]
+    section: dict
+
+    @property
+    def partition_draws(self) -> int | list[int]:
+        """The Dirichlet draws the clients needed (a list if they disagree)."""
+        clients = self.clients.values()
+        draws = sorted({c[PARTITION_DRAWS] for c in clients if not c[OWN_DATA]})
+        return draws[0] if len(draws) == 1 else draws
+
+
+@dataclass
+class PerClient:
+    """One model's metrics on every client that answered (by partition id), and failures."""
+
+    metrics: dict[int, dict]
+    failures: list[dict]
+
+    def section(self) -> dict:
+        return {
+            "failures": self.failures,
+            "clients": aggregate_clients(self.metrics.values()),
+            "per-client": [
+                {PARTITION_ID: pid, **self.metrics[pid]} for pid in sorted(self.metrics)
+            ],
+        }
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float | None = None) -> list[int]:
+    """Node ids once at least ``minimum`` nodes are connected (see :mod:`federation`)."""
+    return federation.wait_for_nodes(grid, minimum, NODE_WAIT_S if timeout is None else timeout)
+
+
+# ------------------------------------------------------------------ FedAvg phases
+
+
+def train_cvae(grid: Grid, task: TaskConfig) -> Trained:
+    """Phase 1: FedAvg of the CVAE, weighted by client training-set size."""
+    config = task.app
+    strategy = _strategy(config, "cvae", evaluate=False)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(seeded(config.seed, 1, lambda: CVAE(config.cvae_latent_dim))),
+        num_rounds=config.cvae_rounds,
+        timeout=config.round_timeout,
+        train_config=task.to_record(),
+    )
+    weights = to_state_dict(_require_model(result, "cvae"))
+    section = {
+        "parameters": count_parameters(CVAE(config.cvae_latent_dim)),
+        "rounds": _rounds(strategy, result),
+        "round-timing-s": strategy.timing_table(),
+    }
+    return Trained(weights, section)
+
+
+def train_classifier(
+    grid: Grid,
+    task: TaskConfig,
+    global_test: TensorData,
+    initial: dict | None = None,
+    sizes: dict[int, NodeSizes] | None = None,
+) -> Trained:
+    """Phase 3: FedAvg of ExquisiteNet (from ``initial`` weights, e.g. pretrained, or fresh),
+    evaluated on the clients' real test splits every round and on the global test set.
+    ``sizes`` (from the imputation) bound what each client may claim in its replies."""
+    config = task.app
+    initial = initial if initial is not None else seeded(config.seed, 2, ExquisiteNetV1)
+    strategy = _strategy(config, "clf", evaluate=True, sizes=sizes)
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(initial),
+        num_rounds=config.classifier_rounds,
+        timeout=config.round_timeout,
+        train_config=task.to_record(),
+        evaluate_config=task.to_record(),
+        evaluate_fn=global_evaluator(global_test, config.eval_batch_size),
+    )
+    weights = to_state_dict(_require_model(result, "classifier"))
+    server_metrics = result.evaluate_metrics_serverapp
+
+    def global_test_of(server_round: int) -> dict:
+        return {"global-test": metric_dict(server_metrics[server_round])}
+
+    section = {
+        "parameters": count_parameters(ExquisiteNetV1()),
+        "local-epochs": config.classifier_local_epochs,
+        "initial-weights-sha256": weights_digest(initial),
+        "initial-global-test": metric_dict(server_metrics[0]),
+        "federated-evaluation": strategy.federated_evaluation,
+        "aggregation": strategy.aggregation,
+        "rounds": _rounds(strategy, result, global_test_of),
+        "round-timing-s": strategy.timing_table(),
+    }
+    return Trained(weights, section)
+
+
+def global_evaluator(test: TensorData, batch_size: int):
+    """Server-side evaluation of the global classifier on the global MNIST test set."""
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model = load_classifier(to_state_dict(arrays))
+        return MetricRecord(evaluate_classifier(model, test, batch_size))
+
+    return evaluate
+
+
+def _strategy(
+    config: AppConfig, action: str, evaluate: bool, sizes: dict[int, NodeSizes] | None = None
+) -> RoutedFedAvg:
+    """FedAvg of ``action`` (or, for the classifier, the robust rule ``clf-aggregation``);
+    without ``evaluate`` (the CVAE) it has no evaluation rounds."""
+
+    def build() -> RoutedFedAvg:
+        return routed_strategy(
+            config.clf_aggregation if action == "clf" else "fedavg",
+            action,
+            trim_fraction=config.clf_trim_fraction,
+            krum_malicious=config.clf_krum_malicious,
+            sizes=sizes,
+            min_replies=config.min_clients,
+            evaluate_on_receipt=evaluate and config.evaluate_on_receipt,
+            fraction_train=config.fraction_train,
+            fraction_evaluate=config.fraction_evaluate if evaluate else 0.0,
+            min_train_nodes=config.min_clients,
+            min_evaluate_nodes=config.min_clients if evaluate else 0,
+            min_available_nodes=config.min_clients,
+        )
+
+    if evaluate:
+        return build()
+    # Flower warns "fraction_evaluate is set to 0.0" for a strategy built without evaluation,
+    # which reads as if the user's fraction-evaluate (the classifier's) were ignored.
+    with _dropped(logging.getLogger("flwr"), "fraction_evaluate is set to 0.0"):
+        return build()
+
+
+@contextmanager
+def _dropped(logger: logging.Logger, message_start: str) -> Iterator[None]:
+    """Within the block, ``logger`` drops records whose message starts with ``message_start``."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(message_start)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+def _require_model(result, phase: str) -> ArrayRecord:
+    if len(result.arrays) == 0 or not result.train_metrics_clientapp:
+        raise PhaseError(f"phase '{phase}' produced no aggregated model")
+    return result.arrays
+
+
+def _rounds(strategy: RoutedFedAvg, result, extra: Callable[[int], dict] | None = None) -> list:
+    rows = []
+    for server_round in sorted(strategy.train_log):
+        row: dict = {
+            "round": server_round,
+            "train": metric_dict(result.train_metrics_clientapp.get(server_round, MetricRecord())),
+            "train-per-client": strategy.train_log[server_round].per_client,
+            "failures": strategy.train_log[server_round].failures,
+        }
+        evaluation: RoundLog | None = strategy.evaluate_log.get(server_round)
+        if evaluation is not None:  # empty when no client could evaluate
+            aggregated = result.evaluate_metrics_clientapp.get(server_round, MetricRecord())
+            row["evaluate"] = metric_dict(aggregated)
+            row["evaluate-per-client"] = evaluation.per_client
+            row["failures"] = row["failures"] + evaluation.failures
+        if extra is not None:
+            row.update(extra(server_round))
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------ one message per client
+
+
+def send_to_all(
+    grid: Grid,
+    node_ids: list[int],
+    message_type: str,
+    content: Callable[[], RecordDict],
+    timeout: float,
+    min_replies: int,
+    check: Callable[[Message, int], str | None] | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Send one message per node, wait for the replies; their metrics, and the failures.
+
+    Answers come in partition order, each with the replying ``node-id``. Error replies,
+    replies that fail ``check`` (why a reply from a node cannot count, or ``None``) and
+    nodes that did not answer within ``timeout`` are logged and returned as failures;
+    fewer than ``min_replies`` answers raise :class:`PhaseError`.
+    """
+    messages = [
+        Message(content(), dst_node_id=node_id, message_type=message_type) for node_id in node_ids
+    ]
+    # in partition order: sums over clients (e.g. the final metrics) are then repeatable
+    replies = in_partition_order(grid.send_and_receive(messages, timeout=timeout))
+    failures = reply_failures(replies, messages, timeout)
+    if check is not None:
+        replies, rejected = screen(replies, check, sender_of(messages))
+        failures += rejected
+    for failure in failures:
+        log.warning("%s: node %s failed: %s", message_type, failure["node-id"], failure["reason"])
+    answers = [
+        {**metric_dict(r.content[METRICS]), NODE_ID: r.metadata.src_node_id}
+        for r in replies
+        if not r.has_error()
+    ]
+    if len(answers) < min_replies:
+        reasons = sorted({failure["reason"] for failure in failures})
+        raise PhaseError(
+            f"{message_type}: only {len(answers)} of {len(node_ids)} clients answered "
+            f"(need {min_replies}); client errors: {reasons}"
+        )
+    return answers, failures
+
+
+def impute_on_clients(
+    grid: Grid, task: TaskConfig, node_ids: list[int], cvae_weights: dict | None
+) -> Imputation:
+    """Phase 2: each client generates its synthetic images once and keeps them.
+
+    Needs ``min-clients`` answers, from SuperNodes with distinct partition ids.
+    """
+    config = task.app
+    generator = ArrayRecord(
+        cvae_weights if cvae_weights is not None else CVAE(config.cvae_latent_dim).state_dict()
+    )
+
+    def content() -> RecordDict:
+        return RecordDict({GENERATOR: generator, CONFIG: task.to_record()})
+
+    answers, failures = send_to_all(
+        grid,
+        node_ids,
+        IMPUTE,
+        content,
+        config.round_timeout,
+        config.min_clients,
+        imputation_check(config.synthetic_per_client),
+    )
+    clients = {}
+    for answer in answers:
+        reported = ImputationAnswer.from_metrics(answer)
+        partition_id = reported.partition_id
+        if partition_id in clients:
+            raise PhaseError(
+                f"SuperNodes {clients[partition_id][NODE_ID]} and {answer[NODE_ID]} both have "
+                f"partition-id {partition_id}: give every SuperNode its own partition-id"
+            )
+        clients[partition_id] = client_row(reported, answer[NODE_ID])
+    if (problem := partition_count_problem(clients)) is not None:
+        raise PhaseError(problem)
+    section = {
+        "mode": config.imputation,
+        "refresh": config.synthetic_refresh,
+        "num-synthetic-per-client": config.synthetic_per_client,
+        "total-synthetic": sum(c[SYNTHETIC_TRAIN] for c in clients.values()),
+        "failures": failures,
+    }
+    return Imputation(clients, section)
+
+
+def client_row(answer: ImputationAnswer, node_id: int) -> dict:
+    """A client's entry in the summary's ``clients``: its data, before the final metrics."""
+    real, synthetic = answer.real_label_counts, answer.synthetic_label_counts
+    return {
+        PARTITION_ID: answer.partition_id,
+        NODE_ID: node_id,
+        OWN_DATA: answer.own_data,
+        PARTITION_DRAWS: answer.partition_draws,
+        NUM_PARTITIONS: answer.num_partitions,
+        REAL_TRAIN: answer.real_train,
+        VAL: answer.val,
+        TEST: answer.test,
+        SYNTHETIC_TRAIN: answer.synthetic_train,
+        "label-counts-before": real,
+        "label-counts-synthetic": synthetic,
+        "label-counts-after": [a + b for a, b in zip(real, synthetic, strict=False)],
+    }
+
+
+def evaluate_on_clients(
+    grid: Grid,
+    task: TaskConfig,
+    node_ids: list[int],
+    weights: dict,
+    sizes: dict[int, NodeSizes] | None = None,
+) -> PerClient:
+    """A classifier, unchanged, on every client's real test split.
+
+    The model exists already: clients that fail here are recorded, never fatal.
+    """
+    return _per_client_with_model(grid, task, node_ids, weights, EVALUATE_CLASSIFIER, 0, sizes)
+
+
+def finetune_locally(
+    grid: Grid,
+    task: TaskConfig,
+    node_ids: list[int],
+    pretrained: dict,
+    sizes: dict[int, NodeSizes] | None = None,
+) -> PerClient:
+    """Each client fine-tunes its own copy of the pretrained model; nothing is aggregated."""
+    return _per_client_with_model(
+        grid, task, node_ids, pretrained, FINETUNE_LOCALLY, task.app.min_clients, sizes
+    )
+
+
+def _per_client_with_model(
+    grid: Grid,
+    task: TaskConfig,
+    node_ids: list[int],
+    weights: dict,
+    message_type: str,
+    min_replies: int,
+    sizes: dict[int, NodeSizes] | None = None,
+) -> PerClient:
+    """Send a classifier to every client for ``message_type``; their metrics by partition id.
+
+    These messages belong to no round (server-round 0): a client whose split is drawn
+    anew every round (``client-split-refresh``) draws the split of round 0 for them.
+    """
+    arrays = ArrayRecord(weights)
+
+    def content() -> RecordDict:
+        return RecordDict({ARRAYS: arrays, CONFIG: task.to_record()})
+
+    rules = ReplyRules(message_type, sizes, counts=TEST)
+    answers, failures = send_to_all(
+        grid, node_ids, message_type, content, task.app.round_timeout, min_replies, rules.problem
+    )
+    for answer in answers:
+        del answer[NODE_ID]
+    return PerClient({int(a.pop(PARTITION_ID)): a for a in answers}, failures)
