@@ -26,6 +26,7 @@ from pathlib import Path
 from flwr.serverapp import Grid
 
 from fedaug_flwr import phases, server_work
+from fedaug_flwr.cluster import describe_cluster
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.data import MnistData, load_source, resolve_source
 from fedaug_flwr.metrics import aggregate_clients
@@ -35,6 +36,7 @@ from fedaug_flwr.protocol import PARTITION_ID, TaskConfig
 from fedaug_flwr.replies import sizes_by_node
 from fedaug_flwr.run_record import RunRecord
 from fedaug_flwr.server_work import ServerWork
+from fedaug_flwr.tracking import RunLog
 from fedaug_flwr.training import TensorData, evaluate_classifier
 
 FINAL_MODEL = {"off": "federated", "federated": "finetuned", "local": "finetuned-locally"}
@@ -42,13 +44,31 @@ FINAL_MODEL = {"off": "federated", "federated": "finetuned", "local": "finetuned
 
 def run(grid: Grid, config: AppConfig, run_id: int) -> Path:
     """Run every phase and write the results folder; returns its path."""
-    record = RunRecord.open(config, run_id)
+    record = RunRecord.open(config, run_id)  # a folder that cannot take files fails here
+    board = RunLog.for_run(config, record.output_dir)  # TensorBoard, when asked for
     try:
         run_phases(grid, record)
+        cluster = describe_cluster()  # the Ray cluster a simulation ran on, else None
+        if cluster is not None:
+            record.add("ray-cluster", cluster)
     except BaseException as error:
         record.write_failure(error)
         raise
+    finally:
+        if board is not None:
+            log_to_board(board, record)
     return record.write_summary()
+
+
+def log_to_board(board: RunLog, record: RunRecord) -> None:
+    """Every round of every phase the run got through, the config as hyper-parameters
+    and the final metrics, into the run's TensorBoard files."""
+    board.log_config(record.config.to_run_config())
+    for phase in ("cvae", "classifier"):
+        board.log_rounds(phase, (record.sections.get(phase) or {}).get("rounds", []))
+    epochs = (record.sections.get("pretraining") or {}).get("epochs", [])
+    board.log_rounds("pretraining", ({"round": e["epoch"], **e} for e in epochs))
+    board.close(final_metrics=record.sections.get("final"))
 
 
 def run_phases(grid: Grid, record: RunRecord) -> None:

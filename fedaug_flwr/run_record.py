@@ -23,7 +23,14 @@ import torch
 from fedaug_flwr import __version__, log
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.presets import matching_preset
-from fedaug_flwr.results import FAILURE, SUMMARY, resolve_output_dir, save_state_dict, write_json
+from fedaug_flwr.results import (
+    FAILURE,
+    SUMMARY,
+    ensure_writable,
+    resolve_output_dir,
+    save_state_dict,
+    write_json,
+)
 
 T = TypeVar("T")
 
@@ -38,6 +45,7 @@ SECTIONS = (
     "classifier",  # phase 3: per-round metrics of the federated classifier
     "clients",  # per client: data sizes, label counts, final test metrics
     "final",  # the final model's metrics over clients and on the global test set
+    "ray-cluster",  # simulation on Ray: its nodes, resources and where the clients ran
 )
 
 
@@ -56,8 +64,7 @@ class RunRecord:
     @classmethod
     def open(cls, config: AppConfig, run_id: int) -> RunRecord:
         """The record of a new run, with its results folder made and emptied of old results."""
-        output_dir = resolve_output_dir(config.output_dir, run_id)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        output_dir = ensure_writable(resolve_output_dir(config.output_dir, run_id))
         for stale in (SUMMARY, FAILURE):  # the folder must describe this run only
             (output_dir / stale).unlink(missing_ok=True)
         log.info("[fedaug] run %s writes its results to %s", run_id, output_dir)

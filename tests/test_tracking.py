@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -101,3 +103,28 @@ def test_only_numbers_are_logged():
     assert flatten_numbers(row) == {
         "round": 2.0, "train/loss": 1.0, "evaluate/macro-f1": 0.5, "evaluate/deep/x": 2.5,
     }  # fmt: skip
+
+
+@pytest.mark.usefixtures("in_process_run")
+def test_a_real_run_writes_its_rounds_and_final_metrics(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    import client_app
+    from server_app import build_server_app
+    from tests.local_grid import SMALL_RUN, LocalGrid
+
+    output = tmp_path / "run"
+    run_config = {**SMALL_RUN, "clf-rounds": 2, "quality-samples": 0, "tensorboard": True,
+                  "output-dir": str(output)}  # fmt: skip
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    build_server_app(run_config)(
+        LocalGrid(client_app.app, nodes), Context(1, 1, {}, RecordDict(), {})
+    )
+    events = read(output / TENSORBOARD_DIR)
+    accuracy = scalars(events, "classifier/global-test/accuracy")
+    assert [step for step, _ in accuracy] == [1, 2]
+    assert [step for step, _ in scalars(events, "cvae/train/train-loss")] == [1]
+    summary = json.loads((output / "summary.json").read_text())
+    final_accuracy = summary["final"]["global-test"]["accuracy"]
+    assert scalars(events, "final/global-test/accuracy") == [(0, final_accuracy)]
+    assert accuracy[-1][1] == final_accuracy
