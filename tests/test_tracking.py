@@ -114,8 +114,13 @@ def test_a_real_run_writes_its_rounds_and_final_metrics(tmp_path):
     from tests.local_grid import SMALL_RUN, LocalGrid
 
     output = tmp_path / "run"
-    run_config = {**SMALL_RUN, "clf-rounds": 2, "quality-samples": 0, "tensorboard": True,
-                  "output-dir": str(output)}  # fmt: skip
+    run_config = {
+        **SMALL_RUN,
+        "clf-rounds": 2,
+        "quality-samples": 0,
+        "tensorboard": True,
+        "output-dir": str(output),
+    }
     nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
     build_server_app(run_config)(
         LocalGrid(client_app.app, nodes), Context(1, 1, {}, RecordDict(), {})
