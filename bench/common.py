@@ -217,7 +217,7 @@ def run_child(
     its own process group, which is killed afterwards, so nothing it started
     (Ray) outlives it.
     """
-    from fedaug_flwr.launch import SIMULATION_ENV, stop_process_group
+    from fedaug_flwr.processes import SIMULATION_ENV, stop_process_tree
 
     command = [sys.executable, "-m", module, *args]
     # Flower children (run_simulation) and the plain loop share the launcher's
@@ -244,7 +244,7 @@ def run_child(
         lines.append(f"[bench] {module} ran past {timeout_s} s and was stopped")
     finally:
         memory.stop()
-        stop_process_group(process, grace_s=5.0)
+        stop_process_tree(process, grace_s=5.0)
         reader.join(timeout=5.0)
     wall = time.perf_counter() - start
     return ChildResult(

@@ -31,7 +31,7 @@ import psutil
 
 from bench.client_apps import VARIANTS
 from bench.common import REPO_ROOT, RESULTS_DIR, default_data_dir, load_average, machine_info
-from fedaug_flwr.launch import SIMULATION_ENV, stop_process_group
+from fedaug_flwr.processes import SIMULATION_ENV, stop_process_tree
 
 ACTOR = "ray::ClientAppActor"
 
@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report["processes"][role] = summarize_raw(raw)
         print(f"[bench] profiles of {', '.join(report['processes'])}")
     finally:
-        stop_process_group(child, grace_s=5.0)
+        stop_process_tree(child, grace_s=5.0)
         shutil.rmtree(run_dir, ignore_errors=True)
     path = output_dir / f"{name}.json"
     path.write_text(json.dumps(report, indent=1) + "\n")

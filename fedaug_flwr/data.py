@@ -24,7 +24,6 @@ below 128 but some above 1: all black after binarizing).
 from __future__ import annotations
 
 import gzip
-import logging
 import os
 import re
 import zipfile
@@ -36,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from fedaug_flwr import log
 
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
@@ -75,9 +74,13 @@ class IdxDataset:
 
 _MNIST = IdxDataset("mnist", "MNIST", "MNIST", "FEDAUG_DATA_DIR", DEFAULT_DATA_DIR, True)
 _FASHION = IdxDataset(
-    "fashion-mnist", "Fashion-MNIST", "FashionMNIST", "FEDAUG_FASHION_DATA_DIR",
-    DEFAULT_FASHION_DATA_DIR, False,
-)  # fmt: skip
+    "fashion-mnist",
+    "Fashion-MNIST",
+    "FashionMNIST",
+    "FEDAUG_FASHION_DATA_DIR",
+    DEFAULT_FASHION_DATA_DIR,
+    False,
+)
 IDX_DATASETS = {spec.name: spec for spec in (_MNIST, _FASHION)}
 KNOWN_SOURCES = ("mnist-5k", *IDX_DATASETS)
 

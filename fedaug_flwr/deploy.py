@@ -33,13 +33,11 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,22 +47,25 @@ from fedaug_flwr.config import AppConfig, ConfigError
 from fedaug_flwr.credentials import make_node_keys, make_tls_files, private_folder
 from fedaug_flwr.data import DataError, load_node_data
 from fedaug_flwr.launch import (
+    RunOutcome,
+    flwr_run,
+    output_dir_held,
+    parse_overrides,
+    signals_interrupt,
+    write_connection,
+)
+from fedaug_flwr.processes import (
     APP_DIR,
     EnvironmentProblem,
-    RunOutcome,
     SuperLink,
     SuperNode,
     bin_path,
     check_environment,
     flwr_env,
-    flwr_run,
     group_members,  # noqa: F401 - re-exported: tests and scripts find processes with it
-    output_dir_held,
-    parse_overrides,
     processes_with_home,
-    signals_interrupt,
     start_ticks,
-    write_connection,
+    stop_processes,
 )
 from fedaug_flwr.results import OutputFolderError
 
@@ -221,21 +222,10 @@ def stop_recorded(record: ProcessRecord, grace_s: float = STOP_GRACE_S) -> bool:
     start time) or, once it is gone, members of its group that carry its
     FLWR_HOME. Returns False when nothing of ours was left to stop.
     """
-    group = record.pid  # started with start_new_session: its pid is its group id
     if not record.alive() and not record.members():
         return False
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        if record.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, sig)
-        for pid in record.members():  # also those outside the group, and leftovers
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + wait_s
-        while record.members() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not record.members():
-            return True
+    # started with start_new_session: its pid is its group id
+    stop_processes(record.pid, record.alive, record.members, grace_s)
     return True
 
 
@@ -377,9 +367,13 @@ class LocalDeployment:
             )
             superlink_args = [*tls.superlink_args(), "--enable-supernode-auth"] if tls else []
             self.superlink = SuperLink(
-                self.state_dir / "superlink", simulation=False, host=LOOPBACK,
-                port=plan.superlink_port, extra_args=superlink_args, extra_env=threads,
-            )  # fmt: skip
+                self.state_dir / "superlink",
+                simulation=False,
+                host=LOOPBACK,
+                port=plan.superlink_port,
+                extra_args=superlink_args,
+                extra_env=threads,
+            )
             self.superlink.start()
             state.processes.append(
                 ProcessRecord.of(
@@ -391,9 +385,11 @@ class LocalDeployment:
             )
             state.save(self.state_dir)
             write_connection(
-                self.cli_home, state.superlink_address, CONNECTION,
+                self.cli_home,
+                state.superlink_address,
+                CONNECTION,
                 root_certificates=tls.ca_certificate if tls else None,
-            )  # fmt: skip
+            )
             for index in range(plan.num_supernodes):
                 keys = (
                     make_node_keys(self.state_dir / "keys", f"supernode-{index}") if tls else None
@@ -433,8 +429,12 @@ class LocalDeployment:
         command = [bin_path("flwr"), "supernode", "register", str(public_key), CONNECTION]
         result = subprocess.run(
             [*command, "--format", "json"],
-            env=flwr_env(self.cli_home), capture_output=True, text=True, check=False, timeout=120,
-        )  # fmt: skip
+            env=flwr_env(self.cli_home),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
         try:
             return int(json.loads(result.stdout)["node-id"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
@@ -555,49 +555,66 @@ def build_parser() -> argparse.ArgumentParser:
         description="A real Flower deployment of fedaug-flwr on this machine (loopback only).",
     )
     parser.add_argument(
-        "--state-dir", type=Path, default=default_state_dir(),
+        "--state-dir",
+        type=Path,
+        default=default_state_dir(),
         help="folder for pids, logs, Flower homes, certificates (default: %(default)s)",
-    )  # fmt: skip
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start a SuperLink and SuperNodes")
     up.add_argument("--num-supernodes", type=int, default=3, help="default: %(default)s")
     up.add_argument(
-        "--data-path", action="append", default=[], metavar="PATH",
+        "--data-path",
+        action="append",
+        default=[],
+        metavar="PATH",
         help="a SuperNode's own data (.npz or IDX folder), once per SuperNode in order "
         "('' for one that should use Dirichlet partition i); without it node i uses "
         "Dirichlet partition i of the run's dataset",
-    )  # fmt: skip
+    )
     up.add_argument("--superlink-port", type=int, default=DEFAULT_SUPERLINK_PORT)
     up.add_argument(
-        "--supernode-port", type=int, default=DEFAULT_SUPERNODE_PORT,
+        "--supernode-port",
+        type=int,
+        default=DEFAULT_SUPERNODE_PORT,
         help="SuperNode i's local Runtime API port is this + i (default: %(default)s)",
-    )  # fmt: skip
+    )
     mode = up.add_mutually_exclusive_group()
     mode.add_argument(
-        "--secure", dest="insecure", action="store_false",
+        "--secure",
+        dest="insecure",
+        action="store_false",
         help="TLS with a private CA, and SuperNode authentication with registered keys "
         "(the default)",
-    )  # fmt: skip
+    )
     mode.add_argument(
-        "--insecure", dest="insecure", action="store_true",
+        "--insecure",
+        dest="insecure",
+        action="store_true",
         help="no TLS and no SuperNode authentication: any local process can join (warned "
         "about on every start)",
-    )  # fmt: skip
+    )
     up.set_defaults(insecure=False)
     up.add_argument(
-        "--keep-ca-key", action="store_true",
+        "--keep-ca-key",
+        action="store_true",
         help="keep the private CA's key in <state-dir>/tls/ca.key (mode 0600); by default it "
         "is discarded once the SuperLink certificate is signed",
-    )  # fmt: skip
+    )
     up.add_argument(
-        "--torch-threads", type=int, default=0,
+        "--torch-threads",
+        type=int,
+        default=0,
         help="CPU threads per ClientApp/ServerApp process (0: cores / (SuperNodes + 1))",
-    )  # fmt: skip
+    )
     run = commands.add_parser("run", help="flwr run the app on the deployment")
     run.add_argument(
-        "--run-config", action="append", default=[], metavar="'k=v k2=v2'",
+        "--run-config",
+        action="append",
+        default=[],
+        metavar="'k=v k2=v2'",
         help="run-config overrides, as for flwr run (repeatable)",
-    )  # fmt: skip
+    )
     commands.add_parser("status", help="show the deployment's processes")
     down = commands.add_parser("down", help="stop every process of the deployment")
     down.add_argument("--clean", action="store_true", help="also delete the state folder and logs")
@@ -622,10 +639,14 @@ def _command(args: argparse.Namespace, deployment: LocalDeployment) -> int:
     """Carry out one sub-command; the exit status."""
     if args.command == "up":
         plan = Plan(
-            args.num_supernodes, tuple(args.data_path), args.superlink_port,
-            args.supernode_port, not args.insecure, args.torch_threads,
+            args.num_supernodes,
+            tuple(args.data_path),
+            args.superlink_port,
+            args.supernode_port,
+            not args.insecure,
+            args.torch_threads,
             keep_ca_key=args.keep_ca_key,
-        )  # fmt: skip
+        )
         state = deployment.up(plan)
         print(json.dumps(deployment.status(), indent=2))
         print(

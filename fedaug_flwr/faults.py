@@ -27,11 +27,11 @@ import os
 import re
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedaug_flwr.processes import command_line, parent_pid
 from fedaug_flwr.protocol import ARRAYS, message_round
 from fedaug_flwr.transport import from_array, to_array
 
@@ -123,15 +123,13 @@ def poisoned(msg: Message, reply: Message) -> Message:
 def supernode_ancestor(pid: int | None = None) -> int | None:
     """The pid of the ``flower-supernode`` process this process descends from, if any."""
     pid = os.getpid() if pid is None else pid
-    while pid > 1:
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
+    while pid is not None and pid > 1:
+        cmdline = command_line(pid)
+        if cmdline is None:
             return None
         if any(part.endswith(b"flower-supernode") for part in cmdline[:2]):
             return pid
-        pid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4: the parent's pid
+        pid = parent_pid(pid)
     return None
 
 
