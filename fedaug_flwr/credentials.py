@@ -44,10 +44,13 @@ class TlsFiles:
 
     def superlink_args(self) -> list[str]:
         return [
-            "--ssl-ca-certfile", str(self.ca_certificate),
-            "--ssl-certfile", str(self.server_certificate),
-            "--ssl-keyfile", str(self.server_key),
-        ]  # fmt: skip
+            "--ssl-ca-certfile",
+            str(self.ca_certificate),
+            "--ssl-certfile",
+            str(self.server_certificate),
+            "--ssl-keyfile",
+            str(self.server_key),
+        ]
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ def make_tls_files(
                 decipher_only=False,
             ),
             critical=True,
-        )  # fmt: skip
+        )
         .sign(ca_key, hashes.SHA256())
     )
 

@@ -414,9 +414,14 @@ def membership_inference(
 
     def loss(net: CVAE, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return negative_elbo(
-            net, binary_rows(images), labels, recon=recon, kl_weight=kl_weight,
-            samples=samples, seed=seed,
-        )  # fmt: skip
+            net,
+            binary_rows(images),
+            labels,
+            recon=recon,
+            kl_weight=kl_weight,
+            samples=samples,
+            seed=seed,
+        )
 
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     m_loss, n_loss = loss(model, m_images, m_labels), loss(model, n_images, n_labels)
@@ -429,11 +434,15 @@ def membership_inference(
     if generated_per_label > 0:
         distances = [
             generated_nearest_distances(
-                model, images, labels, per_label=generated_per_label, seed=seed,
+                model,
+                images,
+                labels,
+                per_label=generated_per_label,
+                seed=seed,
                 binarize=binarize,
             )
             for images, labels in ((m_images, m_labels), (n_images, n_labels))
-        ]  # fmt: skip
+        ]
         scores["generated-nearest"] = (-distances[0].astype(float), -distances[1].astype(float))
     attacks = {}
     for name, (member_scores, nonmember_scores) in scores.items():

@@ -83,9 +83,13 @@ class LocalRayCluster:
 
     def _node_args(self) -> list[str]:
         ports = (
-            "--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-            "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port",
-        )  # fmt: skip
+            "--node-manager-port",
+            "--object-manager-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--runtime-env-agent-port",
+            "--metrics-export-port",
+        )
         args = ["--node-ip-address", NODE_IP, "--num-cpus", str(self.cpus_per_node)]
         args += ["--num-gpus", "0", "--object-store-memory", str(100 * 1024**2)]
         args += ["--min-worker-port", "0", "--max-worker-port", "0"]
@@ -104,8 +108,11 @@ class LocalRayCluster:
         log = (self.folder / f"node-{index}.log").open("wb")
         process = subprocess.Popen(
             [bin_path("ray"), "start", *role, *self._node_args()],
-            env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         log.close()
         self.processes.append(process)
         self._wait_for(index, process)
@@ -166,9 +173,14 @@ class LocalRayCluster:
         script = "import json, ray\nray.init(logging_level='ERROR')\n" + code
         env = {**self.env(), "RAY_ADDRESS": self.address}
         result = subprocess.run(
-            [sys.executable, "-c", script], env=env, capture_output=True, text=True,
-            timeout=timeout_s, check=False, cwd=Path(__file__).resolve().parent.parent,
-        )  # fmt: skip
+            [sys.executable, "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"probe failed: {result.stderr[-3000:]}")
         return json.loads(result.stdout.strip().splitlines()[-1])

@@ -263,9 +263,11 @@ def test_an_evaluation_received_with_an_update_is_checked_on_its_own(node_files,
 def test_a_cvae_update_with_an_implausible_count_is_rejected(node_files, tmp_path):
     nodes = own_data_nodes(node_files, 3)
     summary, _ = run(
-        tmp_path, nodes, Tampering("train.cvae", {2: examples(10**9)}),
+        tmp_path,
+        nodes,
+        Tampering("train.cvae", {2: examples(10**9)}),
         imputation="uniform",
-    )  # fmt: skip
+    )
     failed = failures_of(summary["cvae"]["rounds"][0]["failures"])
     assert failed == {
         2: "rejected reply: num-examples=1e+09 is more than what is plausible for one client "

@@ -49,9 +49,17 @@ def test_with_no_noise_a_step_is_the_mean_of_clipped_per_sample_gradients():
     assert max(norms) > clip > min(norms)
     model.zero_grad()
     result = dp.train_private(
-        model, TensorData(x, y), squared_error, torch.optim.SGD(model.parameters(), lr=1.0),
-        epochs=1, batch_size=8, seed=0, noise_multiplier=0.0, max_grad_norm=clip, delta=1e-5,
-    )  # fmt: skip
+        model,
+        TensorData(x, y),
+        squared_error,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        epochs=1,
+        batch_size=8,
+        seed=0,
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        delta=1e-5,
+    )
     assert (result.sample_rate, result.steps) == (1.0, 1)
     assert math.isinf(result.epsilon)
     for b, p, e in zip(before, model.parameters(), expected, strict=True):
@@ -65,9 +73,17 @@ def test_one_sample_moves_the_model_by_at_most_its_clipping_norm():
     x, y = torch.tensor([[100.0, -50.0, 30.0, 80.0]]), torch.tensor([1e4])
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     dp.train_private(
-        model, TensorData(x, y), squared_error, torch.optim.SGD(model.parameters(), lr=1.0),
-        epochs=1, batch_size=1, seed=0, noise_multiplier=0.0, max_grad_norm=0.25, delta=1e-5,
-    )  # fmt: skip
+        model,
+        TensorData(x, y),
+        squared_error,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        epochs=1,
+        batch_size=1,
+        seed=0,
+        noise_multiplier=0.0,
+        max_grad_norm=0.25,
+        delta=1e-5,
+    )
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert float((after - before).norm()) == pytest.approx(0.25, rel=1e-4)
 
@@ -81,9 +97,17 @@ def test_the_cvae_trains_with_dp_sgd_and_is_left_as_it_was():
     images = (torch.rand(40, 1, 28, 28) < 0.2).float()
     data = TensorData(images, torch.randint(0, 10, (40,)))
     first = dp.train_private(
-        model, data, cvae_loss, torch.optim.Adam(model.parameters(), lr=1e-3),
-        epochs=2, batch_size=16, seed=1, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5,
-    )  # fmt: skip
+        model,
+        data,
+        cvae_loss,
+        torch.optim.Adam(model.parameters(), lr=1e-3),
+        epochs=2,
+        batch_size=16,
+        seed=1,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        delta=1e-5,
+    )
     assert math.isfinite(first.loss)
     assert (first.sample_rate, first.steps) == (1 / 3, 6)  # ceil(40 / 16) = 3 steps per epoch
     assert list(model.state_dict()) == keys
@@ -92,10 +116,18 @@ def test_the_cvae_trains_with_dp_sgd_and_is_left_as_it_was():
     for parameter in model.parameters():
         assert not hasattr(parameter, "grad_sample") and not hasattr(parameter, "summed_grad")
     second = dp.train_private(
-        model, data, cvae_loss, torch.optim.Adam(model.parameters(), lr=1e-3),
-        epochs=2, batch_size=16, seed=2, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5,
+        model,
+        data,
+        cvae_loss,
+        torch.optim.Adam(model.parameters(), lr=1e-3),
+        epochs=2,
+        batch_size=16,
+        seed=2,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        delta=1e-5,
         prior_steps=first.total_steps,
-    )  # fmt: skip
+    )
     assert second.total_steps == 12
     offline = dp.epsilon_per_round(1.0, 40, 16, local_epochs=2, rounds=2, delta=1e-5)
     assert [first.epsilon, second.epsilon] == pytest.approx(offline, rel=1e-9)
@@ -112,9 +144,17 @@ def test_empty_poisson_batches_still_step_and_count():
     ]
     assert 0 in sizes  # rate 1/20 over 20 images: about a third of the batches are empty
     result = dp.train_private(
-        model, data, cvae_loss, torch.optim.SGD(model.parameters(), lr=1e-3),
-        epochs=1, batch_size=1, seed=3, noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5,
-    )  # fmt: skip
+        model,
+        data,
+        cvae_loss,
+        torch.optim.SGD(model.parameters(), lr=1e-3),
+        epochs=1,
+        batch_size=1,
+        seed=3,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        delta=1e-5,
+    )
     assert result.steps == 20
     assert math.isfinite(result.loss)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -161,8 +201,16 @@ def test_a_budget_that_training_would_exceed_is_refused_with_its_numbers():
     with pytest.raises(dp.PrivacyBudgetError) as error:
         dp.check_sample_budget(target_epsilon=spent / 2, local_epochs=1, rounds=15, **settings)
     message = str(error.value)
-    for number in (f"epsilon={spent:.3f}", "delta=1e-05", "noise multiplier 0.8", "320 training",
-                   "batch size 32", "15 round(s)", "150 steps", f"={spent / 2:g}"):  # fmt: skip
+    for number in (
+        f"epsilon={spent:.3f}",
+        "delta=1e-05",
+        "noise multiplier 0.8",
+        "320 training",
+        "batch size 32",
+        "15 round(s)",
+        "150 steps",
+        f"={spent / 2:g}",
+    ):
         assert number in message
 
     client_spent = dp.client_level_epsilon(2.0, 15, 1e-5)

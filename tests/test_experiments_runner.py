@@ -273,8 +273,12 @@ def test_sigterm_stops_every_process_of_the_running_simulation(tmp_path):
     command = [sys.executable, "-m", "fedaug_flwr.experiments", "run", str(experiment)]
     sweep = subprocess.Popen(
         [*command, "--out", str(tmp_path / "sweep"), "--verbose"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         for line in sweep.stdout:
             if "[fedaug] phase '" in line or "[fedaug] run " in line:  # the ServerApp works

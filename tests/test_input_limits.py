@@ -76,9 +76,12 @@ def test_waiting_for_supernodes_counts_down_in_the_log():
         grid = LocalGrid(client_app.app, TWO_NODES)  # not a simulation
         with pytest.raises(PhaseError, match=r"only 2 SuperNodes connected after 30 s"):
             federation.wait_for_nodes(
-                grid, 3, timeout=30.0, clock=lambda: now[0],
+                grid,
+                3,
+                timeout=30.0,
+                clock=lambda: now[0],
                 sleep=lambda s: now.__setitem__(0, now[0] + s),
-            )  # fmt: skip
+            )
     finally:
         federation.log.removeHandler(handler)
     assert lines == [

@@ -117,8 +117,10 @@ def test_run_config_toml_files_are_read_and_passed_on(tmp_path, monkeypatch, cap
     preset = tmp_path / "study-as-run.toml"
     preset.write_text("# a preset\nimputation = 'uniform'\nnum-synthetic = 500\ncvae-lr = 0.01\n")
     assert launch.parse_overrides([str(preset), "num-synthetic=7"]) == {
-        "imputation": "uniform", "num-synthetic": 7, "cvae-lr": 0.01,
-    }  # fmt: skip
+        "imputation": "uniform",
+        "num-synthetic": 7,
+        "cvae-lr": 0.01,
+    }
     nested = tmp_path / "nested.toml"
     nested.write_text("[tool.flwr.app.config]\nseed = 1\n")
     with pytest.raises(SystemExit):  # flattened as flwr does, then refused by name

@@ -39,10 +39,13 @@ def client(pool: Digits, seed: int, train_size: int = 400, heldout_size: int = 1
 
 def audit(synthetic: Digits, train_set: Digits, heldout: Digits) -> dict:
     return privacy.memorization_audit(
-        synthetic.images, synthetic.labels,
-        train_set.images, train_set.labels,
-        heldout.images, heldout.labels,
-    )  # fmt: skip
+        synthetic.images,
+        synthetic.labels,
+        train_set.images,
+        train_set.labels,
+        heldout.images,
+        heldout.labels,
+    )
 
 
 def test_hamming_counts_differing_pixels():
@@ -85,9 +88,10 @@ def test_a_generator_that_returns_noise_is_not_flagged(pool):
 def test_fresh_real_digits_are_flagged_at_about_the_chance_rate(pool):
     """Digits the 'generator' never saw: over several clients the flagged share is near
     the 5 % of the held-out reference (one client alone varies a lot)."""
-    reports = [audit(fresh, train_set, heldout) for train_set, heldout, fresh in (
-        client(pool, seed) for seed in range(4)
-    )]  # fmt: skip
+    reports = [
+        audit(fresh, train_set, heldout)
+        for train_set, heldout, fresh in (client(pool, seed) for seed in range(4))
+    ]
     pooled = privacy.aggregate_audits(reports)
     assert pooled["clients"] == 4 and pooled["synthetic-images"] == 1200
     assert pooled["flagged-share"] < 0.12
@@ -123,9 +127,14 @@ def memorizing_cvae(pool):
     torch.set_num_threads(1)  # (the autouse fixture does not cover module-scoped fixtures)
     try:
         train(
-            model, TensorData.from_digits(members), cvae_loss,
-            torch.optim.Adam(model.parameters(), lr=1e-3), epochs=150, batch_size=20, seed=0,
-        )  # fmt: skip
+            model,
+            TensorData.from_digits(members),
+            cvae_loss,
+            torch.optim.Adam(model.parameters(), lr=1e-3),
+            epochs=150,
+            batch_size=20,
+            seed=0,
+        )
     finally:
         torch.set_num_threads(threads)
     return model, members, nonmembers
@@ -134,9 +143,11 @@ def memorizing_cvae(pool):
 def test_attacks_tell_members_of_a_memorizing_cvae(memorizing_cvae):
     model, members, nonmembers = memorizing_cvae
     report = privacy.membership_inference(
-        model, (members.images, members.labels), (nonmembers.images, nonmembers.labels),
+        model,
+        (members.images, members.labels),
+        (nonmembers.images, nonmembers.labels),
         generated_per_label=200,
-    )  # fmt: skip
+    )
     assert (report["members"], report["non-members"]) == (20, 20)
     assert report["attacks"]["loss"]["auc"] > 0.9
     assert report["attacks"]["generated-nearest"]["auc"] > 0.9
@@ -147,9 +158,13 @@ def test_attacks_learn_nothing_from_a_cvae_that_saw_neither_set(pool, memorizing
     untrained = CVAE()
     members, nonmembers, _ = client(pool, seed=5, train_size=200, heldout_size=200)
     report = privacy.membership_inference(
-        untrained, (members.images, members.labels), (nonmembers.images, nonmembers.labels),
-        generated_per_label=100, reference=memorizing_cvae[0], keep_scores=True,
-    )  # fmt: skip
+        untrained,
+        (members.images, members.labels),
+        (nonmembers.images, nonmembers.labels),
+        generated_per_label=100,
+        reference=memorizing_cvae[0],
+        keep_scores=True,
+    )
     for name in ("loss", "calibrated-loss", "generated-nearest"):
         assert abs(report["attacks"][name]["auc"] - 0.5) < 0.1, name
 

@@ -77,8 +77,12 @@ def test_a_folder_held_by_a_live_process_is_refused_naming_it(tmp_path):
 
 
 def test_a_stale_lock_file_of_a_dead_pid_is_taken_over(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     (tmp_path / LOCK).write_text(json.dumps({"pid": int(dead.stdout), "purpose": "old sweep"}))
     with folder_lock(tmp_path, "new sweep"):
         owner = json.loads((tmp_path / LOCK).read_text())

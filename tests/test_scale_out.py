@@ -52,8 +52,10 @@ def test_the_superlink_of_a_cluster_run_names_the_cluster_and_this_checkout(tmp_
 
 def test_init_args_are_only_set_for_a_ray_of_our_own():
     assert launch.federation_config(4, 1, 0.0) == {
-        "num-supernodes": 4, "client-resources-num-cpus": 1, "client-resources-num-gpus": 0.0,
-    }  # fmt: skip
+        "num-supernodes": 4,
+        "client-resources-num-cpus": 1,
+        "client-resources-num-gpus": 0.0,
+    }
     local = launch.federation_config(4, 1, 0.5, ray_num_cpus=2, ray_num_gpus=1)
     assert (local["init-args-num-cpus"], local["init-args-num-gpus"]) == (2, 1)
     on_cluster = launch.federation_config(4, 2, 0.5, ray_address="10.0.0.5:6379")

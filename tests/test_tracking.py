@@ -101,8 +101,11 @@ def test_only_numbers_are_logged():
         "evaluate": {"macro-f1": 0.5, "deep": {"x": 2.5}},
     }
     assert flatten_numbers(row) == {
-        "round": 2.0, "train/loss": 1.0, "evaluate/macro-f1": 0.5, "evaluate/deep/x": 2.5,
-    }  # fmt: skip
+        "round": 2.0,
+        "train/loss": 1.0,
+        "evaluate/macro-f1": 0.5,
+        "evaluate/deep/x": 2.5,
+    }
 
 
 @pytest.mark.usefixtures("in_process_run")

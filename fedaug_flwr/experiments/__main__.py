@@ -152,9 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             _stop_cleanly_on_signals()
             report = runner.run_sweep(
-                spec, sweep_dir, runs, echo_logs=args.verbose,
+                spec,
+                sweep_dir,
+                runs,
+                echo_logs=args.verbose,
                 ray_address=launch.resolve_ray_address(args.ray_address),
-            )  # fmt: skip
+            )
             aggregate.write_tables(sweep_dir)
             print(f"tables in {sweep_dir / aggregate.TABLES_DIR}")
             return 0 if report.ok else 1
