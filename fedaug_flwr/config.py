@@ -37,6 +37,14 @@ BINARIZATIONS = ("rescale", "round", "off")
 MINORITY_ROUNDINGS = ("nearest", "up")
 REFRESH = ("once", "every-round")
 AGGREGATIONS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum")
+# The classifier phase's server strategy, each Flower's own (fedaug_flwr.strategies.STRATEGIES).
+CLF_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam")
+# Each strategy's own keys: set away from their defaults, they name the strategy that reads them.
+STRATEGY_KEYS = {
+    "fedprox": ("proximal-mu",),
+    "fedavgm": ("clf-fedavgm-lr", "clf-fedavgm-momentum"),
+    "fedadam": ("clf-fedadam-eta", "clf-fedadam-tau", "clf-fedadam-beta1", "clf-fedadam-beta2"),
+}
 # What one synthetic image costs a client: the uint8 28x28 image it keeps, the float32 copy
 # training makes of it (with its int64 label), and the uint8 copy that copy is made from.
 BYTES_PER_SYNTHETIC_IMAGE = 28 * 28 * (1 + 4 + 1) + 8
@@ -88,6 +96,13 @@ class AppConfig:
     clf_trim_fraction: float
     clf_krum_malicious: int
     proximal_mu: float
+    clf_strategy: str
+    clf_fedavgm_lr: float
+    clf_fedavgm_momentum: float
+    clf_fedadam_eta: float
+    clf_fedadam_tau: float
+    clf_fedadam_beta1: float
+    clf_fedadam_beta2: float
     eval_batch_size: int
     pretrain: str
     pretrain_samples: int
@@ -179,7 +194,49 @@ class AppConfig:
                 "but pretrain='local' fine-tunes each client's copy alone (no global model "
                 "to pull towards): use proximal-mu=0.0, or pretrain 'off' or 'federated'"
             )
+        self._check_strategy()
         _check_synthetic_memory(self.num_synthetic)
+
+    def _check_strategy(self) -> None:
+        """``clf-strategy`` and its keys agree: one strategy, set up as its keys say."""
+        strategy = self.clf_strategy
+        if strategy != "fedavg" and self.pretrain == "local":
+            raise ConfigError(
+                f"clf-strategy={strategy!r} is a server strategy, but pretrain='local' fine-tunes "
+                "each client's copy alone, with no server aggregation: use clf-strategy='fedavg', "
+                "or pretrain 'off' or 'federated'"
+            )
+        if strategy != "fedavg" and self.clf_aggregation != "fedavg":
+            raise ConfigError(
+                f"clf-aggregation={self.clf_aggregation!r} replaces FedAvg's mean by a robust "
+                f"rule, and clf-strategy={strategy!r} is a server strategy of its own: choose "
+                "one (clf-aggregation='fedavg', or clf-strategy='fedavg')"
+            )
+        # A strategy key away from its default is read by its strategy only: with another
+        # strategy it would be silently ignored (or, proximal-mu, quietly turn FedAvg into
+        # FedProx), so the run refuses it.
+        defaults = default_run_config()
+        values = self.to_run_config()
+        for owner, keys in STRATEGY_KEYS.items():
+            changed = [k for k in keys if values[k] != defaults[k]]
+            if owner != strategy and changed:
+                settings = ", ".join(f"{k}={values[k]}" for k in changed)
+                raise ConfigError(
+                    f"{settings} belong(s) to clf-strategy={owner!r}, but clf-strategy="
+                    f"{strategy!r}: set clf-strategy={owner!r}, or leave {changed} at the "
+                    f"default(s) {[defaults[k] for k in changed]}"
+                )
+        if strategy == "fedprox" and self.proximal_mu == 0:
+            raise ConfigError(
+                "clf-strategy='fedprox' with proximal-mu=0.0 is FedAvg (no proximal term): "
+                "set proximal-mu > 0 (e.g. 0.01), or clf-strategy='fedavg'"
+            )
+        if strategy == "fedavgm" and self.clf_fedavgm_lr == 1.0 and self.clf_fedavgm_momentum == 0:
+            raise ConfigError(
+                "clf-strategy='fedavgm' with clf-fedavgm-lr=1.0 and clf-fedavgm-momentum=0.0 "
+                "(Flower's defaults) is FedAvg: set clf-fedavgm-momentum > 0 (e.g. 0.9) or "
+                "clf-fedavgm-lr != 1.0, or clf-strategy='fedavg'"
+            )
 
 
 def machine_memory() -> int:
@@ -266,6 +323,13 @@ _RULES: dict[str, _Rule] = {
     "clf-trim-fraction": (float, lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5)"),
     "clf-krum-malicious": (int, _non_negative, "an integer >= 0"),
     "proximal-mu": (float, _non_negative, "a number >= 0 (0: FedAvg's local objective)"),
+    "clf-strategy": (str, CLF_STRATEGIES.__contains__, f"one of {list(CLF_STRATEGIES)}"),
+    "clf-fedavgm-lr": (float, _positive, "a number > 0 (Flower's default 1.0)"),
+    "clf-fedavgm-momentum": (float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "clf-fedadam-eta": (float, _positive, "a number > 0 (Flower's default 0.1)"),
+    "clf-fedadam-tau": (float, _positive, "a number > 0 (Flower's default 0.001)"),
+    "clf-fedadam-beta1": (float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "clf-fedadam-beta2": (float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "eval-batch-size": (int, _positive, "an integer >= 1"),
     "pretrain": (str, PRETRAIN_MODES.__contains__, f"one of {list(PRETRAIN_MODES)}"),
     "pretrain-samples": (int, lambda v: v >= 20, "an integer >= 20"),

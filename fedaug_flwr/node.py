@@ -346,7 +346,8 @@ def train_classifier(
 
     With ``proximal-mu`` > 0 (FedProx) the loss gains ``(mu / 2) ||w - w_received||^2``,
     the received weights kept frozen as they were loaded; the returned loss is the data
-    loss alone.
+    loss alone. ``task`` is the message's config: its ``proximal-mu`` is the value Flower's
+    FedProx put there (:data:`~fedaug_flwr.protocol.PROXIMAL_MU`).
     """
     app = task.app
     model = reusable_model(ExquisiteNetV1, weights, training_set.labels.device)

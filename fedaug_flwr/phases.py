@@ -180,6 +180,7 @@ def train_classifier(
         "initial-global-test": metric_dict(server_metrics[0]),
         "federated-evaluation": strategy.federated_evaluation,
         "aggregation": strategy.aggregation,
+        "strategy": {"name": strategy.strategy, **strategy.parameters()},
         "rounds": _rounds(strategy, result, global_test_of),
         "round-timing-s": strategy.timing_table(),
     }
@@ -199,8 +200,9 @@ def global_evaluator(test: TensorData, batch_size: int):
 def _strategy(
     config: AppConfig, action: str, evaluate: bool, sizes: dict[int, NodeSizes] | None = None
 ) -> RoutedFedAvg:
-    """FedAvg of ``action`` (or, for the classifier, the robust rule ``clf-aggregation``);
-    without ``evaluate`` (the CVAE) it has no evaluation rounds."""
+    """FedAvg of ``action`` (or, for the classifier, the robust rule ``clf-aggregation`` or
+    the server strategy ``clf-strategy``); without ``evaluate`` (the CVAE) it has no
+    evaluation rounds."""
 
     def build() -> RoutedFedAvg:
         return routed_strategy(
@@ -208,6 +210,8 @@ def _strategy(
             action,
             trim_fraction=config.clf_trim_fraction,
             krum_malicious=config.clf_krum_malicious,
+            strategy=config.clf_strategy if action == "clf" else "fedavg",
+            strategy_parameters=strategy_parameters(config) if action == "clf" else None,
             sizes=sizes,
             min_replies=config.min_clients,
             evaluate_on_receipt=evaluate and config.evaluate_on_receipt,
@@ -224,6 +228,24 @@ def _strategy(
     # which reads as if the user's fraction-evaluate (the classifier's) were ignored.
     with _dropped(logging.getLogger("flwr"), "fraction_evaluate is set to 0.0"):
         return build()
+
+
+def strategy_parameters(config: AppConfig) -> dict[str, float]:
+    """The keyword arguments of the Flower strategy ``clf-strategy`` names, from its keys."""
+    return {
+        "fedavg": {},
+        "fedprox": {"proximal_mu": config.proximal_mu},
+        "fedavgm": {
+            "server_learning_rate": config.clf_fedavgm_lr,
+            "server_momentum": config.clf_fedavgm_momentum,
+        },
+        "fedadam": {
+            "eta": config.clf_fedadam_eta,
+            "tau": config.clf_fedadam_tau,
+            "beta_1": config.clf_fedadam_beta1,
+            "beta_2": config.clf_fedadam_beta2,
+        },
+    }[config.clf_strategy]
 
 
 @contextmanager

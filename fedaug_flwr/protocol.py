@@ -45,6 +45,9 @@ RECEIVED_EVALUATION = "received-evaluation"
 SYNTHETIC_STATE = "synthetic"  # key in context.state: this node's synthetic images
 GENERATOR_STATE = "generator"  # key in context.state: the global CVAE (synthetic-refresh)
 SERVER_ROUND = "server-round"  # set by Flower's strategies in every message's config
+# Flower's FedProx writes its proximal_mu into every train message's config under this key,
+# which is also the run-config key: the client's proximal term reads that one value.
+PROXIMAL_MU = "proximal-mu"
 
 # Keys of a message's config record besides the run config.
 DATA_SOURCE = "data-source"  # what the server resolved "dataset" to: one of DATASETS

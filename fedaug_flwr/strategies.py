@@ -35,9 +35,18 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+)
 
 from fedaug_flwr import log
 from fedaug_flwr.metrics import aggregate_clients
@@ -50,7 +59,7 @@ from fedaug_flwr.protocol import (
     VAL_LOSS,
 )
 from fedaug_flwr.replies import TEST, NodeSizes, ReplyRules, screen
-from fedaug_flwr.transport import weighted_mean
+from fedaug_flwr.transport import from_array, to_array, weighted_mean
 
 
 class PhaseError(RuntimeError):
@@ -154,6 +163,7 @@ class RoutedFedAvg(FedAvg):
     """FedAvg whose messages go to ``train.<action>`` / ``evaluate.<action>``."""
 
     aggregation = "fedavg"  # what summary.json records
+    strategy = "fedavg"  # the server strategy (``clf-strategy``), recorded beside it
 
     def __init__(
         self,
@@ -185,6 +195,10 @@ class RoutedFedAvg(FedAvg):
         self._received_evaluations: dict[int, MetricRecord] = {}
         self._sent: dict[tuple[str, int], list[Message]] = {}
         self._marks: dict[int, dict[str, float]] = {}
+
+    def parameters(self) -> dict[str, float]:
+        """The server strategy's own settings, as ``summary.json`` records them."""
+        return {}
 
     @property
     def federated_evaluation(self) -> str:
@@ -478,11 +492,82 @@ AGGREGATIONS: dict[str, type[RoutedFedAvg]] = {
 }
 
 
+# The classifier's server strategy (``clf-strategy``), Flower's built-ins behind the same
+# RoutedFedAvg mixin as the robust rules above. ``configure_train`` already goes through the
+# Flower class (it follows RoutedFedAvg in the MRO): FedProx writes ``proximal-mu`` into the
+# train config, FedAvgM and FedAdam keep the global model their update starts from.
+
+
+class RoutedFedProx(RoutedFedAvg, FedProx):
+    """FedAvg on the server; Flower's ``FedProx`` puts ``proximal_mu`` into every train
+    message's config under ``proximal-mu``, the key the client's proximal term reads."""
+
+    strategy = "fedprox"
+
+    def parameters(self) -> dict[str, float]:
+        return {"proximal-mu": self.proximal_mu}
+
+
+class RoutedFedAvgM(RoutedFedAvg, FedAvgM):
+    """Server momentum (Flower's ``FedAvgM``): ``v <- momentum * v + (w - mean)``,
+    ``w <- w - lr * v`` (the first round's ``v`` is ``w - mean`` itself)."""
+
+    strategy = "fedavgm"
+
+    def _aggregate_updates(self, server_round: int, replies: list[Message]):
+        return FedAvgM.aggregate_train(self, server_round, replies)
+
+    def parameters(self) -> dict[str, float]:
+        return {"server-lr": self.server_learning_rate, "server-momentum": self.server_momentum}
+
+
+class RoutedFedAdam(RoutedFedAvg, FedAdam):
+    """Server Adam on ``delta = mean - w`` (Flower's ``FedAdam``, Reddi et al.):
+    ``m <- b1 m + (1 - b1) delta``, ``v <- b2 v + (1 - b2) delta^2``,
+    ``w <- w + eta_t m / (sqrt(v) + tau)`` with Flower's
+    ``eta_t = eta sqrt(1 - b2^(t+1)) / (1 - b1^(t+1))`` in round ``t``."""
+
+    strategy = "fedadam"
+
+    def _aggregate_updates(self, server_round: int, replies: list[Message]):
+        arrays, metrics = FedAdam.aggregate_train(self, server_round, replies)
+        if arrays is None or self._model is None:
+            return arrays, metrics
+        # numpy turns Flower's float64 step size times a float32 array into float64: the
+        # model would travel (and be saved) at twice its size, in a dtype no client trains
+        # in. Each floating array goes back to the initial model's own dtype.
+        for name, array in arrays.items():
+            dtype = np.dtype(self._model[name].dtype)
+            if dtype.kind == "f" and np.dtype(array.dtype) != dtype:
+                arrays[name] = to_array(from_array(array).astype(dtype))
+        return arrays, metrics
+
+    def parameters(self) -> dict[str, float]:
+        return {"eta": self.eta, "tau": self.tau, "beta1": self.beta_1, "beta2": self.beta_2}
+
+
+STRATEGIES: dict[str, type[RoutedFedAvg]] = {
+    cls.strategy: cls for cls in (RoutedFedAvg, RoutedFedProx, RoutedFedAvgM, RoutedFedAdam)
+}
+
+
 def routed_strategy(
-    aggregation: str, action: str, trim_fraction: float = 0.2, krum_malicious: int = 0, **kwargs
+    aggregation: str,
+    action: str,
+    trim_fraction: float = 0.2,
+    krum_malicious: int = 0,
+    strategy: str = "fedavg",
+    strategy_parameters: Mapping[str, float] | None = None,
+    **kwargs,
 ) -> RoutedFedAvg:
     """A :class:`RoutedFedAvg` that aggregates the updates by ``aggregation`` (a key of
-    :data:`AGGREGATIONS`), with that rule's own parameter."""
+    :data:`AGGREGATIONS`), with that rule's own parameter, or, for a ``strategy`` other
+    than FedAvg (a key of :data:`STRATEGIES`; only with ``aggregation`` "fedavg"), that
+    Flower strategy built with ``strategy_parameters`` (its own keyword arguments)."""
+    if strategy != "fedavg":
+        if aggregation != "fedavg":
+            raise ValueError(f"strategy {strategy!r} aggregates by itself, not by {aggregation!r}")
+        return STRATEGIES[strategy](action, **kwargs, **dict(strategy_parameters or {}))
     cls = AGGREGATIONS[aggregation]
     if cls is RoutedFedTrimmedAvg:
         kwargs["beta"] = trim_fraction

@@ -82,14 +82,19 @@ def test_the_penalty_is_half_mu_times_the_squared_distance_over_parameters_only(
     assert not torch.equal(anchor["0.bias"], model[0].bias)
 
 
+FEDPROX = {"clf-strategy": "fedprox"}  # proximal-mu > 0 is FedProx's, and only FedProx's
+
+
 def test_proximal_mu_is_validated_and_refused_with_local_finetuning():
     assert AppConfig.from_run_config({}).proximal_mu == 0.0
-    assert AppConfig.from_run_config({"proximal-mu": 1}).proximal_mu == 1.0
+    assert AppConfig.from_run_config({**FEDPROX, "proximal-mu": 1}).proximal_mu == 1.0
     with pytest.raises(ConfigError, match=r"'proximal-mu' must be a number >= 0"):
         AppConfig.from_run_config({"proximal-mu": -0.1})
     with pytest.raises(ConfigError, match=r"proximal-mu=0.01 .* pretrain='local'"):
-        AppConfig.from_run_config({"proximal-mu": 0.01, "pretrain": "local"})
-    assert AppConfig.from_run_config({"proximal-mu": 0.01, "pretrain": "federated"})
+        AppConfig.from_run_config({**FEDPROX, "proximal-mu": 0.01, "pretrain": "local"})
+    with pytest.raises(ConfigError, match=r"proximal-mu=0.01 belong\(s\) to clf-strategy"):
+        AppConfig.from_run_config({"proximal-mu": 0.01})  # FedProx under FedAvg's name
+    assert AppConfig.from_run_config({**FEDPROX, "proximal-mu": 0.01, "pretrain": "federated"})
 
 
 def _training_set(count: int = 8) -> TensorData:
@@ -101,7 +106,7 @@ def _training_set(count: int = 8) -> TensorData:
 def test_the_client_anchors_the_term_at_the_weights_it_received(monkeypatch):
     """node.train_classifier hands the loop a penalty that is 0 at the received weights
     and (mu / 2) ||delta||^2 away from them."""
-    task = TaskConfig(AppConfig.from_run_config({"proximal-mu": 0.4}), "mnist-5k", "")
+    task = TaskConfig(AppConfig.from_run_config({**FEDPROX, "proximal-mu": 0.4}), "mnist-5k", "")
     torch.manual_seed(0)
     received = {k: v.clone() for k, v in ExquisiteNetV1().state_dict().items()}
     seen = {}
@@ -124,6 +129,10 @@ def test_the_client_anchors_the_term_at_the_weights_it_received(monkeypatch):
     assert seen["penalty"] is None  # FedAvg's objective: no term at all
 
 
+def strategy_of(mu: float) -> dict:
+    return FEDPROX if mu > 0 else {}
+
+
 @pytest.mark.usefixtures("in_process_run")  # one torch thread: 2 cores shared
 def test_a_strong_proximal_term_keeps_the_client_near_the_received_weights():
     settings = {"clf-optimizer": "sgd", "clf-momentum": 0.0, "clf-weight-decay": 0.0}
@@ -132,7 +141,9 @@ def test_a_strong_proximal_term_keeps_the_client_near_the_received_weights():
 
     def drift(mu: float) -> float:
         task = TaskConfig(
-            AppConfig.from_run_config({**settings, "proximal-mu": mu, "clf-batch-size": 2}),
+            AppConfig.from_run_config(
+                {**settings, **strategy_of(mu), "proximal-mu": mu, "clf-batch-size": 2}
+            ),
             "mnist-5k",
             "",
         )
