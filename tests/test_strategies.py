@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvgM, FedProx
 
@@ -35,7 +36,7 @@ from fedaug_flwr.strategies import (
     RoutedFedProx,
     routed_strategy,
 )
-from tests.local_grid import LocalGrid
+from tests.local_grid import LocalGrid, set_task_identity
 from tests.test_checked_replies import own_data_nodes, run, write_node_files
 
 pytestmark = pytest.mark.usefixtures("in_process_run")
@@ -148,7 +149,15 @@ class Recording:
 
 @pytest.fixture(scope="module")
 def fedavg_weights(node_files, tmp_path_factory) -> dict:
-    _, weights = run(tmp_path_factory.mktemp("fedavg"), own_data_nodes(node_files, 3), **TWO_ROUNDS)
+    """The classifier FedAvg makes of the same clients (run before any test's fixture)."""
+    set_task_identity()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        folder = tmp_path_factory.mktemp("fedavg")
+        _, weights = run(folder, own_data_nodes(node_files, 3), **TWO_ROUNDS)
+    finally:
+        torch.set_num_threads(threads)
     return weights
 
 
