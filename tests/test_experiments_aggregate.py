@@ -57,11 +57,20 @@ def test_axis_columns_come_first_and_tables_land_as_csv(tmp_path):
     imputation_sweep(tmp_path)
     write_tables(tmp_path)
     final = pd.read_csv(tmp_path / TABLES_DIR / "final_runs.csv")
-    # axes first, then the study's other keys (pretrain: the finetune variant), then the seed
-    columns = ["cell", "dirichlet-beta", "imputation", "num-synthetic", "dataset", "pretrain"]
-    assert list(final.columns[:7]) == [*columns, "seed"]
+    # axes first, then the study's other keys (pretrain: the finetune variant; the server
+    # strategy), then the seed
+    columns = [
+        "cell",
+        "dirichlet-beta",
+        "imputation",
+        "num-synthetic",
+        "dataset",
+        "pretrain",
+        "clf-strategy",
+    ]
+    assert list(final.columns[:8]) == [*columns, "seed"]
     cells = pd.read_csv(tmp_path / TABLES_DIR / "final_cells.csv")
-    assert list(cells.columns[:7]) == [*columns, "n"]
+    assert list(cells.columns[:8]) == [*columns, "n"]
     assert "seed" not in cells.columns
     assert {p.name for p in (tmp_path / TABLES_DIR).iterdir()} == {
         f"{name}.csv"
@@ -204,8 +213,9 @@ def test_study_preset_is_an_identity_column(tmp_path):
     finetune_sweep(tmp_path)
     tables = write_tables(tmp_path)
     columns = ["cell", "dirichlet-beta", "pretrain", "dataset", "imputation", "num-synthetic"]
-    assert list(tables.final_runs.columns[:8]) == [*columns, "study-preset", "seed"]
-    assert list(tables.final_cells.columns[:8]) == [*columns, "study-preset", "n"]
+    columns.append("clf-strategy")
+    assert list(tables.final_runs.columns[:9]) == [*columns, "study-preset", "seed"]
+    assert list(tables.final_cells.columns[:9]) == [*columns, "study-preset", "n"]
     assert set(tables.final_runs["study-preset"]) == {"as-written"}
     assert "study-preset" in tables.rounds_runs and "study-preset" in tables.clients_runs
     assert (row(tables.final_cells, cell="dirichlet-beta=0.1__pretrain=off")["n"]) == 2

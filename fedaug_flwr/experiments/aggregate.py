@@ -37,7 +37,14 @@ from fedaug_flwr.results import read_summary, write_atomic
 
 TABLES_DIR = "tables"
 # Config values that name what a run studied; kept as columns even when not swept.
-STUDY_KEYS = ("dataset", "dirichlet-beta", "imputation", "num-synthetic", "pretrain")
+STUDY_KEYS = (
+    "dataset",
+    "dirichlet-beta",
+    "imputation",
+    "num-synthetic",
+    "pretrain",
+    "clf-strategy",  # the classifier's server strategy (summaries before it lack the key)
+)
 # The preset a run's config matches (summary.json's own key; older summaries lack it).
 PRESET_KEY = "study-preset"
 # Columns the figures and the claims read.

@@ -173,7 +173,8 @@ def run_campaign(
             raise SweepError(
                 f"{run.label} ran on '{got}' instead of '{wanted}' "
                 f"({summary['data'].get('fallback-reason')}): not published; point data-dir "
-                "or $FEDAUG_DATA_DIR at the data set and run the campaign again"
+                "or $FEDAUG_DATA_DIR ($FEDAUG_FASHION_DATA_DIR for fashion-mnist) at the data "
+                "set and run the campaign again"
             )
         code = code_version(Path(__file__).resolve().parent)  # the code these runs use
         files = publish(run_dir(scratch_dir, run), run_dir(publish_dir, run), code)

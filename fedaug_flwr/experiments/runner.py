@@ -31,6 +31,7 @@ import yaml
 
 from fedaug_flwr import launch
 from fedaug_flwr.config import AppConfig
+from fedaug_flwr.data import IDX_DATASETS, DataError, resolve_source
 from fedaug_flwr.experiments.grid import (
     Run,
     SweepError,
@@ -147,12 +148,37 @@ def run_sweep(
             launch.check_environment()
         except launch.EnvironmentProblem as error:
             raise SweepError(str(error)) from error
+        check_data(runs)
     with contextlib.ExitStack() as held:
         try:
             held.enter_context(folder_lock(sweep_dir, f"sweep '{spec.name}'"))
         except OutputFolderError as error:
             raise SweepError(str(error)) from error
         return _run_held(spec, sweep_dir, runs, launcher, out, echo_logs, ray_address)
+
+
+def check_data(runs: Sequence[Run]) -> None:
+    """Every data set the runs ask for is where each run will look for it, before any run
+    starts: a grid over ``dataset`` takes each IDX folder from ``data-dir`` or the data
+    set's own variable ($FEDAUG_DATA_DIR, $FEDAUG_FASHION_DATA_DIR), and an ``mnist`` run
+    that would fall back to the bundled digits, or a missing Fashion-MNIST, stops the
+    sweep here instead of spoiling (or failing) its runs one by one."""
+    wanted = {
+        (str(run.run_config.get("dataset", "")), str(run.run_config.get("data-dir", "")))
+        for run in runs
+    }
+    for dataset, data_dir in sorted(wanted):
+        config = AppConfig.from_run_config({"dataset": dataset, "data-dir": data_dir})
+        try:
+            source, folder, fallback = resolve_source(config.dataset, config.data_dir)
+        except DataError as error:
+            raise SweepError(f"dataset '{config.dataset}': {error}") from error
+        if source != config.dataset:
+            variable = IDX_DATASETS[config.dataset].env_var
+            raise SweepError(
+                f"dataset '{config.dataset}' would run on '{source}' ({fallback}): point "
+                f"data-dir or ${variable} at an IDX folder of it"
+            )
 
 
 def _run_held(
