@@ -212,6 +212,8 @@ def _strategy(
             krum_malicious=config.clf_krum_malicious,
             strategy=config.clf_strategy if action == "clf" else "fedavg",
             strategy_parameters=strategy_parameters(config) if action == "clf" else None,
+            # a server optimizer steps the weights; BatchNorm's statistics are averaged
+            averaged=[name for name, _ in ExquisiteNetV1().named_buffers()] if evaluate else (),
             sizes=sizes,
             min_replies=config.min_clients,
             evaluate_on_receipt=evaluate and config.evaluate_on_receipt,

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,10 +171,14 @@ class RoutedFedAvg(FedAvg):
         min_replies: int = 1,
         evaluate_on_receipt: bool = False,
         sizes: Mapping[int, NodeSizes] | None = None,
+        averaged: Collection[str] = (),
         **kwargs,
     ) -> None:
         """``sizes``: what each node (by node id) reported owning at the imputation, which
-        bounds the example counts of its replies (``None``: before the imputation)."""
+        bounds the example counts of its replies (``None``: before the imputation).
+        ``averaged``: arrays that a server optimizer (FedAvgM, FedAdam) must not step,
+        e.g. BatchNorm's running statistics; they take FedAvg's mean."""
+        self.averaged = frozenset(averaged)
         kwargs.setdefault("train_metrics_aggr_fn", _aggregate)
         kwargs.setdefault("evaluate_metrics_aggr_fn", _aggregate)
         super().__init__(**kwargs)
@@ -508,6 +512,19 @@ class RoutedFedProx(RoutedFedAvg, FedProx):
         return {"proximal-mu": self.proximal_mu}
 
 
+def _mean_of_averaged(strategy: RoutedFedAvg, arrays: ArrayRecord | None, replies: list[Message]):
+    """``arrays`` (a server optimizer's new model) with its ``averaged`` arrays replaced, in
+    place, by FedAvg's mean of the replies. Flower's FedAvgM and FedAdam step every array:
+    momentum extrapolates BatchNorm's running variances below zero (measured: within ten
+    rounds at momentum 0.9), and the model then evaluates as garbage. In place, because
+    FedAvgM keeps the very record it returns as the next round's starting point."""
+    if arrays is None or not strategy.averaged:
+        return
+    mean, _ = strategy._fedavg(replies)
+    for name in strategy.averaged & set(arrays.keys()):
+        arrays[name] = mean[name]
+
+
 class RoutedFedAvgM(RoutedFedAvg, FedAvgM):
     """Server momentum (Flower's ``FedAvgM``): ``v <- momentum * v + (w - mean)``,
     ``w <- w - lr * v`` (the first round's ``v`` is ``w - mean`` itself)."""
@@ -515,7 +532,9 @@ class RoutedFedAvgM(RoutedFedAvg, FedAvgM):
     strategy = "fedavgm"
 
     def _aggregate_updates(self, server_round: int, replies: list[Message]):
-        return FedAvgM.aggregate_train(self, server_round, replies)
+        arrays, metrics = FedAvgM.aggregate_train(self, server_round, replies)
+        _mean_of_averaged(self, arrays, replies)
+        return arrays, metrics
 
     def parameters(self) -> dict[str, float]:
         return {"server-lr": self.server_learning_rate, "server-momentum": self.server_momentum}
@@ -533,6 +552,7 @@ class RoutedFedAdam(RoutedFedAvg, FedAdam):
         arrays, metrics = FedAdam.aggregate_train(self, server_round, replies)
         if arrays is None or self._model is None:
             return arrays, metrics
+        _mean_of_averaged(self, arrays, replies)
         # numpy turns Flower's float64 step size times a float32 array into float64: the
         # model would travel (and be saved) at twice its size, in a dtype no client trains
         # in. Each floating array goes back to the initial model's own dtype.

@@ -55,12 +55,12 @@ def moving_clients(message: Message, context) -> Message:
     """A client that adds its step (times the round) to the received model."""
     partition = context.node_config["partition-id"]
     server_round = int(message.content[CONFIG]["server-round"])
-    received = message.content[ARRAYS]["w"].numpy()
-    update = (received + STEPS[partition] * server_round).astype(np.float32)
+    update = {
+        name: Array((array.numpy() + STEPS[partition] * server_round).astype(np.float32))
+        for name, array in message.content[ARRAYS].items()
+    }
     metrics = {"train-loss": 1.0, "num-examples": EXAMPLES[partition], "partition-id": partition}
-    content = RecordDict(
-        {ARRAYS: ArrayRecord({"w": Array(update)}), METRICS: MetricRecord(metrics)}
-    )
+    content = RecordDict({ARRAYS: ArrayRecord(update), METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=message)
 
 
@@ -76,11 +76,16 @@ def two_rounds(strategy: str, **parameters: float) -> tuple[np.ndarray, LocalGri
         min_train_nodes=2,
         min_evaluate_nodes=0,
         min_available_nodes=2,
+        averaged=["running-var"],  # like BatchNorm's statistics: averaged, never stepped
     )
-    result = routed.start(grid, ArrayRecord({"w": Array(W0.copy())}), num_rounds=2, timeout=10)
+    initial = ArrayRecord({"w": Array(W0.copy()), "running-var": Array(W0.copy())})
+    result = routed.start(grid, initial, num_rounds=2, timeout=10)
     assert [len(routed.train_log[r].per_client) for r in (1, 2)] == [2, 2]  # checked replies
     assert {kind for _, kind in grid.delivered} == {TRAIN_CLASSIFIER}  # routed messages
-    return result.arrays["w"].numpy(), grid
+    # the averaged array is FedAvg's: the received one moved by each round's mean update
+    w, averaged = result.arrays["w"].numpy(), result.arrays["running-var"].numpy()
+    assert np.allclose(averaged, W0 + D[1] + D[2], atol=1e-6)
+    return w, grid
 
 
 def test_fedavgm_server_update_is_momentum_sgd_on_the_pseudo_gradient():
