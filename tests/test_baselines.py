@@ -33,7 +33,10 @@ def test_the_comparison_grid_is_the_issues():
     }
     assert spec.seeds == [0, 1, 2] and len(configs) == 24 * 3  # paired: every cell, every seed
     assert {c.proximal_mu for c in configs if c.clf_strategy == "fedprox"} == {0.01}
-    assert {c.clf_fedavgm_momentum for c in configs if c.clf_strategy == "fedavgm"} == {0.9}
+    fedavgm = {
+        (c.clf_fedavgm_lr, c.clf_fedavgm_momentum) for c in configs if c.clf_strategy == "fedavgm"
+    }
+    assert fedavgm == {(0.5, 0.5)}
     assert "clf-strategy" in spec.axes  # the tables' strategy column
 
 
