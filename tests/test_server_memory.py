@@ -1,7 +1,7 @@
-"""``max-in-flight``: a round's messages go out in waves, with the same results.
+"""The server's memory at many clients: a round's messages in waves (``max-in-flight``)
+with the same results, and no client model kept once it is aggregated.
 
-The real pipeline and ClientApp run in this process (``LocalGrid``), once with every
-message of a round at once and once one message at a time.
+The real pipeline and ClientApp run in this process (``LocalGrid``).
 """
 
 from __future__ import annotations
@@ -28,11 +28,14 @@ class CountingGrid(LocalGrid):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.batch_sizes: list[int] = []
+        self.replies: list = []
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         self.batch_sizes.append(len(messages))
-        return super().send_and_receive(messages, timeout=timeout)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.replies += [(reply.metadata.message_type, reply) for reply in replies]
+        return replies
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +110,17 @@ def test_max_in_flight_zero_is_the_grid_itself_and_negative_is_refused():
     assert waves.in_waves(grid, 0) is grid  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max-in-flight"):
         AppConfig.from_run_config({"max-in-flight": -1})
+
+
+def test_no_client_model_is_kept_after_its_round_is_aggregated(nodes, tmp_path):
+    _, grid = run(nodes, tmp_path, max_in_flight=0)
+    train_replies = [reply for kind, reply in grid.replies if kind.startswith("train.")]
+    assert {kind for kind, _ in grid.replies if kind.startswith("train.")} == {
+        "train.cvae",
+        "train.clf",
+    }
+    assert len(train_replies) == 3 * (1 + 2)  # 3 clients, 1 CVAE and 2 classifier rounds
+    for reply in train_replies:
+        assert not reply.has_error()
+        assert len(reply.content.array_records) == 0  # released once aggregated
+        assert len(reply.content.metric_records) > 0  # the numbers are kept
