@@ -145,6 +145,18 @@ def _aggregate(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord
     return MetricRecord(aggregated)
 
 
+def release_arrays(replies: Iterable[Message]) -> None:
+    """Drop the model arrays of replies that have been aggregated. Flower's
+    ``Strategy.start`` keeps a round's reply list until the next round's replies are in,
+    so two rounds of client models would be in memory at once (3.7 MB per client for
+    ExquisiteNet: 7.4 GB at 1,000 clients, ``bench.many_clients``); nothing reads them
+    after aggregation."""
+    for reply in replies:
+        if reply.has_content():
+            for name in list(reply.content.array_records):
+                del reply.content[name]
+
+
 def in_partition_order(replies: Iterable[Message]) -> list[Message]:
     """Replies sorted by partition id: floating-point sums, hence a run, become repeatable."""
 
@@ -332,6 +344,7 @@ class RoutedFedAvg(FedAvg):
         try:
             return self._aggregate_updates(server_round, good)
         finally:
+            release_arrays(replies)
             self._mark(server_round, "train-aggregated")
 
     def _aggregate_updates(

@@ -132,6 +132,36 @@ def test_reused_models_and_foreach_adam_give_the_unoptimised_classifier(task):
     assert node.evaluate_on_test(task, split, results[1][0]) == expected
 
 
+def test_fused_sgd_gives_the_foreach_sgd_classifier_bit_for_bit():
+    """``clf-optimizer = sgd`` steps with torch's fused kernel: today's numbers exactly."""
+    app = AppConfig.from_run_config({**TINY, "clf-optimizer": "sgd", "clf-weight-decay": 1e-4})
+    task = TaskConfig(app, "mnist-5k", "")
+    training_set = TensorData.from_digits(split_of(task, 3).train)
+    weights = seeded(4, 2, ExquisiteNetV1)
+    got, got_loss = node.train_classifier(task, training_set, weights, 2, 3, epochs=2)
+    model = ExquisiteNetV1()
+    model.load_state_dict(weights)
+    torch.manual_seed(seed_for(app.seed, 2, 3, 5))
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=app.clf_lr,
+        momentum=app.clf_momentum,
+        weight_decay=app.clf_weight_decay,
+        foreach=True,
+    )
+    loss = train(
+        model,
+        training_set,
+        classifier_loss,
+        optimizer,
+        epochs=2,
+        batch_size=app.clf_batch_size,
+        seed=seed_for(app.seed, 2, 3, 6),
+    )
+    assert got_loss == loss
+    assert same_tensors(got, model.state_dict())
+
+
 def test_reused_models_and_foreach_adam_give_the_unoptimised_cvae(task):
     for partition_id, seed in ((1, 3), (4, 4)):
         split = split_of(task, partition_id)
