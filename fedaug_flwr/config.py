@@ -119,7 +119,6 @@ class AppConfig:
     evaluate_on_receipt: bool
     min_clients: int
     round_timeout: float
-    max_in_flight: int
     output_dir: str
     tensorboard: bool
 
@@ -347,7 +346,6 @@ _RULES: dict[str, _Rule] = {
     "evaluate-on-receipt": (bool, _any, "true or false"),
     "min-clients": (int, _positive, "an integer >= 1"),
     "round-timeout": (float, _positive, "a number of seconds > 0"),
-    "max-in-flight": (int, _non_negative, "an integer >= 0 (0: a round's messages all at once)"),
     "output-dir": (str, _any, "a folder path (or empty for a timestamped one)"),
     "tensorboard": (bool, _any, "true (TensorBoard files in <output-dir>/tensorboard) or false"),
 }

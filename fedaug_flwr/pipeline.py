@@ -38,7 +38,6 @@ from fedaug_flwr.run_record import RunRecord
 from fedaug_flwr.server_work import ServerWork
 from fedaug_flwr.tracking import RunLog
 from fedaug_flwr.training import TensorData, evaluate_classifier
-from fedaug_flwr.waves import in_waves
 
 FINAL_MODEL = {"off": "federated", "federated": "finetuned", "local": "finetuned-locally"}
 
@@ -46,7 +45,6 @@ FINAL_MODEL = {"off": "federated", "federated": "finetuned", "local": "finetuned
 def run(grid: Grid, config: AppConfig, run_id: int) -> Path:
     """Run every phase and write the results folder; returns its path."""
     record = RunRecord.open(config, run_id)  # a folder that cannot take files fails here
-    grid = in_waves(grid, config.max_in_flight)  # bounded memory at 1,000 clients
     board = RunLog.for_run(config, record.output_dir)  # TensorBoard, when asked for
     try:
         run_phases(grid, record)
