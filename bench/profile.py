@@ -9,6 +9,8 @@ they call; self: in the function itself).
 
     python -m bench.profile --variant real --num-supernodes 10 --dataset mnist-5k
     python -m bench.profile --variant noop-clf --num-supernodes 100   # Flower's own share
+    python -m bench.profile --variant noop-clf --num-supernodes 1000 --dataset mnist \
+        --run-config '{"dirichlet-beta": 100.0}'   # 1,000 clients of 60 images
 """
 
 from __future__ import annotations
@@ -90,6 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=30, help="seconds of sampling")
     parser.add_argument("--rate", type=int, default=100, help="samples per second")
     parser.add_argument("--output-dir", default=str(RESULTS_DIR / "profiles"))
+    parser.add_argument(
+        "--run-config",
+        default="{}",
+        type=json.loads,
+        help="JSON object of extra run-config values, e.g. '{\"dirichlet-beta\": 100.0}'",
+    )
     args = parser.parse_args(argv)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     run_dir = Path(tempfile.mkdtemp(prefix="fedaug-bench-profile-"))
@@ -99,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "clf-rounds": 50,  # more than the sampling needs; the run is stopped afterwards
         "quality-samples": 0,
         "output-dir": str(run_dir / "run"),
+        **args.run_config,
     }
     if args.dataset == "mnist":
         run_config["data-dir"] = args.data_dir
