@@ -1,4 +1,5 @@
-"""The server's side of privacy: the CVAE's differential privacy and the audit phase.
+"""The server's side of privacy: the CVAE's differential privacy, and the summary's
+``privacy`` section from the clients' audits.
 
 - :func:`cvae_strategy`: the CVAE's FedAvg as ``cvae-dp`` asks. ``"sample"``: the
   routed FedAvg, whose replies carry each client's epsilon (DP-SGD runs on the
@@ -32,8 +33,9 @@ from fedaug_flwr.replies import CVAE_DP_SAMPLE_METRICS, ReplyRules
 from fedaug_flwr.strategies import RoutedFedAvg, in_partition_order, short_reason
 
 HELDOUT_NOTE = (
-    "held-out images: each client's validation and test splits (20% of its data), which "
-    "the CVAE never trains on; members: its training split (client-split-refresh='once')"
+    "held-out images: each client's validation and test splits (val-fraction + "
+    "test-fraction of its data), which the CVAE never trains on; members: its training "
+    "split (client-split-refresh='once')"
 )
 TRUST_NOTE = (
     "the audit's statistics are computed on the clients' real images and are not covered "

@@ -110,6 +110,8 @@ def test_run_with_the_audit_has_the_privacy_section_figure_and_table_columns(nod
     assert len(section["per-client"]) == 3
     assert audit["synthetic-images"] == sum(c["synthetic-images"] for c in section["per-client"])
     assert sum(audit["histogram-ratio"]) == audit["synthetic-images"]
+    shares = [c["flagged-share"] for c in section["per-client"]]
+    assert audit["flagged-excess-mean"] == pytest.approx(np.mean(shares) - 0.05)
     assert sum(audit["histogram-ratio-reference"]) == audit["reference-images"]
     for attack in ("loss", "generated-nearest"):
         assert section["membership-inference"][attack]["clients"] == 3
