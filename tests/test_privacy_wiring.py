@@ -156,7 +156,7 @@ def test_sample_level_dp_records_each_clients_epsilon_per_round(nodes, tmp_path)
     first, second = section["epsilon-per-round"]
     assert second["epsilon-max"] > first["epsilon-max"] > 0  # cumulative
     assert section["epsilon"] == second["epsilon-max"]
-    assert final_row(summary)["cvae-dp-epsilon"] == section["epsilon"]
+    assert final_row(summary)["cvae-dp-epsilon-spent"] == section["epsilon"]
 
 
 @pytest.mark.usefixtures("in_process_run")

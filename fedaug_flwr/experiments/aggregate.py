@@ -8,7 +8,7 @@ folder says which) and writes CSV files to ``<sweep folder>/tables/``:
   example-weighted; the global test set; every metric of
   :data:`~fedaug_flwr.metrics.METRIC_NAMES`), with pretraining numbers when the
   run had them, the generator-quality check's (``quality-*``), the privacy audit's
-  and attacks' (``privacy-*``) and the CVAE's DP epsilon (``cvae-dp-epsilon``);
+  and attacks' (``privacy-*``) and the epsilon the CVAE's DP spent (``cvae-dp-epsilon-spent``);
 - ``rounds_runs.csv`` / ``rounds_cells.csv``: per-round curves, one row per
   (phase, round): ``cvae`` (train / validation loss), ``classifier`` (train
   loss, client test and global test metrics) and ``pretraining`` (one row
@@ -159,7 +159,7 @@ def privacy_columns(summary: Mapping[str, Any]) -> dict[str, float]:
             row[f"privacy-auc-{attack}"] = float(result["mean"])
     dp = (summary.get("cvae") or {}).get("dp") or {}
     if dp.get("mode") in ("sample", "client"):
-        row["cvae-dp-epsilon"] = float(dp["epsilon"])
+        row["cvae-dp-epsilon-spent"] = float(dp["epsilon"])  # beside the budget key
     return row
 
 
