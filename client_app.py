@@ -27,6 +27,7 @@ from fedaug_flwr.protocol import (
     EvaluationAnswer,
     ImputationAnswer,
     LocalFinetuneAnswer,
+    PrivacyAnswer,
     TaskConfig,
     TrainAnswer,
     message_round,
@@ -48,8 +49,29 @@ def train_cvae(msg: Message, context: Context) -> Message:
     split = message_split(task, msg, context, node.TRAIN_SPLIT)
     server_round = message_round(msg)
     weights, losses = node.train_cvae(task, split, to_state_dict(msg.content[ARRAYS]), server_round)
-    answer = TrainAnswer(split.partition_id, node.fedavg_weight(task, split), losses)
+    answer = TrainAnswer(split.partition_id, node.cvae_weight(task, split), losses)
     return reply(msg, answer.to_metrics(), weights)
+
+
+@app.query("privacy")
+def audit_privacy(msg: Message, context: Context) -> Message:
+    """After phase 1: what the global CVAE reveals about this client's training images
+    (memorization audit, membership attacks); only statistics go back."""
+    task = read_task(msg)
+    split = message_split(task, msg, context, node.TRAIN_SPLIT)
+    audit, attacks = node.audit_privacy(task, split, to_state_dict(msg.content[GENERATOR]))
+    answer = PrivacyAnswer(
+        partition_id=split.partition_id,
+        audit=audit,
+        members=attacks["members"],
+        non_members=attacks["non-members"],
+        aucs={
+            name: result["auc"]
+            for name, result in attacks["attacks"].items()
+            if result["auc"] is not None
+        },
+    )
+    return reply(msg, answer.to_metrics())
 
 
 @app.query("impute")

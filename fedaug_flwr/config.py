@@ -45,6 +45,9 @@ STRATEGY_KEYS = {
     "fedavgm": ("clf-fedavgm-lr", "clf-fedavgm-momentum"),
     "fedadam": ("clf-fedadam-eta", "clf-fedadam-tau", "clf-fedadam-beta1", "clf-fedadam-beta2"),
 }
+# Differential privacy of the CVAE (docs/privacy.md): none, DP-SGD on every client (one image
+# is the unit, Opacus), or DP-FedAvg (one client's data is the unit, Flower's wrapper).
+CVAE_DP_MODES = ("off", "sample", "client")
 # What one synthetic image costs a client: the uint8 28x28 image it keeps, the float32 copy
 # training makes of it (with its int64 label), and the uint8 copy that copy is made from.
 BYTES_PER_SYNTHETIC_IMAGE = 28 * 28 * (1 + 4 + 1) + 8
@@ -121,6 +124,12 @@ class AppConfig:
     round_timeout: float
     output_dir: str
     tensorboard: bool
+    privacy_audit: bool
+    cvae_dp: str
+    cvae_dp_noise: float
+    cvae_dp_clip: float
+    cvae_dp_delta: float
+    cvae_dp_epsilon: float
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> AppConfig:
@@ -195,6 +204,7 @@ class AppConfig:
                 "to pull towards): use proximal-mu=0.0, or pretrain 'off' or 'federated'"
             )
         self._check_strategy()
+        self._check_privacy()
         _check_synthetic_memory(self.num_synthetic)
 
     def _check_strategy(self) -> None:
@@ -236,6 +246,21 @@ class AppConfig:
                 "clf-strategy='fedavgm' with clf-fedavgm-lr=1.0 and clf-fedavgm-momentum=0.0 "
                 "(Flower's defaults) is FedAvg: set clf-fedavgm-momentum > 0 (e.g. 0.9) or "
                 "clf-fedavgm-lr != 1.0, or clf-strategy='fedavg'"
+            )
+
+    def _check_privacy(self) -> None:
+        if self.cvae_dp == "off":
+            return
+        if self.cvae_dp_noise == 0 and self.cvae_dp_epsilon == 0:
+            raise ConfigError(
+                f"cvae-dp={self.cvae_dp!r} needs a noise multiplier (cvae-dp-noise > 0) or a "
+                "budget to derive it from (cvae-dp-epsilon > 0); both are 0"
+            )
+        if self.cvae_dp == "client" and self.fraction_train != 1.0:
+            raise ConfigError(
+                f"cvae-dp='client' needs fraction-train=1.0 (got {self.fraction_train}): "
+                "Flower's client-level accountant has no amplification by client sampling, "
+                "and its wrapper expects every client in every round"
             )
 
 
@@ -348,6 +373,12 @@ _RULES: dict[str, _Rule] = {
     "round-timeout": (float, _positive, "a number of seconds > 0"),
     "output-dir": (str, _any, "a folder path (or empty for a timestamped one)"),
     "tensorboard": (bool, _any, "true (TensorBoard files in <output-dir>/tensorboard) or false"),
+    "privacy-audit": (bool, _any, "true (audit and attacks on every client) or false"),
+    "cvae-dp": (str, CVAE_DP_MODES.__contains__, f"one of {list(CVAE_DP_MODES)}"),
+    "cvae-dp-noise": (float, _non_negative, "a number >= 0 (0: derived from cvae-dp-epsilon)"),
+    "cvae-dp-clip": (float, _positive, "a number > 0"),
+    "cvae-dp-delta": (float, _fraction_open, "a number strictly between 0 and 1"),
+    "cvae-dp-epsilon": (float, _non_negative, "a number >= 0 (0: no budget)"),
 }
 _KEYS = {key: key.replace("-", "_") for key in _RULES}
 assert set(_KEYS.values()) == {f.name for f in dataclasses.fields(AppConfig)}

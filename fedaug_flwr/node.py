@@ -1,6 +1,11 @@
 """A client node's work, independent of Flower messages: its data, its synthetic
 images, and each task (train CVAE, impute, train / evaluate the classifier).
 
+With ``cvae-dp = "sample"`` the CVAE's local epochs run DP-SGD
+(:func:`fedaug_flwr.dp.train_private`) and the reply adds the client's cumulative
+epsilon; :func:`audit_privacy` measures what the global CVAE reveals about the
+client's training images (statistics only).
+
 Everything is derived from (config, node config, seed), so a restarted node
 computes the same split; only the synthetic images, which depend on the
 global CVAE, are kept between messages (in the caller's ``context.state``).
@@ -34,7 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedaug_flwr.data import Digits, label_counts, load_node_data, load_source
+from fedaug_flwr import dp, privacy
+from fedaug_flwr.data import NUM_CLASSES, Digits, label_counts, load_node_data, load_source
 from fedaug_flwr.imputation import generate, synthetic_labels
 from fedaug_flwr.models import CVAE, ExquisiteNetV1, classifier_loss, cvae_loss
 from fedaug_flwr.partition import ClientSplit, PartitionError, client_split, split_train_val_test
@@ -238,6 +244,13 @@ def fedavg_weight(task: TaskConfig, split: ClientSplit, synthetic: int = 0) -> i
     return len(split.train) + synthetic
 
 
+def cvae_weight(task: TaskConfig, split: ClientSplit) -> int:
+    """This client's weight in the CVAE's FedAvg: 1 for every client under client-level DP
+    (Flower's noise is calibrated to a uniform mean of the clipped updates), else
+    :func:`fedavg_weight`."""
+    return 1 if task.app.cvae_dp == "client" else fedavg_weight(task, split)
+
+
 @dataclass(frozen=True)
 class ImputationReport:
     real_label_counts: list[int]
@@ -321,19 +334,115 @@ def train_cvae(
     def loss_fn(m, x, y):
         return cvae_loss(m, x, y, app.cvae_kl_weight, app.cvae_recon_loss)
 
-    train_loss = train(
-        model,
-        TensorData.from_digits(split.train, device=run_on),
-        loss_fn,
-        adam(model, lr=app.cvae_lr),
-        epochs=app.cvae_local_epochs,
-        batch_size=app.cvae_batch_size,
-        seed=seed_for(app.seed, server_round, split.partition_id, 4),
-    )
+    data = TensorData.from_digits(split.train, device=run_on)
+    seed = seed_for(app.seed, server_round, split.partition_id, 4)
+    extra: dict[str, float] = {}
+    if app.cvae_dp == "sample":
+        noise = sample_dp_noise(task, len(data))  # raises before any step if over budget
+        model.train()  # Opacus checks the mode; the reused object may come from an evaluation
+        steps_before = (
+            (server_round - 1)
+            * app.cvae_local_epochs
+            * dp.steps_per_epoch(len(data), app.cvae_batch_size)
+        )  # the DP-SGD steps of this client's earlier rounds (same size, same noise)
+        result = dp.train_private(
+            model,
+            data,
+            loss_fn,
+            adam(model, lr=app.cvae_lr),
+            epochs=app.cvae_local_epochs,
+            batch_size=app.cvae_batch_size,
+            seed=seed,
+            noise_multiplier=noise,
+            max_grad_norm=app.cvae_dp_clip,
+            delta=app.cvae_dp_delta,
+            prior_steps=max(steps_before, 0),
+        )
+        train_loss, extra = result.loss, result.metrics()
+    else:
+        train_loss = train(
+            model,
+            data,
+            loss_fn,
+            adam(model, lr=app.cvae_lr),
+            epochs=app.cvae_local_epochs,
+            batch_size=app.cvae_batch_size,
+            seed=seed,
+        )
     val_loss = evaluate_loss(
         model, TensorData.from_digits(split.val, device=run_on), loss_fn, app.eval_batch_size
     )
-    return detached_copy(model), {"train-loss": train_loss, "val-loss": val_loss}
+    return detached_copy(model), {"train-loss": train_loss, "val-loss": val_loss, **extra}
+
+
+def sample_dp_noise(task: TaskConfig, num_images: int) -> float:
+    """This client's DP-SGD noise multiplier (``cvae-dp-noise``, or with 0 the smallest that
+    keeps ``cvae-dp-epsilon`` over all CVAE rounds); :class:`~fedaug_flwr.dp.PrivacyBudgetError`
+    if the given noise would spend more than the budget over all rounds. Only this client
+    knows its number of images, so the check runs here, before its first step."""
+    app = task.app
+    plan = {
+        "delta": app.cvae_dp_delta,
+        "num_images": num_images,
+        "batch_size": app.cvae_batch_size,
+        "local_epochs": app.cvae_local_epochs,
+        "rounds": app.cvae_rounds,
+    }
+    if app.cvae_dp_noise == 0:
+        return dp.sample_noise_for_budget(target_epsilon=app.cvae_dp_epsilon, **plan)
+    if app.cvae_dp_epsilon > 0:
+        dp.check_sample_budget(
+            target_epsilon=app.cvae_dp_epsilon, noise_multiplier=app.cvae_dp_noise, **plan
+        )
+    return app.cvae_dp_noise
+
+
+def heldout_split(split: ClientSplit) -> Digits:
+    """The images the CVAE never trained on: the client's validation and test splits (the
+    CVAE trains on the training split only; the validation split gives its val-loss, the
+    test split the classifier's scores; neither changes the CVAE's weights)."""
+    return Digits(
+        np.concatenate([split.val.images, split.test.images]),
+        np.concatenate([split.val.labels, split.test.labels]),
+        split.val.grey,
+    )
+
+
+def audit_privacy(
+    task: TaskConfig, split: ClientSplit, generator_weights: StateDict
+) -> tuple[dict, dict]:
+    """The memorization audit and the membership attacks of :mod:`fedaug_flwr.privacy` on
+    this client: as many synthetic images as it has training images, in its training
+    label mix, against its training images and its held-out ones (:func:`heldout_split`).
+    Returns the audit and the attacks' results (statistics only)."""
+    app = task.app
+    train_set, heldout = split.train, heldout_split(split)
+    counts = privacy.audit_label_counts(train_set.labels, heldout.labels, len(train_set))
+    labels = np.repeat(np.arange(NUM_CLASSES), counts)
+    run_on = device()
+    cvae = reusable_model(CVAE, generator_weights, run_on, app.cvae_latent_dim)
+    seed = seed_for(app.seed, split.partition_id, 20) % 2**31  # the attack multiplies it
+    synthetic = generate(
+        cvae,
+        labels,
+        seed=seed,
+        batch_size=app.generation_batch_size,
+        device=run_on,
+        binarize=app.synthetic_binarize,
+    )
+    audit = privacy.memorization_audit(
+        synthetic, labels, train_set.images, train_set.labels, heldout.images, heldout.labels
+    )
+    attacks = privacy.membership_inference(
+        cvae,
+        (train_set.images, train_set.labels),
+        (heldout.images, heldout.labels),
+        recon=app.cvae_recon_loss,
+        kl_weight=app.cvae_kl_weight,
+        binarize=app.synthetic_binarize,
+        seed=seed + 1,
+    )
+    return audit, attacks
 
 
 def train_classifier(

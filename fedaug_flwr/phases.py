@@ -3,6 +3,8 @@ returns what it made with its section of ``summary.json``.
 
 - :func:`train_cvae` (phase 1) and :func:`train_classifier` (phase 3): rounds of
   FedAvg (:class:`~fedaug_flwr.strategies.RoutedFedAvg`);
+- :func:`audit_on_clients` (after phase 1): one ``query.privacy`` message per client,
+  statistics back (:mod:`fedaug_flwr.privacy_server` pools them);
 - :func:`impute_on_clients` (phase 2): one ``query.impute`` message per client;
 - :func:`evaluate_on_clients` and :func:`finetune_locally`: a model sent once to
   every client, outside any round;
@@ -20,11 +22,12 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedaug_flwr import federation, log
+from fedaug_flwr import federation, log, privacy_server
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.metrics import aggregate_clients
 from fedaug_flwr.models import (
@@ -34,6 +37,7 @@ from fedaug_flwr.models import (
     load_classifier,
     weights_digest,
 )
+from fedaug_flwr.plots import save_privacy_distances
 from fedaug_flwr.protocol import (
     ARRAYS,
     CONFIG,
@@ -46,11 +50,13 @@ from fedaug_flwr.protocol import (
     OWN_DATA,
     PARTITION_DRAWS,
     PARTITION_ID,
+    PRIVACY_AUDIT,
     REAL_TRAIN,
     SYNTHETIC_TRAIN,
     TEST,
     VAL,
     ImputationAnswer,
+    PrivacyAnswer,
     TaskConfig,
 )
 from fedaug_flwr.replies import (
@@ -58,8 +64,10 @@ from fedaug_flwr.replies import (
     ReplyRules,
     imputation_check,
     partition_count_problem,
+    privacy_check,
     screen,
 )
+from fedaug_flwr.server_work import ServerWork
 from fedaug_flwr.strategies import (
     PhaseError,
     RoundLog,
@@ -75,6 +83,7 @@ from fedaug_flwr.transport import to_state_dict
 
 NODE_ID = "node-id"  # the Flower node id of a SuperNode, as the server saw it
 NODE_WAIT_S = 300.0
+PRIVACY_FIGURE = "privacy_distances.png"
 
 
 @dataclass
@@ -128,7 +137,7 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float | None = None) -> li
 def train_cvae(grid: Grid, task: TaskConfig) -> Trained:
     """Phase 1: FedAvg of the CVAE, weighted by client training-set size."""
     config = task.app
-    strategy = _strategy(config, "cvae", evaluate=False)
+    strategy = _strategy(config, "cvae", evaluate=False, num_clients=len(grid.get_node_ids()))
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(seeded(config.seed, 1, lambda: CVAE(config.cvae_latent_dim))),
@@ -141,6 +150,7 @@ def train_cvae(grid: Grid, task: TaskConfig) -> Trained:
         "parameters": count_parameters(CVAE(config.cvae_latent_dim)),
         "rounds": _rounds(strategy, result),
         "round-timing-s": strategy.timing_table(),
+        "dp": privacy_server.dp_section(config, strategy),
     }
     return Trained(weights, section)
 
@@ -198,15 +208,22 @@ def global_evaluator(test: TensorData, batch_size: int):
 
 
 def _strategy(
-    config: AppConfig, action: str, evaluate: bool, sizes: dict[int, NodeSizes] | None = None
+    config: AppConfig,
+    action: str,
+    evaluate: bool,
+    sizes: dict[int, NodeSizes] | None = None,
+    num_clients: int = 0,
 ) -> RoutedFedAvg:
     """FedAvg of ``action`` (or, for the classifier, the robust rule ``clf-aggregation`` or
-    the server strategy ``clf-strategy``); without ``evaluate`` (the CVAE) it has no
+    the server strategy ``clf-strategy``; for the CVAE, the one ``cvae-dp`` asks for, see
+    :mod:`fedaug_flwr.privacy_server`); without ``evaluate`` (the CVAE) it has no
     evaluation rounds."""
 
     def build() -> RoutedFedAvg:
+        if action == "cvae":
+            return privacy_server.cvae_strategy(config, num_clients, **arguments)
         return routed_strategy(
-            config.clf_aggregation if action == "clf" else "fedavg",
+            config.clf_aggregation,
             action,
             trim_fraction=config.clf_trim_fraction,
             krum_malicious=config.clf_krum_malicious,
@@ -214,16 +231,19 @@ def _strategy(
             strategy_parameters=strategy_parameters(config) if action == "clf" else None,
             # a server optimizer steps the weights; BatchNorm's statistics are averaged
             averaged=[name for name, _ in ExquisiteNetV1().named_buffers()] if evaluate else (),
-            sizes=sizes,
-            min_replies=config.min_clients,
-            evaluate_on_receipt=evaluate and config.evaluate_on_receipt,
-            fraction_train=config.fraction_train,
-            fraction_evaluate=config.fraction_evaluate if evaluate else 0.0,
-            min_train_nodes=config.min_clients,
-            min_evaluate_nodes=config.min_clients if evaluate else 0,
-            min_available_nodes=config.min_clients,
+            **arguments,
         )
 
+    arguments = dict(
+        sizes=sizes,
+        min_replies=config.min_clients,
+        evaluate_on_receipt=evaluate and config.evaluate_on_receipt,
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate if evaluate else 0.0,
+        min_train_nodes=config.min_clients,
+        min_evaluate_nodes=config.min_clients if evaluate else 0,
+        min_available_nodes=config.min_clients,
+    )
     if evaluate:
         return build()
     # Flower warns "fraction_evaluate is set to 0.0" for a strategy built without evaluation,
@@ -333,6 +353,29 @@ def send_to_all(
             f"(need {min_replies}); client errors: {reasons}"
         )
     return answers, failures
+
+
+def audit_on_clients(
+    grid: Grid, task: TaskConfig, node_ids: list[int], cvae_weights: dict, folder: Path
+) -> ServerWork:
+    """After phase 1: every client audits the global CVAE (``query.privacy``) and answers
+    with statistics only; they are pooled into the ``privacy`` section and the distance
+    distributions drawn. The CVAE exists already: failing clients are recorded, never fatal."""
+    generator = ArrayRecord(cvae_weights)
+
+    def content() -> RecordDict:
+        return RecordDict({GENERATOR: generator, CONFIG: task.to_record()})
+
+    answers, failures = send_to_all(
+        grid, node_ids, PRIVACY_AUDIT, content, task.app.round_timeout, 0, privacy_check
+    )
+    section = privacy_server.privacy_section(
+        [PrivacyAnswer.from_metrics(answer) for answer in answers], failures
+    )
+    files = {}
+    if section["audit"].get("clients", 0) > 0:
+        files["privacy-distances"] = save_privacy_distances(section, folder / PRIVACY_FIGURE)
+    return ServerWork(section, files)
 
 
 def impute_on_clients(

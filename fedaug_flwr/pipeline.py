@@ -1,8 +1,9 @@
 """One run, server side: the phases in order (:func:`run_phases`), then the results folder.
 
-1. federated CVAE (skipped when nothing needs a generator), and what the server
-   makes of it on its own: sample images, the generator-quality check and, in the
-   finetune variant, a classifier pretrained on synthetic images;
+1. federated CVAE (skipped when nothing needs a generator; with ``cvae-dp``
+   differentially private), and what the server makes of it on its own: sample
+   images, the generator-quality check and, in the finetune variant, a classifier
+   pretrained on synthetic images; then the privacy audit on every client;
 2. imputation: every client generates its synthetic images once;
 3. federated ExquisiteNet on the augmented data, evaluated every round on every
    client's real test split and on the global test set (or, with
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from flwr.serverapp import Grid
 
-from fedaug_flwr import phases, server_work
+from fedaug_flwr import phases, privacy_server, server_work
 from fedaug_flwr.cluster import describe_cluster
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.data import MnistData, load_source, resolve_source
@@ -101,6 +102,17 @@ def run_phases(grid: Grid, record: RunRecord) -> None:
         )
         record.add("generator-quality", quality.section)
         record.keep(quality.files)
+    if cvae is not None:  # what the global CVAE reveals about the clients' training images
+        skipped = privacy_server.audit_skipped(config)
+        if skipped is None:
+            audit = record.timed(
+                "privacy-audit",
+                lambda: phases.audit_on_clients(grid, task, node_ids, cvae.weights, folder),
+            )
+            record.add("privacy", audit.section)
+            record.keep(audit.files)
+        else:
+            record.add("privacy", {"skipped": skipped})
 
     # 2. imputation on the clients
     generator = cvae.weights if cvae else None

@@ -1,4 +1,5 @@
-"""Pictures of a run: a grid of CVAE samples, one row per label, and the quality histograms.
+"""Pictures of a run: a grid of CVAE samples, one row per label, the quality histograms and
+the privacy audit's distance distributions.
 
 Figures are built with matplotlib's object API (``matplotlib.figure.Figure``),
 which needs no pyplot state and no global backend switch, so saving them from
@@ -65,3 +66,51 @@ def save_probability_histograms(quality: dict, path: Path) -> Path:
     figure.tight_layout()
     write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     return path
+
+
+def save_privacy_distances(section: dict, path: Path) -> Path:
+    """The memorization audit pooled over clients (the ``privacy`` section): the distance
+    ratios of synthetic images beside those of held-out real images (the baseline a fresh
+    digit gives), and the distances to the nearest training image of both."""
+    audit = section["audit"]
+    figure = Figure(figsize=(11, 3.8))
+    left, right = figure.subplots(1, 2)
+    pairs = [
+        (left, "ratio-bin-edges", "histogram-ratio", "histogram-ratio-reference"),
+        (right, "histogram-bin-edges", "histogram-train", "histogram-reference"),
+    ]
+    for axis, edges_key, synthetic_key, reference_key in pairs:
+        edges = np.asarray(audit[edges_key], dtype=float)
+        for key, label in (
+            (synthetic_key, f"synthetic images (n={audit['synthetic-images']})"),
+            (reference_key, f"held-out real images (n={audit['reference-images']})"),
+        ):
+            counts = np.asarray(audit[key], dtype=float)
+            axis.stairs(counts / max(counts.sum(), 1), edges, label=label, linewidth=2)
+        axis.set_ylabel("share of images")
+    left.set_xlabel("(d_train + 1) / (d_held-out + 1)   (ratios above 3 in the last bin)")
+    left.set_title(
+        f"flagged: {_share_text(audit['flagged-share'])} of synthetic images, "
+        f"{_share_text(audit['flagged-share-reference'])} of held-out ones",
+        fontsize=9,
+    )
+    left.legend(loc="upper right", fontsize=8)
+    right.set_xlabel("Hamming distance to the nearest training image of the label")
+    used = np.flatnonzero(np.add(audit["histogram-train"], audit["histogram-reference"]))
+    if len(used):  # distances cluster far below 784 pixels: show where the images are
+        distance_edges = audit["histogram-bin-edges"]
+        right.set_xlim(0, distance_edges[min(used[-1] + 2, len(distance_edges) - 1)])
+    aucs = section["membership-inference"]
+    right.set_title(
+        "membership AUC (mean over clients): "
+        + ", ".join(f"{name} {_share_text(aucs[name]['mean'], 2)}" for name in aucs),
+        fontsize=9,
+    )
+    figure.suptitle(f"Memorization audit over {audit['clients']} clients", fontsize=10)
+    figure.tight_layout()
+    write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    return path
+
+
+def _share_text(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"

@@ -77,6 +77,9 @@ from fedaug_flwr.imputation import generate
 from fedaug_flwr.models import CVAE, IMAGE_PIXELS, NUM_CLASSES
 
 BIN_EDGES = np.arange(0, IMAGE_PIXELS + 1, 8)  # Hamming distance histograms: 98 bins
+# Distance-ratio histograms: 60 bins of 0.05 over [0, 3]; larger ratios (far from any
+# training image, nothing to flag) are counted in the last bin.
+RATIO_BIN_EDGES = np.round(np.linspace(0.0, 3.0, 61), 2)
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 REFERENCE_QUANTILE = 0.05  # flag synthetic images below this quantile of the reference ratios
 CLOSEST = 5  # how many of the smallest distances are reported
@@ -239,6 +242,9 @@ def memorization_audit(
         "histogram-train": _histogram(d_train),
         "histogram-heldout": _histogram(d_heldout),
         "histogram-reference": _histogram(r_train),
+        "ratio-bin-edges": [float(e) for e in RATIO_BIN_EDGES],
+        "histogram-ratio": _ratio_histogram(ratio),
+        "histogram-ratio-reference": _ratio_histogram(reference_ratio),
     }
 
 
@@ -285,6 +291,17 @@ def aggregate_audits(audits: Sequence[Mapping], closest: int = CLOSEST) -> dict:
             key: [int(sum(c)) for c in zip(*(a[key] for a in audits), strict=True)]
             for key in ("histogram-train", "histogram-heldout", "histogram-reference")
         },
+        **(
+            {
+                "ratio-bin-edges": audits[0]["ratio-bin-edges"],
+                **{
+                    key: [int(sum(c)) for c in zip(*(a[key] for a in audits), strict=True)]
+                    for key in ("histogram-ratio", "histogram-ratio-reference")
+                },
+            }
+            if all("histogram-ratio" in a for a in audits)
+            else {}
+        ),
     }
 
 
@@ -501,6 +518,11 @@ def _smallest(values: np.ndarray, k: int) -> list[int]:
 
 def _histogram(values: np.ndarray) -> list[int]:
     counts, _ = np.histogram(values, bins=BIN_EDGES)
+    return [int(c) for c in counts]
+
+
+def _ratio_histogram(ratios: np.ndarray) -> list[int]:
+    counts, _ = np.histogram(np.minimum(ratios, RATIO_BIN_EDGES[-1]), bins=RATIO_BIN_EDGES)
     return [int(c) for c in counts]
 
 

@@ -5,7 +5,8 @@ One definition for both sides (and the benchmarks' ClientApps):
 - the message types, which route to the ClientApp handler of that name;
 - the record keys of a message and of its reply;
 - one small dataclass per kind of reply (:class:`TrainAnswer`, :class:`ImputationAnswer`,
-  :class:`EvaluationAnswer`, :class:`LocalFinetuneAnswer`), which turns into the
+  :class:`EvaluationAnswer`, :class:`LocalFinetuneAnswer`, :class:`PrivacyAnswer`), which
+  turns into the
   reply's ``metrics`` record (and the server's reading of it back);
 - helpers that read a message (:func:`read_task`, :func:`message_round`,
   :func:`wants_received_evaluation`) and build a reply (:func:`reply`).
@@ -32,6 +33,7 @@ IMPUTE = "query.impute"
 TRAIN_CLASSIFIER = "train.clf"
 EVALUATE_CLASSIFIER = "evaluate.clf"
 FINETUNE_LOCALLY = "train.local"  # fine-tune a copy, evaluate it, send back only metrics
+PRIVACY_AUDIT = "query.privacy"  # audit the global CVAE on the client; statistics only
 
 # Records of a message and of its reply.
 ARRAYS = "arrays"  # the model being trained / evaluated
@@ -68,6 +70,9 @@ TEST = "test"
 SYNTHETIC_TRAIN = "synthetic-train"
 REAL_LABEL_COUNTS = "real-label-counts"
 SYNTHETIC_LABEL_COUNTS = "synthetic-label-counts"
+# Sample-level DP-SGD (cvae-dp = "sample"): what a train.cvae reply adds
+# (fedaug_flwr.dp.PrivateTrainingResult.metrics); dp-epsilon is cumulative over rounds.
+DP_METRICS = ("dp-epsilon", "dp-delta", "dp-noise", "dp-clip", "dp-sample-rate", "dp-steps")
 
 
 @dataclass(frozen=True)
@@ -224,3 +229,87 @@ class LocalFinetuneAnswer:
             NUM_EXAMPLES: self.evaluation.num_examples,
             PARTITION_ID: self.evaluation.partition_id,
         }
+
+
+@dataclass(frozen=True)
+class PrivacyAnswer:
+    """Reply to ``query.privacy``: one client's memorization audit and membership attacks
+    (:mod:`fedaug_flwr.privacy`), as counts, distances, shares and AUCs: never an image,
+    never an index into the client's data, never a per-image score.
+
+    ``audit`` is :func:`~fedaug_flwr.privacy.memorization_audit`'s dict, ``aucs`` each
+    attack's AUC (an attack that could not be measured is left out).
+    """
+
+    partition_id: int
+    audit: Mapping[str, object]
+    members: int
+    non_members: int
+    aucs: Mapping[str, float]
+
+    COUNTS = (
+        "synthetic-images",
+        "synthetic-unmatched",
+        "train-images",
+        "heldout-images",
+        "reference-images",
+        "flagged-images",
+        "flagged-reference-images",
+        "closer-to-train-images",
+        "closer-to-train-reference-images",
+        "exact-copies",
+        "exact-copies-reference",
+    )
+    LISTS = (  # lists of numbers; the quantile lists are empty when nothing was measured
+        "closest-train-distances",
+        "closest-heldout-distances",
+        "closest-train-distances-reference",
+        "histogram-train",
+        "histogram-heldout",
+        "histogram-reference",
+        "histogram-ratio",
+        "histogram-ratio-reference",
+        "ratio-quantiles",
+        "ratio-quantiles-reference",
+    )
+    ATTACKS = ("loss", "generated-nearest")  # the attacks a client runs (no reference model)
+    REQUIRED = (PARTITION_ID, *COUNTS, *LISTS, "reference-quantile", "members", "non-members")
+    OPTIONAL = ("ratio-threshold", *(f"auc-{attack}" for attack in ATTACKS))
+
+    def to_metrics(self) -> dict:
+        audit = self.audit
+        metrics: dict = {PARTITION_ID: self.partition_id}
+        metrics |= {key: int(audit[key]) for key in self.COUNTS}
+        for key in self.LISTS:
+            value = audit[key]
+            if isinstance(value, Mapping):  # ratio quantiles: p05 .. p95, in order
+                value = list(value.values())
+            metrics[key] = [] if value is None else list(value)
+        metrics["reference-quantile"] = float(audit["reference-quantile"])
+        if audit["ratio-threshold"] is not None:
+            metrics["ratio-threshold"] = float(audit["ratio-threshold"])
+        metrics |= {"members": self.members, "non-members": self.non_members}
+        metrics |= {f"auc-{attack}": float(auc) for attack, auc in self.aucs.items()}
+        return metrics
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, object]) -> PrivacyAnswer:
+        """The answer back from a reply's metrics (checked by ``replies.privacy_check``);
+        ``audit`` then holds what :func:`~fedaug_flwr.privacy.aggregate_audits` reads."""
+        audit: dict = {key: int(metrics[key]) for key in cls.COUNTS}
+        audit |= {key: list(metrics[key]) for key in cls.LISTS}
+        audit["reference-quantile"] = float(metrics["reference-quantile"])
+        audit["ratio-threshold"] = metrics.get("ratio-threshold")
+        for count, total, share in (
+            ("flagged-images", "synthetic-images", "flagged-share"),
+            ("flagged-reference-images", "reference-images", "flagged-share-reference"),
+        ):
+            audit[share] = audit[count] / audit[total] if audit[total] else None
+        aucs = {a: float(metrics[f"auc-{a}"]) for a in cls.ATTACKS if f"auc-{a}" in metrics}
+        return cls(
+            int(metrics[PARTITION_ID]),
+            audit,
+            int(metrics["members"]),
+            int(metrics["non-members"]),
+            aucs,
+        )

@@ -26,7 +26,9 @@ A good reply holds exactly the records its message kind answers with:
 - ``partition-id`` the one it reported at the imputation.
 
 The imputation reply itself (:func:`imputation_problem`) must hold every size,
-as non-negative integers whose label counts add up.
+as non-negative integers whose label counts add up. A privacy reply
+(:func:`privacy_problem`) must hold statistics only: counts, short lists of
+distances, fixed-length histograms, AUCs in [0, 1].
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedaug_flwr.data import NUM_CLASSES
 from fedaug_flwr.metrics import METRIC_NAMES
+from fedaug_flwr.privacy import BIN_EDGES, CLOSEST, QUANTILES, RATIO_BIN_EDGES
 from fedaug_flwr.protocol import (
     ARRAYS,
+    DP_METRICS,
     EVALUATE_CLASSIFIER,
     FINETUNE_LOCALLY,
     IMPUTE,
@@ -51,6 +55,7 @@ from fedaug_flwr.protocol import (
     PARTITION_ID,
     TRAIN_CLASSIFIER,
     TRAIN_CVAE,
+    PrivacyAnswer,
 )
 from fedaug_flwr.transport import from_array
 
@@ -76,6 +81,8 @@ REPLY_METRICS: dict[str, frozenset[str]] = {
     FINETUNE_LOCALLY: frozenset({*_TEST_METRICS, "train-loss", "train-examples"}),
     IMPUTE: frozenset(IMPUTE_METRICS),
 }
+# A train.cvae reply under sample-level DP-SGD (cvae-dp = "sample") adds the client's epsilon.
+CVAE_DP_SAMPLE_METRICS = REPLY_METRICS[TRAIN_CVAE] | frozenset(DP_METRICS)
 MODEL_REPLIES = frozenset({TRAIN_CVAE, TRAIN_CLASSIFIER})  # replies that carry a model
 TRAIN, TEST = "train", "test"  # what a reply's num-examples counts
 
@@ -122,10 +129,12 @@ class ReplyRules:
         message_type: str,
         sizes: Mapping[int, NodeSizes] | None = None,
         counts: str = TRAIN,
+        metric_keys: frozenset[str] | None = None,
     ) -> None:
+        """``metric_keys``: the exact keys of a reply, when not the kind's usual ones."""
         self.message_type = message_type
         # a kind with no entry (e.g. evaluate.cvae) is never sent: no reply to it can count
-        self.metric_keys = REPLY_METRICS.get(message_type)
+        self.metric_keys = metric_keys or REPLY_METRICS.get(message_type)
         self.sizes = sizes
         self.counts = counts
 
@@ -279,6 +288,62 @@ def imputation_check(synthetic_per_client: int) -> Callable[[Message, int], str 
         return imputation_problem(content[METRICS], synthetic_per_client)
 
     return problem
+
+
+# The length each list of a privacy reply must have (closest distances and quantiles: at
+# most this many; an empty list when nothing could be measured).
+_PRIVACY_LISTS = {
+    "histogram-train": len(BIN_EDGES) - 1,
+    "histogram-heldout": len(BIN_EDGES) - 1,
+    "histogram-reference": len(BIN_EDGES) - 1,
+    "histogram-ratio": len(RATIO_BIN_EDGES) - 1,
+    "histogram-ratio-reference": len(RATIO_BIN_EDGES) - 1,
+}
+_PRIVACY_SHORT_LISTS = {
+    "closest-train-distances": CLOSEST,
+    "closest-heldout-distances": CLOSEST,
+    "closest-train-distances-reference": CLOSEST,
+    "ratio-quantiles": len(QUANTILES),
+    "ratio-quantiles-reference": len(QUANTILES),
+}
+
+
+def privacy_problem(record: MetricRecord) -> str | None:
+    """A ``query.privacy`` reply: the keys of :class:`~fedaug_flwr.protocol.PrivacyAnswer`,
+    finite numbers, histograms of their fixed length, short lists no longer than the
+    audit makes them, counts that fit, AUCs in [0, 1]. Nothing image-sized can pass."""
+    keys = set(record)
+    missing = sorted(set(PrivacyAnswer.REQUIRED) - keys)
+    unexpected = sorted(keys - set(PrivacyAnswer.REQUIRED) - set(PrivacyAnswer.OPTIONAL))
+    if missing or unexpected:
+        return f"metrics missing {missing} / unexpected {unexpected}"
+    problem = metrics_problem(record, keys)
+    if problem is not None:
+        return problem
+    for key in (PARTITION_ID, *PrivacyAnswer.COUNTS, "members", "non-members"):
+        value = record[key]
+        if isinstance(value, list) or not float(value).is_integer() or value < 0:
+            return f"'{key}' must be an integer >= 0; got {value!r}"
+    for key, length in _PRIVACY_LISTS.items():
+        if not isinstance(record[key], list) or len(record[key]) != length:
+            return f"'{key}' must be a list of {length} counts"
+    for key, most in _PRIVACY_SHORT_LISTS.items():
+        if not isinstance(record[key], list) or len(record[key]) > most:
+            return f"'{key}' must be a list of at most {most} numbers"
+    if record["flagged-images"] > record["synthetic-images"]:
+        return "more flagged images than synthetic images"
+    for key in PrivacyAnswer.OPTIONAL:
+        if key.startswith("auc-") and key in record and not 0.0 <= record[key] <= 1.0:
+            return f"'{key}' must lie in [0, 1]; got {record[key]!r}"
+    return None
+
+
+def privacy_check(reply: Message, node_id: int) -> str | None:
+    """Why a privacy reply cannot count, or ``None`` (see :func:`privacy_problem`)."""
+    content = reply.content
+    if set(content.keys()) != {METRICS} or not isinstance(content[METRICS], MetricRecord):
+        return f"records {sorted(content.keys())}, expected one MetricRecord {[METRICS]}"
+    return privacy_problem(content[METRICS])
 
 
 def partition_count_problem(clients: Mapping[int, Mapping[str, object]]) -> str | None:

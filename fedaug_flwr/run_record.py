@@ -41,6 +41,7 @@ SECTIONS = (
     "cvae",  # phase 1: per-round CVAE losses (or why it was skipped)
     "pretraining",  # finetune variant: the server's pretraining and the pretrained model
     "generator-quality",  # train on synthetic, test on real, reference, fidelity
+    "privacy",  # memorization audit and membership attacks on the clients (or why not)
     "imputation",  # phase 2: what the clients generated, and failures
     "classifier",  # phase 3: per-round metrics of the federated classifier
     "clients",  # per client: data sizes, label counts, final test metrics

@@ -7,7 +7,8 @@ folder says which) and writes CSV files to ``<sweep folder>/tables/``:
   (client test splits: unweighted mean over clients, as the study reports, and
   example-weighted; the global test set; every metric of
   :data:`~fedaug_flwr.metrics.METRIC_NAMES`), with pretraining numbers when the
-  run had them, and the generator-quality check's (``quality-*``);
+  run had them, the generator-quality check's (``quality-*``), the privacy audit's
+  and attacks' (``privacy-*``) and the epsilon the CVAE's DP spent (``cvae-dp-epsilon-spent``);
 - ``rounds_runs.csv`` / ``rounds_cells.csv``: per-round curves, one row per
   (phase, round): ``cvae`` (train / validation loss), ``classifier`` (train
   loss, client test and global test metrics) and ``pretraining`` (one row
@@ -106,6 +107,7 @@ def final_row(summary: Mapping[str, Any]) -> dict[str, Any]:
         **_metrics("global-test-", summary["final"].get("global-test")),
     }
     row.update(quality_columns(summary))
+    row.update(privacy_columns(summary))
     pretraining = summary.get("pretraining")
     if pretraining:
         row.update(_metrics("pretrained-test-", pretraining["pretrained"]["clients"], True))
@@ -144,6 +146,27 @@ def quality_columns(summary: Mapping[str, Any]) -> dict[str, float]:
         if key in fidelity:  # coverage is None when no class had enough real images
             value = fidelity[key]
             row[f"quality-{key}"] = float("nan") if value is None else float(value)
+    return row
+
+
+def privacy_columns(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The privacy audit pooled over clients (flagged share beside its held-out reference,
+    the per-client excess over chance, exact copies), the attacks' mean AUC over clients,
+    and the epsilon the CVAE's DP spent (worst client, after the last round)."""
+    row: dict[str, float] = {}
+    privacy = summary.get("privacy") or {}
+    audit = privacy.get("audit") or {}
+    for key in ("flagged-share", "flagged-share-reference", "flagged-excess-mean"):
+        if audit.get(key) is not None:
+            row[f"privacy-{key}"] = float(audit[key])
+    if "exact-copies" in audit:
+        row["privacy-exact-copies"] = float(audit["exact-copies"])
+    for attack, result in (privacy.get("membership-inference") or {}).items():
+        if result.get("mean") is not None:
+            row[f"privacy-auc-{attack}"] = float(result["mean"])
+    dp = (summary.get("cvae") or {}).get("dp") or {}
+    if dp.get("mode") in ("sample", "client"):
+        row["cvae-dp-epsilon-spent"] = float(dp["epsilon"])  # beside the budget key
     return row
 
 
