@@ -14,7 +14,10 @@ and Ray, in a session of its own, out of reach of the group).
 Before anything starts it checks that this interpreter has the app's
 environment (Flower's executables) and, when ``output-dir`` is set, that the
 results folder is writable and not in use by another run (a lock file holding
-the owner's pid). SIGTERM ends a launch like Ctrl-C: the run is stopped first.
+the owner's pid), and whether it holds an interrupted run to resume (its
+checkpoint, :mod:`fedaug_flwr.checkpoint`: the same command resumes it; one of
+another config is refused). SIGTERM ends a launch like Ctrl-C: the run is
+stopped first.
 
 Command line (``make run`` uses it)::
 
@@ -46,6 +49,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedaug_flwr.checkpoint import CheckpointError, check_folder
 from fedaug_flwr.config import AppConfig, ConfigError
 from fedaug_flwr.processes import (  # noqa: F401 - also re-exported (see the docstring)
     APP_DIR,
@@ -372,7 +376,18 @@ def simulate(
     )
     owned = flwr_home is None
     with contextlib.ExitStack() as held:
-        held.enter_context(output_dir_held(run_config, "a simulation (fedaug_flwr.launch)"))
+        folder = held.enter_context(
+            output_dir_held(run_config, "a simulation (fedaug_flwr.launch)")
+        )
+        if folder is not None:
+            where = check_folder(folder, AppConfig.from_run_config(run_config).to_run_config())
+            if where is not None:
+                print(
+                    f"fedaug-flwr: {folder} holds an interrupted run of this config; "
+                    f"it resumes from its checkpoint ({where})",
+                    file=sys.stdout if stream is None else stream,
+                    flush=True,
+                )
         home = Path(tempfile.mkdtemp(prefix="fedaug-flwr-home-")) if owned else flwr_home
         if owned:
             held.callback(shutil.rmtree, home, ignore_errors=True)
@@ -449,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ray_num_cpus=args.ray_num_cpus,
                 ray_num_gpus=args.ray_num_gpus,
             )
-    except (EnvironmentProblem, OutputFolderError) as error:
+    except (EnvironmentProblem, OutputFolderError, CheckpointError) as error:
         parser.error(str(error))
     except KeyboardInterrupt:  # simulate() has stopped every process of the run already
         print("\nfedaug-flwr: interrupted; the simulation was stopped", file=sys.stderr)

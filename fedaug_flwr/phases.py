@@ -70,6 +70,7 @@ from fedaug_flwr.replies import (
 from fedaug_flwr.server_work import ServerWork
 from fedaug_flwr.strategies import (
     PhaseError,
+    RoundHooks,
     RoundLog,
     RoutedFedAvg,
     in_partition_order,
@@ -134,9 +135,11 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float | None = None) -> li
 # ------------------------------------------------------------------ FedAvg phases
 
 
-def train_cvae(grid: Grid, task: TaskConfig) -> Trained:
-    """Phase 1: FedAvg of the CVAE, weighted by client training-set size."""
+def train_cvae(grid: Grid, task: TaskConfig, hooks: RoundHooks | None = None) -> Trained:
+    """Phase 1: FedAvg of the CVAE, weighted by client training-set size (from the round
+    after ``hooks.resume`` when the run resumes; ``hooks.after_round`` after each round)."""
     config = task.app
+    hooks = hooks or RoundHooks()
     strategy = _strategy(config, "cvae", evaluate=False, num_clients=len(grid.get_node_ids()))
     result = strategy.start(
         grid=grid,
@@ -144,6 +147,8 @@ def train_cvae(grid: Grid, task: TaskConfig) -> Trained:
         num_rounds=config.cvae_rounds,
         timeout=config.round_timeout,
         train_config=task.to_record(),
+        resume=hooks.resume,
+        after_round=hooks.after_round,
     )
     weights = to_state_dict(_require_model(result, "cvae"))
     section = {
@@ -161,11 +166,14 @@ def train_classifier(
     global_test: TensorData,
     initial: dict | None = None,
     sizes: dict[int, NodeSizes] | None = None,
+    hooks: RoundHooks | None = None,
 ) -> Trained:
     """Phase 3: FedAvg of ExquisiteNet (from ``initial`` weights, e.g. pretrained, or fresh),
     evaluated on the clients' real test splits every round and on the global test set.
-    ``sizes`` (from the imputation) bound what each client may claim in its replies."""
+    ``sizes`` (from the imputation) bound what each client may claim in its replies;
+    ``hooks``: the run's checkpoint, as for :func:`train_cvae`."""
     config = task.app
+    hooks = hooks or RoundHooks()
     initial = initial if initial is not None else seeded(config.seed, 2, ExquisiteNetV1)
     strategy = _strategy(config, "clf", evaluate=True, sizes=sizes)
     result = strategy.start(
@@ -176,6 +184,8 @@ def train_classifier(
         train_config=task.to_record(),
         evaluate_config=task.to_record(),
         evaluate_fn=global_evaluator(global_test, config.eval_batch_size),
+        resume=hooks.resume,
+        after_round=hooks.after_round,
     )
     weights = to_state_dict(_require_model(result, "classifier"))
     server_metrics = result.evaluate_metrics_serverapp

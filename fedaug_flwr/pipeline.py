@@ -16,7 +16,14 @@ Where things are: the phases that talk to clients are in :mod:`fedaug_flwr.phase
 the server's own work in :mod:`fedaug_flwr.server_work`, the record of the run
 (``summary.json``, ``failure.json``) in :mod:`fedaug_flwr.run_record`. A run fails
 (``failure.json``, no summary) only when a phase that makes a model gets fewer than
-``min-clients`` answers; other client failures are recorded where they happened.
+``min-clients`` answers, or its results cannot be written; other client failures are
+recorded where they happened.
+
+A run is resumable (:mod:`fedaug_flwr.checkpoint`): the steps marked
+``record.step`` and every FedAvg round are checkpointed as they end. Started again
+on the same folder, the run redoes what is cheap and deterministic (loading the
+data, the imputation, which gives the clients their synthetic images back, the
+evaluations of a finished model) and takes the rest from the checkpoint.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ def run(grid: Grid, config: AppConfig, run_id: int) -> Path:
     record = RunRecord.open(config, run_id)  # a folder that cannot take files fails here
     board = RunLog.for_run(config, record.output_dir)  # TensorBoard, when asked for
     try:
+        record.resume()  # the folder's checkpoint, if any: refused when of another config
         run_phases(grid, record)
         cluster = describe_cluster()  # the Ray cluster a simulation ran on, else None
         if cluster is not None:
@@ -85,32 +93,46 @@ def run_phases(grid: Grid, record: RunRecord) -> None:
     # 1. the generator, and what the server makes of it on its own
     cvae = pretrained = None
     if config.trains_cvae:
-        cvae = record.timed("cvae", lambda: phases.train_cvae(grid, task))
-        record.save_weights("cvae", cvae.weights)
-        record.keep({"cvae-samples": server_work.save_cvae_samples(cvae.weights, config, folder)})
-    record.add("cvae", cvae.section if cvae else {"skipped": "no imputation and no pretraining"})
+        cvae = record.step("cvae", Trained, lambda: train_generator(grid, task, record), "cvae.pt")
+    else:
+        record.add("cvae", {"skipped": "no imputation and no pretraining"})
     if config.pretrain != "off":
-        pretrained = record.timed(
-            "pretraining",
-            lambda: server_work.pretrain_on_server(cvae.weights, config, global_test, folder),
-        )
-        record.keep(pretrained.files)
+
+        def pretrain() -> ServerWork:
+            work = record.timed(
+                "pretraining",
+                lambda: server_work.pretrain_on_server(cvae.weights, config, global_test, folder),
+            )
+            record.keep(work.files)
+            return work
+
+        pretrained = record.step("pretraining", ServerWork, pretrain, "pretrained.pt")
     if cvae is not None and config.quality_samples > 0:
-        quality = record.timed(
-            "generator-quality",
-            lambda: server_work.check_generator_quality(cvae.weights, config, data, folder),
-        )
-        record.add("generator-quality", quality.section)
-        record.keep(quality.files)
+
+        def check_quality() -> ServerWork:
+            quality = record.timed(
+                "generator-quality",
+                lambda: server_work.check_generator_quality(cvae.weights, config, data, folder),
+            )
+            record.add("generator-quality", quality.section)
+            record.keep(quality.files)
+            return quality
+
+        record.step("generator-quality", ServerWork, check_quality)
     if cvae is not None:  # what the global CVAE reveals about the clients' training images
         skipped = privacy_server.audit_skipped(config)
         if skipped is None:
-            audit = record.timed(
-                "privacy-audit",
-                lambda: phases.audit_on_clients(grid, task, node_ids, cvae.weights, folder),
-            )
-            record.add("privacy", audit.section)
-            record.keep(audit.files)
+
+            def audit_privacy() -> ServerWork:
+                audit = record.timed(
+                    "privacy-audit",
+                    lambda: phases.audit_on_clients(grid, task, node_ids, cvae.weights, folder),
+                )
+                record.add("privacy", audit.section)
+                record.keep(audit.files)
+                return audit
+
+            record.step("privacy-audit", ServerWork, audit_privacy)
         else:
             record.add("privacy", {"skipped": skipped})
 
@@ -139,18 +161,36 @@ def run_phases(grid: Grid, record: RunRecord) -> None:
         record.add("classifier", {"skipped": "local fine-tuning: no aggregated model"})
     else:
         initial = pretrained.weights if pretrained else None
-        classifier = record.timed(
-            "classifier",
-            lambda: phases.train_classifier(grid, task, global_test, initial, sizes),
-        )
-        record.add("classifier", classifier.section)
-        record.save_weights("classifier", classifier.weights)
+
+        def train_classifier() -> Trained:
+            trained = record.timed(
+                "classifier",
+                lambda: phases.train_classifier(
+                    grid, task, global_test, initial, sizes, record.rounds("classifier")
+                ),
+            )
+            record.add("classifier", trained.section)
+            record.save_weights("classifier", trained.weights)
+            return trained
+
+        classifier = record.step("classifier", Trained, train_classifier, "classifier.pt")
         final = record.timed(
             "final-evaluation",
             lambda: phases.evaluate_on_clients(grid, task, node_ids, classifier.weights, sizes),
         )
     record.add("clients", client_rows(imputation, final))
     record.add("final", final_section(config, final, classifier))
+
+
+def train_generator(grid: Grid, task: TaskConfig, record: RunRecord) -> Trained:
+    """Phase 1: the federated CVAE, its weights and its samples in the results folder."""
+    cvae = record.timed("cvae", lambda: phases.train_cvae(grid, task, record.rounds("cvae")))
+    record.save_weights("cvae", cvae.weights)
+    record.keep(
+        {"cvae-samples": server_work.save_cvae_samples(cvae.weights, task.app, record.output_dir)}
+    )
+    record.add("cvae", cvae.section)
+    return cvae
 
 
 def data_section(

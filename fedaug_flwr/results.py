@@ -51,19 +51,42 @@ def resolve_output_dir(output_dir: str, run_id: int | str, now: datetime | None 
     return path if path.is_absolute() else RESULTS_ROOT / path
 
 
+class WriteError(OSError):
+    """A results file could not be written (a full disk, a folder no longer writable...)."""
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    tmp = Path(tmp_name)
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then rename it over ``path``.
+
+    If anything fails (e.g. ENOSPC half-way), the temporary file is removed and
+    ``path`` is left as it was; :class:`WriteError` names the file and the space left.
+    """
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        tmp = Path(tmp_name)
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; results are not
         os.replace(tmp, path)
+    except OSError as error:
+        raise _write_error(path, error) from error
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     return path
+
+
+def _write_error(path: Path, error: OSError) -> WriteError:
+    if isinstance(error, WriteError):
+        return error
+    try:
+        free = f"; {shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = ""
+    reason = error.strerror or str(error)
+    return WriteError(error.errno, f"cannot write {path}: {reason}{free}")
 
 
 def _json_safe(value: Any) -> Any:
@@ -82,7 +105,12 @@ def write_json(path: Path, data: Any) -> Path:
 
 
 def save_state_dict(path: Path, state_dict: dict[str, torch.Tensor]) -> Path:
-    return write_atomic(path, lambda tmp: torch.save(dict(state_dict), tmp))
+    return save_torch(path, dict(state_dict))
+
+
+def save_torch(path: Path, data: dict) -> Path:
+    """``torch.save`` of plain data and tensors (what ``weights_only=True`` loads), atomically."""
+    return write_atomic(path, lambda tmp: torch.save(data, tmp))
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:

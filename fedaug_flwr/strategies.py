@@ -26,6 +26,11 @@ aggregation. The classifier may be aggregated by Flower's robust rules
 
 It also times every round (send and train, aggregation, federated and
 server-side evaluation), which ``summary.json`` reports and ``bench/`` reads.
+
+After every round it can hand its whole state to a callback (:class:`PhaseProgress`:
+the global model, the round logs and metrics so far, the server's random generators),
+and it can start from such a state instead of round 1: the run's checkpoint
+(:mod:`fedaug_flwr.checkpoint`) is made of them.
 """
 
 from __future__ import annotations
@@ -46,7 +51,9 @@ from flwr.serverapp.strategy import (
     FedProx,
     FedTrimmedAvg,
     Krum,
+    Result,
 )
+from flwr.serverapp.strategy.strategy_utils import log_strategy_start_info
 
 from fedaug_flwr import log
 from fedaug_flwr.metrics import aggregate_clients
@@ -59,6 +66,7 @@ from fedaug_flwr.protocol import (
     VAL_LOSS,
 )
 from fedaug_flwr.replies import TEST, NodeSizes, ReplyRules, screen
+from fedaug_flwr.training import rng_state, set_rng_state
 from fedaug_flwr.transport import from_array, to_array, weighted_mean
 
 
@@ -73,6 +81,32 @@ class RoundLog:
     per_client: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     sent: int = 0
+
+
+@dataclass
+class PhaseProgress:
+    """A FedAvg phase after its last completed round: everything it needs to go on from
+    the next round as if it had never stopped."""
+
+    completed_round: int
+    arrays: ArrayRecord  # the global model after that round
+    result: Result  # Flower's per-round metrics so far (received evaluations apart)
+    train_log: dict[int, RoundLog]
+    evaluate_log: dict[int, RoundLog]
+    received_evaluations: dict[int, MetricRecord]  # evaluations that came with updates
+    timing: list[dict[str, float]]  # ``timing_table`` rows of the rounds so far
+    rng: dict  # the server's random generators (:func:`fedaug_flwr.training.rng_state`)
+    # a server optimizer's own state (FedAvgM's momentum, FedAdam's moments), by name
+    server_state: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class RoundHooks:
+    """How a FedAvg phase meets the run's checkpoint: the progress to go on from (None:
+    round 1) and what to call after every round."""
+
+    resume: PhaseProgress | None = None
+    after_round: Callable[[PhaseProgress], None] | None = None
 
 
 def short_reason(reason: str) -> str:
@@ -211,6 +245,7 @@ class RoutedFedAvg(FedAvg):
         self._received_evaluations: dict[int, MetricRecord] = {}
         self._sent: dict[tuple[str, int], list[Message]] = {}
         self._marks: dict[int, dict[str, float]] = {}
+        self._earlier_timing: dict[int, dict[str, float]] = {}  # rounds before a resume
 
     def parameters(self) -> dict[str, float]:
         """The server strategy's own settings, as ``summary.json`` records them."""
@@ -232,11 +267,16 @@ class RoutedFedAvg(FedAvg):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ):
+        resume: PhaseProgress | None = None,
+        after_round: Callable[[PhaseProgress], None] | None = None,
+    ) -> Result:
         """FedAvg's ``start``, with the server-side evaluation timed per round.
 
         Evaluations received with the next round's updates are added to the
-        result under the round of the model they evaluated.
+        result under the round of the model they evaluated. ``resume``: go on
+        after its completed round instead of starting at round 1 (``initial_arrays``
+        still fixes the names, shapes and dtypes every update must have);
+        ``after_round`` is given the phase's progress after every round.
         """
         self.round_timeout = timeout  # to tell "no reply in time" from other failures
         # Every update must match the initial model's arrays (or the dtypes of the model
@@ -253,18 +293,118 @@ class RoutedFedAvg(FedAvg):
                 finally:
                     self._mark(server_round, "global-evaluate-end")
 
-        result = super().start(
+        result = self._rounds(
             grid,
             initial_arrays,
-            num_rounds=num_rounds,
-            timeout=timeout,
-            train_config=train_config,
-            evaluate_config=evaluate_config,
-            evaluate_fn=timed_evaluate_fn,
+            num_rounds,
+            timeout,
+            train_config or ConfigRecord(),
+            evaluate_config or ConfigRecord(),
+            timed_evaluate_fn,
+            resume,
+            after_round,
         )
         if self._received_evaluations:
             by_round = {**result.evaluate_metrics_clientapp, **self._received_evaluations}
             result.evaluate_metrics_clientapp = dict(sorted(by_round.items()))
+        return result
+
+    def _rounds(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int,
+        timeout: float,
+        train_config: ConfigRecord,
+        evaluate_config: ConfigRecord,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None,
+        resume: PhaseProgress | None,
+        after_round: Callable[[PhaseProgress], None] | None,
+    ) -> Result:
+        """The rounds of Flower 1.42's ``Strategy.start``, step for step and with its log
+        lines (the launcher's progress reads ``[ROUND r/n]``), from round 1 or from the
+        round after ``resume``. Our own because Flower's always starts at round 1 and
+        has no hook after a round, which a resumable run needs."""
+        log.info("Starting %s strategy:", self.__class__.__name__)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
+        self.summary()
+        started = time.time()
+        if resume is None:
+            result, arrays, first_round = Result(), initial_arrays, 1
+            if evaluate_fn:  # the starting global model
+                res = evaluate_fn(0, initial_arrays)
+                log.info("Initial global evaluation results: %s", res)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[0] = res
+        else:
+            result, arrays = self._restore(resume), resume.arrays
+            first_round = resume.completed_round + 1
+            log.info("Resuming after round %d of %d", resume.completed_round, num_rounds)
+        for current_round in range(first_round, num_rounds + 1):
+            log.info("")
+            log.info("[ROUND %s/%s]", current_round, num_rounds)
+            train_replies = grid.send_and_receive(
+                messages=self.configure_train(current_round, arrays, train_config, grid),
+                timeout=timeout,
+            )
+            agg_arrays, agg_train_metrics = self.aggregate_train(current_round, train_replies)
+            if agg_arrays is not None:
+                result.arrays = arrays = agg_arrays
+            if agg_train_metrics is not None:
+                log.info("\t└──> Aggregated MetricRecord: %s", agg_train_metrics)
+                result.train_metrics_clientapp[current_round] = agg_train_metrics
+            evaluate_replies = grid.send_and_receive(
+                messages=self.configure_evaluate(current_round, arrays, evaluate_config, grid),
+                timeout=timeout,
+            )
+            agg_evaluate_metrics = self.aggregate_evaluate(current_round, evaluate_replies)
+            if agg_evaluate_metrics is not None:
+                log.info("\t└──> Aggregated MetricRecord: %s", agg_evaluate_metrics)
+                result.evaluate_metrics_clientapp[current_round] = agg_evaluate_metrics
+            if evaluate_fn:
+                log.info("Global evaluation")
+                res = evaluate_fn(current_round, arrays)
+                log.info("\t└──> MetricRecord: %s", res)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[current_round] = res
+            if after_round is not None:
+                after_round(self.progress(current_round, arrays, result))
+        log.info("Strategy execution finished in %.2fs", time.time() - started)
+        return result
+
+    def progress(self, completed_round: int, arrays: ArrayRecord, result: Result) -> PhaseProgress:
+        """The phase's state after ``completed_round`` (see :class:`PhaseProgress`)."""
+        return PhaseProgress(
+            completed_round=completed_round,
+            arrays=arrays,
+            result=result,
+            train_log=dict(self.train_log),
+            evaluate_log=dict(self.evaluate_log),
+            received_evaluations=dict(self._received_evaluations),
+            timing=self.timing_table(),
+            rng=rng_state(),
+            server_state=self.server_state(),
+        )
+
+    def server_state(self) -> dict[str, np.ndarray]:
+        """What the server strategy carries from round to round besides the global model
+        (nothing for FedAvg; see FedAvgM and FedAdam below)."""
+        return {}
+
+    def load_server_state(self, state: dict[str, np.ndarray]) -> None:
+        """Take up :meth:`server_state`'s arrays after a resume."""
+
+    def _restore(self, resume: PhaseProgress) -> Result:
+        """Take up ``resume``'s state: logs, received evaluations, timings, random
+        generators (Flower samples the nodes of the next round with ``random``)."""
+        self.train_log = dict(resume.train_log)
+        self.evaluate_log = dict(resume.evaluate_log)
+        self._received_evaluations = dict(resume.received_evaluations)
+        self._earlier_timing = {int(row["round"]): dict(row) for row in resume.timing}
+        set_rng_state(resume.rng)
+        self.load_server_state(resume.server_state)
+        result = resume.result
+        result.arrays = resume.arrays
         return result
 
     def _evaluated_on_receipt(self, server_round: int) -> bool:
@@ -302,7 +442,11 @@ class RoutedFedAvg(FedAvg):
 
     def timing_table(self) -> list[dict[str, float]]:
         """``round_timing`` of every round so far, each row with its ``round`` number."""
-        return [{"round": r, **self.round_timing(r)} for r in sorted(self._marks)]
+        rows = {
+            **self._earlier_timing,
+            **{r: {"round": r, **self.round_timing(r)} for r in self._marks},
+        }
+        return [rows[r] for r in sorted(rows)]
 
     def _route(self, messages: Iterable[Message], category: str, server_round: int) -> list:
         routed = []
@@ -552,6 +696,16 @@ class RoutedFedAvgM(RoutedFedAvg, FedAvgM):
     def parameters(self) -> dict[str, float]:
         return {"server-lr": self.server_learning_rate, "server-momentum": self.server_momentum}
 
+    # The momentum goes into the checkpoint; the model its step starts from is the global
+    # model a resumed phase starts with (FedAvgM takes it in ``configure_train``).
+    def server_state(self) -> dict[str, np.ndarray]:
+        momentum = self.momentum_vector or []
+        return {f"momentum/{i:04d}": array for i, array in enumerate(momentum)}
+
+    def load_server_state(self, state: dict[str, np.ndarray]) -> None:
+        names = sorted(name for name in state if name.startswith("momentum/"))
+        self.momentum_vector = [state[name] for name in names] or None
+
 
 class RoutedFedAdam(RoutedFedAvg, FedAdam):
     """Server Adam on ``delta = mean - w`` (Flower's ``FedAdam``, Reddi et al.):
@@ -577,6 +731,20 @@ class RoutedFedAdam(RoutedFedAvg, FedAdam):
 
     def parameters(self) -> dict[str, float]:
         return {"eta": self.eta, "tau": self.tau, "beta1": self.beta_1, "beta2": self.beta_2}
+
+    # The moments go into the checkpoint (FedAdam takes the model from ``configure_train``).
+    def server_state(self) -> dict[str, np.ndarray]:
+        moments = {"m": self.m_t or {}, "v": self.v_t or {}}
+        return {
+            f"{kind}/{name}": array
+            for kind, arrays in moments.items()
+            for name, array in arrays.items()
+        }
+
+    def load_server_state(self, state: dict[str, np.ndarray]) -> None:
+        for kind, attribute in (("m", "m_t"), ("v", "v_t")):
+            arrays = {k.split("/", 1)[1]: a for k, a in state.items() if k.startswith(f"{kind}/")}
+            setattr(self, attribute, arrays or None)
 
 
 STRATEGIES: dict[str, type[RoutedFedAvg]] = {

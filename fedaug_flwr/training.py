@@ -9,6 +9,7 @@ the same loop. Nothing here knows about Flower.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -205,3 +206,24 @@ def seeded(seed: int, phase: int, build: Callable[[], nn.Module]) -> dict[str, t
     with torch.random.fork_rng():
         torch.manual_seed(seed_for(seed, phase))
         return build().state_dict()
+
+
+def rng_state() -> dict:
+    """The process's global random generators (``random``, NumPy's, torch's CPU one) as
+    plain data (lists and numbers), for a checkpoint; :func:`set_rng_state` puts it back."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "random": [version, list(mt), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """The generators as :func:`rng_state` found them."""
+    version, mt, gauss = state["random"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))

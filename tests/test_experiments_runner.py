@@ -104,6 +104,45 @@ def test_half_written_and_failed_runs_are_cleared_and_run_again(tmp_path):
     assert run_status(tmp_path, half) == run_status(tmp_path, failed) == "complete"
 
 
+def checkpoint_of(folder: Path, run_config: dict) -> Path:
+    """A checkpoint (after the CVAE) of ``run_config`` in ``folder``, as a run leaves it."""
+    from fedaug_flwr.checkpoint import Checkpoint
+    from fedaug_flwr.config import AppConfig
+
+    config = AppConfig.from_run_config({**run_config, "output-dir": str(folder)})
+    checkpoint = Checkpoint(folder, config.to_run_config(), time.time())
+    checkpoint.steps["cvae"] = {"value": {"section": {}}}
+    return checkpoint.save()
+
+
+def test_an_interrupted_run_with_a_checkpoint_is_resumed_not_cleared(tmp_path):
+    spec = parse_spec(SPEC)
+    run = spec.runs()[0]
+    folder = run_dir(tmp_path, run)
+    checkpoint = checkpoint_of(folder, run.run_config)
+    (folder / "cvae.pt").write_bytes(b"the model the checkpoint refers to")
+    (folder / RUN_LOG).write_text("the interrupted attempt\n")
+    write_failure(folder)
+    write_json(folder / "run-state.json", {"status": "interrupted"})
+    launcher = RecordingLauncher()
+    report = run_sweep(spec, tmp_path, runs=[run], launcher=launcher, out=io.StringIO())
+    assert report.completed == [run]
+    assert checkpoint.exists() and (folder / "cvae.pt").exists()  # kept for the run to resume
+    log = (folder / RUN_LOG).read_text()
+    assert log.startswith("the interrupted attempt\n") and "---- resumed" in log
+    assert not (folder / FAILURE).exists()
+
+
+def test_a_checkpoint_of_another_configuration_stops_the_sweep(tmp_path):
+    spec = parse_spec(SPEC)
+    run = spec.runs()[0]
+    checkpoint_of(run_dir(tmp_path, run), {**run.run_config, "clf-rounds": 15})
+    launcher = RecordingLauncher()
+    with pytest.raises(SweepError, match="clf-rounds: checkpoint 15, this run 1"):
+        run_sweep(spec, tmp_path, launcher=launcher, out=io.StringIO())
+    assert launcher.calls == []
+
+
 def test_an_unreadable_summary_does_not_count_as_complete(tmp_path):
     spec = parse_spec(SPEC)
     run = spec.runs()[0]
@@ -306,3 +345,97 @@ def yaml_safe_load(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def without_volatile(value):
+    """A summary without what differs between two real runs of one config anyway: times,
+    Flower's run and node ids (random in every simulation), folders, the Ray cluster."""
+    volatile = {
+        "run-id",
+        "node-id",
+        "started-at",
+        "finished-at",
+        "output-dir",
+        "timing-s",
+        "round-timing-s",
+        "resumed",
+        "ray-cluster",
+    }
+    if isinstance(value, dict):
+        return {k: without_volatile(v) for k, v in value.items() if k not in volatile}
+    if isinstance(value, list):
+        return [without_volatile(v) for v in value]
+    return value
+
+
+@pytest.mark.simulation
+def test_a_real_run_stopped_mid_phase_resumes_with_the_same_command_and_results(tmp_path):
+    """A real sweep is stopped (SIGTERM) once its run has checkpointed a classifier round;
+    the same command again resumes that run, and its summary equals that of the same
+    run never stopped, bit for bit (node ids and times aside)."""
+    from fedaug_flwr.checkpoint import CHECKPOINT, Checkpoint
+    from fedaug_flwr.config import AppConfig
+
+    experiment = tmp_path / "resume.yaml"
+    experiment.write_text(
+        "federation: {num-supernodes: 2}\n"
+        "base: {cvae-rounds: 2, clf-rounds: 4, num-synthetic: 20, quality-samples: 0}\n"
+        "seeds: [0]\n"
+    )
+    run = parse_spec(yaml_safe_load(experiment)).runs()[0]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "fedaug_flwr.experiments", "run", str(experiment)]
+
+    stopped = tmp_path / "stopped"
+    folder = run_dir(stopped, run)
+    config = AppConfig.from_run_config({**run.run_config, "output-dir": str(folder)})
+    sweep = subprocess.Popen(
+        [*command, "--out", str(stopped)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and sweep.poll() is None:
+            if (folder / CHECKPOINT).exists():
+                where = Checkpoint.load(folder, config.to_run_config()).where()
+                if where.startswith("classifier round"):
+                    break
+            time.sleep(0.2)
+        sweep.send_signal(signal.SIGTERM)
+        first = sweep.communicate(timeout=120)[0]
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 130, first[-3000:]
+    assert run_status(stopped, run) == "interrupted" and (folder / CHECKPOINT).exists()
+
+    again = subprocess.run(
+        [*command, "--out", str(stopped)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    resumed = read_summary(folder)
+    assert resumed["resumed"][0]["from"].startswith("classifier round")
+    assert "---- resumed" in (folder / RUN_LOG).read_text()
+    assert not (folder / CHECKPOINT).exists()
+
+    whole = subprocess.run(
+        [*command, "--out", str(tmp_path / "whole")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    uninterrupted = read_summary(run_dir(tmp_path / "whole", run))
+    assert without_volatile(resumed) == without_volatile(uninterrupted)
+    assert len(resumed["classifier"]["rounds"]) == 4

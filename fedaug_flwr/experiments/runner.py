@@ -5,10 +5,12 @@ writes it last, atomically) and the launch that wrote it ended normally: the
 runner records each launch in ``run-state.json`` (``running`` before it
 starts, then Flower's final status, or ``interrupted``), so a summary that
 appears after an interruption does not count. Complete runs are skipped, so an
-interrupted sweep continues where it stopped; any other folder (a run that was
-killed half-way, interrupted, or failed) is cleared and run again. A failing
-run does not stop the sweep: it leaves ``failure.json`` and is reported at the
-end. One sweep at a time holds a sweep folder (a lock file with its pid).
+interrupted sweep continues where it stopped. A run that stopped half-way
+(killed, interrupted or failed) resumes from the last round its checkpoint holds
+(:mod:`fedaug_flwr.checkpoint`); a folder without one is cleared and run again.
+A failing run does not stop the sweep: it leaves ``failure.json`` and is
+reported at the end. One sweep at a time holds a sweep folder (a lock file with
+its pid).
 
 Each run goes through :func:`fedaug_flwr.launch.simulate` (``flwr run`` on a
 private SuperLink); its log goes to ``flwr.log`` in the run's folder.
@@ -30,6 +32,7 @@ from typing import Any, TextIO
 import yaml
 
 from fedaug_flwr import launch
+from fedaug_flwr.checkpoint import CHECKPOINT, CheckpointError, check_folder
 from fedaug_flwr.config import AppConfig
 from fedaug_flwr.data import IDX_DATASETS, DataError, resolve_source
 from fedaug_flwr.experiments.grid import (
@@ -236,14 +239,21 @@ def _execute(
     """One run in a clean folder; returns None on success, else the reason it failed."""
     cluster = {} if ray_address is None else {"ray_address": ray_address}
     folder = run_dir(sweep_dir, run)
-    if folder.exists():
+    resumes = (folder / CHECKPOINT).is_file()  # its config was checked before the sweep
+    if resumes:  # the run goes on from its checkpoint; the earlier attempt's end is void
+        for stale in (SUMMARY, FAILURE):
+            (folder / stale).unlink(missing_ok=True)
+    elif folder.exists():
         shutil.rmtree(folder)  # half-written or failed before: start from nothing
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     # Until the launcher returns, nothing in this folder counts as a completed run.
     write_launch_state(folder, "running", pid=os.getpid(), started=time.strftime("%F %T"))
     run_config = {**run.run_config, "output-dir": str(folder)}
     try:
-        with (folder / RUN_LOG).open("w") as log:
+        # a resumed run's log goes on after the interrupted attempt's
+        with (folder / RUN_LOG).open("a" if resumes else "w") as log:
+            if resumes:
+                log.write(f"\n---- resumed {time.strftime('%F %T')} ----\n")
             stream = _Tee(log, echo) if echo is not None else log
             outcome = launcher(
                 run_config,
@@ -291,10 +301,19 @@ def _failure_reason(folder: Path) -> str:
 
 
 def _check_stored_configs(sweep_dir: Path, runs: Sequence[Run]) -> None:
-    """Refuse to mix results of another configuration into this sweep folder."""
+    """Refuse to mix results of another configuration into this sweep folder: completed
+    runs, and interrupted ones that would resume from their checkpoint."""
     for run in runs:
-        summary = read_summary(run_dir(sweep_dir, run))
+        folder = run_dir(sweep_dir, run)
+        summary = read_summary(folder)
         if summary is None:
+            config = {**run.run_config, "output-dir": str(folder)}
+            try:
+                check_folder(folder, AppConfig.from_run_config(config).to_run_config())
+            except CheckpointError as error:
+                raise SweepError(
+                    f"{folder} holds an interrupted run that cannot be resumed: {error}"
+                ) from error
             continue
         differences = config_mismatch(summary, run)
         if differences:
