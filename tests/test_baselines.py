@@ -61,3 +61,12 @@ def test_a_sweep_finds_each_data_set_through_its_own_variable(tmp_path, monkeypa
     # full MNIST missing: the run would quietly train on the 5,000 bundled digits
     with pytest.raises(SweepError, match=r"'mnist' would run on 'mnist-5k' .*\$FEDAUG_DATA_DIR"):
         check_data(runs)
+
+
+def test_runs_that_leave_the_data_set_to_the_default_pass_the_check(tmp_path, monkeypatch):
+    """No ``dataset`` or ``data-dir`` in a run's config: the app's defaults (the bundled
+    digits, offline) are checked, not an empty name."""
+    experiment = tmp_path / "plain.yaml"
+    experiment.write_text("base: {clf-rounds: 1}\nseeds: [0, 1]\n")
+    monkeypatch.delenv("FEDAUG_DATA_DIR", raising=False)
+    check_data(load_spec(experiment).runs())

@@ -166,12 +166,11 @@ def check_data(runs: Sequence[Run]) -> None:
     set's own variable ($FEDAUG_DATA_DIR, $FEDAUG_FASHION_DATA_DIR), and an ``mnist`` run
     that would fall back to the bundled digits, or a missing Fashion-MNIST, stops the
     sweep here instead of spoiling (or failing) its runs one by one."""
-    wanted = {
-        (str(run.run_config.get("dataset", "")), str(run.run_config.get("data-dir", "")))
-        for run in runs
-    }
-    for dataset, data_dir in sorted(wanted):
-        config = AppConfig.from_run_config({"dataset": dataset, "data-dir": data_dir})
+    wanted = {(run.run_config.get("dataset"), run.run_config.get("data-dir")) for run in runs}
+    for dataset, data_dir in sorted(wanted, key=str):
+        # a key a run leaves out takes the app's default (None is no value to validate)
+        given = {"dataset": dataset, "data-dir": data_dir}
+        config = AppConfig.from_run_config({k: v for k, v in given.items() if v is not None})
         try:
             source, folder, fallback = resolve_source(config.dataset, config.data_dir)
         except DataError as error:
