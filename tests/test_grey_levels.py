@@ -139,7 +139,9 @@ def test_a_tiny_grey_level_run_with_imputation_through_the_real_pipeline(fashion
     """Fashion-MNIST, grey: CVAE, grey synthetic images made anew each round (from the
     generator each client keeps), a classifier on real + synthetic grey images, with FedProx."""
     summary, grid = grey_run(
-        fashion_folder, tmp_path, **{"synthetic-refresh": "every-round", "proximal-mu": 0.01}
+        fashion_folder,
+        tmp_path,
+        **{"synthetic-refresh": "every-round", "clf-strategy": "fedprox", "proximal-mu": 0.01},
     )
     assert summary["data"]["source"] == "fashion-mnist"
     assert summary["data"]["fallback-reason"] == ""
