@@ -112,6 +112,12 @@ class ClientLevelDP(DifferentialPrivacyServerSideFixedClipping):
         return self.inner.timing_table()
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs):
+        # Flower's wrapper runs Flower's own round loop, which cannot start after a
+        # completed round; its rounds are not checkpointed (after_round is never called),
+        # so an interrupted run has no CVAE progress to resume and redoes this phase whole.
+        kwargs.pop("after_round", None)
+        if kwargs.pop("resume", None) is not None:
+            raise RuntimeError("client-level DP's CVAE rounds cannot resume mid-phase")
         self.inner.round_timeout = kwargs.get("timeout")
         self.inner._model = initial_arrays  # every update must match the model's arrays
         self.inner._num_rounds = num_rounds
