@@ -211,3 +211,52 @@ def finetune_sweep(folder: Path) -> SweepSpec:
 
 def write_failure(folder: Path, error: str = "PhaseError: boom") -> None:
     write_json(folder / FAILURE, {"status": "failed", "error": error})
+
+
+PRIVACY_SPEC = {
+    "name": "fixture-privacy",
+    "federation": {"num-supernodes": 3},
+    "base": {"imputation": "minority", "num-synthetic": 100, "cvae-dp-noise": 0.0},
+    "axes": {"cvae-dp": ["off", "sample"], "cvae-dp-epsilon": [0.0, 8.0, 1.0]},
+    "exclude": [
+        {"cvae-dp": "off", "cvae-dp-epsilon": [8.0, 1.0]},
+        {"cvae-dp": "sample", "cvae-dp-epsilon": 0.0},
+    ],
+    "seeds": [0, 1, 2],
+}
+
+# Final client macro-F1 per budget (0.0: no DP) for seeds 0, 1, 2; the loss-attack AUC
+# and flagged share fall with the budget.
+PRIVACY_F1 = {0.0: [0.6, 0.7, 0.8], 8.0: [0.58, 0.69, 0.77], 1.0: [0.4, 0.45, 0.65]}
+PRIVACY_AUC = {0.0: 0.6, 8.0: 0.55, 1.0: 0.5}
+
+
+def privacy_section(auc: float, flagged: float) -> dict[str, Any]:
+    """``summary.json``'s ``privacy`` section as ``pipeline`` writes it (the parts the
+    tables read)."""
+    attack = {"clients": NUM_CLIENTS, "mean": auc, "std": 0.01, "pooled": None}
+    return {
+        "audit": {
+            "clients": NUM_CLIENTS,
+            "flagged-share": flagged,
+            "flagged-share-reference": 0.05,
+            "flagged-excess-mean": flagged - 0.05,
+            "exact-copies": 0,
+        },
+        "membership-inference": {"loss": attack, "generated-nearest": {**attack, "mean": 0.5}},
+    }
+
+
+def privacy_sweep(folder: Path) -> SweepSpec:
+    """Runs without DP and with sample-level DP at two budgets, with known numbers."""
+    spec = parse_spec(PRIVACY_SPEC)
+    write_spec(folder, spec)
+    for run in spec.runs():
+        cell = run.cell.as_dict()
+        budget = cell["cvae-dp-epsilon"]
+        summary = fake_summary(run.run_config, f1=PRIVACY_F1[budget][run.seed], loss=1.0)
+        summary["privacy"] = privacy_section(PRIVACY_AUC[budget], flagged=0.05 + budget / 100)
+        if cell["cvae-dp"] == "sample":
+            summary["cvae"]["dp"] = {"mode": "sample", "epsilon": budget * 0.99}
+        write_json(run_dir(folder, run) / SUMMARY, summary)
+    return spec

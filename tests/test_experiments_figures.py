@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from fedaug_flwr.experiments import __main__ as cli
-from fedaug_flwr.experiments import claims, figures
+from fedaug_flwr.experiments import aggregate, claims, figures, tradeoff
 from fedaug_flwr.experiments.aggregate import write_tables
 from fedaug_flwr.experiments.runner import run_dir
 from fedaug_flwr.results import SUMMARY
-from tests.sweep_fixtures import finetune_sweep, imputation_sweep
+from tests.sweep_fixtures import finetune_sweep, imputation_sweep, privacy_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -126,7 +126,7 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "global_accuracy_vs_k_averaged.png",
                 "claims.md",
             },
-            ["finetune_comparison", "finetune_comparison_global", "table1"],
+            ["finetune_comparison", "finetune_comparison_global", "table1", "privacy_tradeoff"],
         ),
         (
             "finetune",
@@ -218,3 +218,55 @@ def test_averages_over_beta_count_only_seeds_that_have_every_beta(tmp_path):
     assert minority["n"] == 2 and minority["mean"] == pytest.approx((0.75 + 0.8) / 2)
     overall = claims.imputation_claims(final_runs).iloc[0]
     assert overall["n"] == 2 and overall["mean"] == pytest.approx(0.06)  # seeds 0, 1 only
+
+
+def test_privacy_tradeoff_pairs_each_budget_with_the_no_dp_run_of_its_seed(tmp_path):
+    privacy_sweep(tmp_path)
+    table = tradeoff.tradeoff_table(write_tables(tmp_path).final_runs).set_index("budget")
+    assert list(table.index) == ["∞ (no DP)", "8", "1"]  # no DP first, then tighter budgets
+    assert table.loc["8", "runs"] == 3 and table.loc["1", "epsilon-spent-max"] == 0.99
+    assert table.loc["1", "test-macro-f1-mean"] == pytest.approx(0.5)
+    # budget 1 minus no DP per seed: -0.2, -0.25, -0.15; std 0.05, t(0.975, 2) = 4.3027
+    tight = table.loc["1"]
+    assert tight["test-macro-f1-diff-mean"] == pytest.approx(-0.2)
+    half = 4.3027 * 0.05 / np.sqrt(3)
+    assert tight["test-macro-f1-diff-low"] == pytest.approx(-0.2 - half, abs=1e-4)
+    assert tight["test-macro-f1-diff-high"] == pytest.approx(-0.2 + half, abs=1e-4)
+    assert tight["privacy-auc-loss-diff-mean"] == pytest.approx(-0.1)
+    text = tradeoff.tradeoff_markdown(write_tables(tmp_path).final_runs)
+    assert f"-0.200 [{-0.2 - half:+.3f}, {-0.2 + half:+.3f}], n=3: lower" in text
+    # budget 8: -0.02, -0.01, -0.03: the interval [-0.045, +0.005] covers zero
+    assert "-0.020 [-0.045, +0.005], n=3: inconclusive" in text
+    assert "| ∞ (no DP) | 3 | – |" in text and "0.050 ± 0.000 (0.050)" in text
+
+
+def test_privacy_tradeoff_is_drawn_for_a_budget_sweep_only(tmp_path, capsys):
+    privacy_sweep(tmp_path / "privacy")
+    assert cli.main(["plot", str(tmp_path / "privacy")]) == 0
+    assert_png(tmp_path / "privacy" / "figures" / "privacy_tradeoff.png")
+    # the study's figures would average the three budgets at k = 100: skipped, saying why
+    stdout = capsys.readouterr().out
+    assert "skipped macro_f1_vs_k_minority: test-macro-f1 vs k: 3 cells at beta=" in stdout
+    assert "skipped macro_f1_vs_k_averaged: average over beta: 3 cells" in stdout
+    assert "n=3: lower" in (tmp_path / "privacy" / "figures" / "privacy_tradeoff.md").read_text()
+    imputation_sweep(tmp_path / "plain")
+    with pytest.raises(tradeoff.FigureError, match="needs a sweep over cvae-dp-epsilon"):
+        tradeoff.tradeoff_table(write_tables(tmp_path / "plain").final_runs)
+
+
+def test_privacy_tradeoff_refuses_dp_runs_without_a_budget(tmp_path):
+    privacy_sweep(tmp_path)
+    final_runs = write_tables(tmp_path).final_runs
+    final_runs.loc[final_runs["cvae-dp-epsilon"] == 8.0, "cvae-dp-epsilon"] = 0.0
+    with pytest.raises(tradeoff.FigureError, match="DP but no budget"):
+        tradeoff.tradeoff_table(final_runs)
+
+
+def test_runs_with_pretraining_are_not_the_k0_point_of_the_imputation_curves(tmp_path):
+    finetune_sweep(tmp_path)
+    final_runs = write_tables(tmp_path).final_runs
+    assert set(final_runs["pretrain"]) == {"off", "federated"}
+    for mode in ("uniform", "minority"):
+        curve = aggregate.imputation_curve(final_runs, mode)
+        assert set(curve["pretrain"]) == {"off"} and len(curve) == 4  # 2 betas x 2 seeds
+        aggregate.require_one_cell_per_point(curve, "test")  # one cell per (beta, k) left

@@ -335,8 +335,30 @@ def is_baseline(table: pd.DataFrame) -> pd.Series:
 
 def imputation_curve(table: pd.DataFrame, mode: str) -> pd.DataFrame:
     """Rows of one imputation mode plus the no-synthetic baseline as its k = 0 (runs
-    without synthetic images are the k = 0 point of both the uniform and minority curves)."""
+    without synthetic images are the k = 0 point of both the uniform and minority curves).
+    Runs with pretraining (the finetune variant) are not on the curves: their k = 0 is not
+    the study's vanilla FedAvg."""
+    if "pretrain" in table:
+        table = table[table["pretrain"].astype(str) == "off"]
     rows = table[(table[MODE] == mode) & ~is_baseline(table)]
     baseline = table[is_baseline(table)].copy()
     baseline[K] = 0
     return pd.concat([baseline, rows], ignore_index=True)
+
+
+def require_one_cell_per_point(curve: pd.DataFrame, what: str) -> None:
+    """A :class:`FigureError` when several cells share one (beta, k) point of an
+    :func:`imputation_curve`: the sweep varies more than beta, imputation and k (e.g.
+    ``cvae-dp`` or ``clf-strategy``), and a figure or claim of the study would silently
+    average over it."""
+    if "cell" not in curve or curve.empty:
+        return
+    cells = curve.groupby([BETA, K])["cell"].unique()
+    shared = cells[cells.map(len) > 1]
+    if not shared.empty:
+        (beta, k), names = shared.index[0], sorted(shared.iloc[0])
+        raise FigureError(
+            f"{what}: {len(names)} cells at beta={beta:g}, k={int(k)} ({', '.join(names)}); "
+            "the sweep varies more than beta, imputation and k, which the study's figures "
+            "and claims would average over"
+        )

@@ -26,14 +26,15 @@ from fedaug_flwr.experiments.aggregate import (
     FigureError,
     K,
     imputation_curve,
+    require_one_cell_per_point,
 )
 
 
 def per_seed(final_runs: pd.DataFrame, mode: str, metric: str = F1) -> pd.DataFrame:
     """One row per seed, one column per (beta, k) of ``mode`` (k = 0: no synthetic images)."""
-    return imputation_curve(final_runs, mode).pivot_table(
-        index="seed", columns=[BETA, K], values=metric
-    )
+    curve = imputation_curve(final_runs, mode)
+    require_one_cell_per_point(curve, "imputation claims")
+    return curve.pivot_table(index="seed", columns=[BETA, K], values=metric)
 
 
 def interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:

@@ -31,10 +31,12 @@ from fedaug_flwr.experiments.aggregate import (
     Tables,
     imputation_curve,
     is_baseline,
+    require_one_cell_per_point,
     write_tables,
 )
 from fedaug_flwr.experiments.claims import claims_report
 from fedaug_flwr.experiments.runner import read_spec, run_dir
+from fedaug_flwr.experiments.tradeoff import plot_privacy_tradeoff, tradeoff_markdown
 from fedaug_flwr.results import read_summary, write_atomic
 
 FIGURES_DIR = "figures"
@@ -175,6 +177,8 @@ def plot_test_loss_per_round(
     table = rounds_cells[rounds_cells["phase"] == "classifier"]
     if not any((imputation_curve(table, mode)[K] > 0).any() for mode in modes):
         raise FigureError(f"test loss per round: no runs with {' or '.join(modes)} imputation")
+    for mode in modes:
+        require_one_cell_per_point(imputation_curve(table, mode), "test loss per round")
     betas = sorted(table[BETA].unique())
     rounds = sorted(int(r) for r in table["round"].unique())
     figure = Figure(figsize=(3.4 * len(betas) + 1.5, 3.0 * len(modes)))
@@ -235,6 +239,7 @@ def plot_macro_f1_vs_k(final_cells: pd.DataFrame, path: Path, mode: str, metric:
     curve = imputation_curve(final_cells, mode)
     if (curve[K] > 0).sum() == 0:
         raise FigureError(f"macro-F1 vs k: no runs with {mode} imputation")
+    require_one_cell_per_point(curve, f"{metric} vs k")
     positions = _k_positions(curve[K].unique())
     figure = Figure(figsize=(6.5, 4.2))
     axis = figure.subplots()
@@ -263,6 +268,7 @@ def averaged_over_beta(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFra
         curve = imputation_curve(final_runs, mode)
         if (curve[K] > 0).sum() == 0:
             continue
+        require_one_cell_per_point(curve, "average over beta")
         betas = curve[BETA].nunique()
         grouped = curve.groupby([K, "seed"])[metric]
         per_seed = grouped.mean()[grouped.count() == betas].reset_index()  # seeds with every beta
@@ -486,6 +492,13 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
         return write_atomic(out / "claims.md", lambda tmp: tmp.write_text(text))
 
     attempt("claims", claims)
+
+    def privacy_tradeoff() -> Path:
+        text = tradeoff_markdown(tables.final_runs)  # raises first when budgets are not swept
+        write_atomic(out / "privacy_tradeoff.md", lambda tmp: tmp.write_text(text))
+        return save_figure(plot_privacy_tradeoff(tables.final_runs), out / "privacy_tradeoff.png")
+
+    attempt("privacy_tradeoff", privacy_tradeoff)
     return drawn
 
 

@@ -1,0 +1,223 @@
+"""What the CVAE's differential privacy costs and buys: a sweep over privacy budgets drawn
+as one figure and summarized in one table.
+
+A run's **budget** is its ``cvae-dp-epsilon`` when its CVAE was trained with DP (its
+summary then reports the epsilon spent, column ``cvae-dp-epsilon-spent``) and infinity
+when it was not. Per budget the figure shows, over seeds, what a user pays and gets:
+generator quality (a classifier trained on synthetic images, tested on real ones, beside
+the same classifier trained on real images), the memorization audit's flagged share
+(beside its chance level), the membership attacks' AUC (0.5 = nothing learned) and the
+clients' final macro-F1. The table adds each budget's paired difference from the no-DP
+runs of the same seed (same partition, same initial models) with a 95 % t interval; an
+interval that covers zero is reported as inconclusive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from fedaug_flwr.experiments.aggregate import F1, FigureError
+from fedaug_flwr.experiments.claims import interval
+
+BUDGET = "budget"
+EPSILON_KEY, SPENT = "cvae-dp-epsilon", "cvae-dp-epsilon-spent"
+SYNTHETIC_ACCURACY, REAL_ACCURACY = "quality-synthetic-accuracy", "quality-real-accuracy"
+FLAGGED, FLAGGED_CHANCE = "privacy-flagged-share", "privacy-flagged-share-reference"
+AUC_ATTACKS = {"privacy-auc-loss": "loss attack", "privacy-auc-generated-nearest": "nearest"}
+# What the table compares with the no-DP runs, and how each is written.
+PAIRED = {
+    SYNTHETIC_ACCURACY: "train-on-synthetic accuracy",
+    "privacy-auc-loss": "loss-attack AUC",
+    F1: "client macro-F1",
+}
+
+
+def with_budgets(final_runs: pd.DataFrame) -> pd.DataFrame:
+    """``final_runs`` with a ``budget`` column (infinity for runs without DP); a
+    :class:`FigureError` when the sweep does not vary the budget."""
+    needed = [EPSILON_KEY, F1]
+    missing = [c for c in needed if c not in final_runs.columns]
+    if missing or final_runs.empty:
+        raise FigureError(
+            f"privacy trade-off: needs a sweep over {EPSILON_KEY} with complete runs "
+            f"(missing columns {missing})"
+            if missing
+            else "privacy trade-off: no complete runs yet"
+        )
+    table = final_runs.copy()
+    private = table[SPENT].notna() if SPENT in table else pd.Series(False, index=table.index)
+    unbudgeted = private & ~(table[EPSILON_KEY] > 0)
+    if unbudgeted.any():
+        raise FigureError(
+            "privacy trade-off: runs with DP but no budget (cvae-dp-epsilon = 0, a fixed "
+            f"noise) cannot be placed on the budget axis: {sorted(table.loc[unbudgeted, 'cell'])}"
+        )
+    table[BUDGET] = np.where(private, table[EPSILON_KEY].astype(float), math.inf)
+    if table[BUDGET].nunique() < 2:
+        raise FigureError("privacy trade-off: the runs have a single privacy budget")
+    return table
+
+
+def _budget_order(table: pd.DataFrame) -> list[float]:
+    """No DP first, then budgets from the loosest to the tightest."""
+    return sorted(table[BUDGET].unique(), reverse=True)
+
+
+def budget_label(budget: float) -> str:
+    return "∞ (no DP)" if math.isinf(budget) else f"{budget:g}"
+
+
+def tradeoff_table(final_runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per budget: runs, the largest epsilon spent, mean and std over seeds of
+    every plotted number, and the paired differences from no DP (mean, 95 % interval)."""
+    table = with_budgets(final_runs)
+    columns = [
+        c
+        for c in (SPENT, SYNTHETIC_ACCURACY, "quality-frechet-distance", FLAGGED, FLAGGED_CHANCE)
+        if c in table
+    ]
+    columns += [c for c in (*AUC_ATTACKS, F1) if c in table]
+    baseline = table[np.isinf(table[BUDGET])].set_index("seed")
+    rows = []
+    for budget in _budget_order(table):
+        group = table[table[BUDGET] == budget]
+        row: dict[str, float | str | int] = {BUDGET: budget_label(budget), "runs": len(group)}
+        if SPENT in group and group[SPENT].notna().any():
+            row["epsilon-spent-max"] = float(group[SPENT].max())
+        for column in columns:
+            if column == SPENT:
+                continue
+            row[f"{column}-mean"] = float(group[column].mean())
+            row[f"{column}-std"] = float(group[column].std()) if len(group) > 1 else math.nan
+        if not math.isinf(budget):
+            for column in (c for c in PAIRED if c in table):
+                pairs = group.set_index("seed")[column] - baseline[column]
+                differences = pairs.dropna()
+                low, high = interval(differences.to_list())
+                row[f"{column}-diff-mean"] = float(differences.mean())
+                row[f"{column}-diff-low"], row[f"{column}-diff-high"] = low, high
+                row[f"{column}-diff-n"] = len(differences)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _direction(low: float, high: float) -> str:
+    if math.isnan(low):
+        return "inconclusive (n < 2)"
+    if low > 0:
+        return "higher"
+    if high < 0:
+        return "lower"
+    return "inconclusive"
+
+
+def tradeoff_markdown(final_runs: pd.DataFrame) -> str:
+    """The trade-off table as Markdown: mean ± std per budget, then the paired differences
+    from no DP with their intervals and what they support."""
+    table = tradeoff_table(final_runs)
+
+    def cell(row: pd.Series, column: str, digits: int = 3) -> str:
+        mean = row.get(f"{column}-mean")
+        if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+            return "–"
+        std = row.get(f"{column}-std")
+        spread = "" if std is None or math.isnan(std) else f" ± {std:.{digits}f}"
+        return f"{mean:.{digits}f}{spread}"
+
+    lines = [
+        "| budget epsilon | runs | epsilon spent (max) | train-on-synthetic accuracy | "
+        "Fréchet distance | flagged share (chance) | AUC loss | AUC nearest | "
+        "client macro-F1 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for _, row in table.iterrows():
+        spent = row.get("epsilon-spent-max")
+        flagged = cell(row, FLAGGED)
+        chance = row.get(f"{FLAGGED_CHANCE}-mean")
+        if chance is not None and not math.isnan(chance):
+            flagged += f" ({chance:.3f})"
+        lines.append(
+            f"| {row[BUDGET]} | {row['runs']} | "
+            f"{'–' if spent is None or math.isnan(spent) else f'{spent:.2f}'} | "
+            f"{cell(row, SYNTHETIC_ACCURACY)} | {cell(row, 'quality-frechet-distance', 0)} | "
+            f"{flagged} | {cell(row, 'privacy-auc-loss')} | "
+            f"{cell(row, 'privacy-auc-generated-nearest')} | {cell(row, F1)} |"
+        )
+    lines += [
+        "",
+        "Paired differences from the runs without DP (same seed), mean and 95 % t interval:",
+        "",
+        "| budget epsilon | " + " | ".join(PAIRED.values()) + " |",
+        "| --- | " + " | ".join("---" for _ in PAIRED) + " |",
+    ]
+    for _, row in table.iterrows():
+        if row[BUDGET].startswith("∞"):
+            continue
+        cells = []
+        for column in PAIRED:
+            mean = row.get(f"{column}-diff-mean")
+            if mean is None or math.isnan(mean):
+                cells.append("–")
+                continue
+            low, high = row[f"{column}-diff-low"], row[f"{column}-diff-high"]
+            n = int(row[f"{column}-diff-n"])
+            span = "" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"
+            cells.append(f"{mean:+.3f}{span}, n={n}: {_direction(low, high)}")
+        lines.append(f"| {row[BUDGET]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_privacy_tradeoff(final_runs: pd.DataFrame) -> Figure:
+    """Four panels over the budgets (no DP on the left): generator quality, the audit's
+    flagged share, the attacks' AUC, the clients' macro-F1; each seed as a dot, the mean
+    ± 1 std as a bar, the reference levels dashed."""
+    table = with_budgets(final_runs)
+    budgets = _budget_order(table)
+    position = {budget: i for i, budget in enumerate(budgets)}
+    x = table[BUDGET].map(position)
+    figure = Figure(figsize=(10, 7.5))
+    axes = figure.subplots(2, 2, sharex=True)
+
+    def series(axis, column: str, label: str, offset: float = 0.0, color: str = "C0") -> None:
+        if column not in table:
+            return
+        axis.plot(x + offset, table[column], "o", color=color, alpha=0.35, markersize=4)
+        grouped = table.groupby(BUDGET)[column]
+        means, stds = grouped.mean(), grouped.std()
+        xs = [position[b] + offset for b in means.index]
+        axis.errorbar(xs, means, yerr=stds.fillna(0), fmt="s", color=color, capsize=4, label=label)
+
+    def reference(axis, column: str, label: str) -> None:
+        if column in table and table[column].notna().any():
+            axis.axhline(table[column].mean(), color="grey", linestyle="--", label=label)
+
+    quality, audit, attacks, scores = axes.flat
+    series(quality, SYNTHETIC_ACCURACY, "trained on synthetic images")
+    reference(quality, REAL_ACCURACY, "trained on real images (mean)")
+    quality.set_title("generator: real-test accuracy of a classifier")
+    series(audit, FLAGGED, "synthetic images flagged")
+    reference(audit, FLAGGED_CHANCE, "chance (held-out reference, mean)")
+    audit.set_title("memorization audit: flagged share")
+    for i, (column, label) in enumerate(AUC_ATTACKS.items()):
+        series(attacks, column, label, offset=(i - 0.5) * 0.12, color=f"C{i}")
+    attacks.axhline(0.5, color="grey", linestyle="--", label="0.5: nothing learned")
+    attacks.set_title("membership inference on the CVAE: AUC")
+    series(scores, F1, "clients' final macro-F1")
+    scores.set_title("classifier: client test macro-F1")
+    for axis in axes.flat:
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    for axis in axes[1]:
+        axis.set_xticks(range(len(budgets)), [budget_label(b) for b in budgets])
+        axis.set_xlabel("the CVAE's sample-level DP budget epsilon")
+    runs = table.groupby(BUDGET).size()
+    figure.suptitle(
+        "What DP for the CVAE costs and buys (n = "
+        + ", ".join(f"{runs[b]}" for b in budgets)
+        + " runs per budget, left to right)"
+    )
+    return figure
