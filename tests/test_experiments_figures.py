@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from fedaug_flwr.experiments import __main__ as cli
-from fedaug_flwr.experiments import aggregate, claims, figures, tradeoff
+from fedaug_flwr.experiments import aggregate, claims, figures, strategies, tradeoff
 from fedaug_flwr.experiments.aggregate import write_tables
 from fedaug_flwr.experiments.runner import run_dir
 from fedaug_flwr.results import SUMMARY
-from tests.sweep_fixtures import finetune_sweep, imputation_sweep, privacy_sweep
+from tests.sweep_fixtures import finetune_sweep, imputation_sweep, privacy_sweep, strategies_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -126,7 +126,13 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "global_accuracy_vs_k_averaged.png",
                 "claims.md",
             },
-            ["finetune_comparison", "finetune_comparison_global", "table1", "privacy_tradeoff"],
+            [
+                "finetune_comparison",
+                "finetune_comparison_global",
+                "table1",
+                "privacy_tradeoff",
+                "strategy_comparison",
+            ],
         ),
         (
             "finetune",
@@ -270,3 +276,36 @@ def test_runs_with_pretraining_are_not_the_k0_point_of_the_imputation_curves(tmp
         curve = aggregate.imputation_curve(final_runs, mode)
         assert set(curve["pretrain"]) == {"off"} and len(curve) == 4  # 2 betas x 2 seeds
         aggregate.require_one_cell_per_point(curve, "test")  # one cell per (beta, k) left
+
+
+def test_strategy_comparison_pairs_by_seed_and_asks_whether_the_fixes_add_up(tmp_path, capsys):
+    strategies_sweep(tmp_path)
+    final_runs = write_tables(tmp_path).final_runs
+    table = strategies.comparisons(final_runs).set_index("comparison")
+    alone = table.loc["fedprox - fedavg, no synthetic"]
+    assert alone["mean"] == pytest.approx(0.05) and alone["verdict"] == "higher"
+    assert table.loc["fedavg: synthetic - none", "mean"] == pytest.approx(0.1)
+    assert table.loc["fedprox: synthetic - none", "mean"] == pytest.approx(0.08)
+    both = table.loc["fedprox + synthetic - fedavg, no synthetic"]
+    assert both["mean"] == pytest.approx(0.13) and both["n"] == 3
+    # (0.07, 0.09, 0.08) - 0.1 per seed: -0.02 +- 4.3027 * 0.01 / sqrt(3) covers zero
+    interaction = table.loc["fedprox: interaction (do they add up?)"]
+    assert interaction["mean"] == pytest.approx(-0.02) and interaction["std"] == pytest.approx(0.01)
+    assert interaction["ci-high"] == pytest.approx(-0.02 + 4.3027 * 0.01 / np.sqrt(3), abs=1e-4)
+    assert interaction["verdict"] == "inconclusive"
+    assert cli.main(["plot", str(tmp_path)]) == 0
+    assert_png(tmp_path / "figures" / "strategy_comparison.png")
+    text = (tmp_path / "figures" / "strategy_comparison.md").read_text()
+    assert "| fedprox | 0.650 ± 0.100 (3) | 0.730 ± 0.105 (3) |" in text
+    assert "| fedprox: interaction (do they add up?) | -0.0200 | 0.0100 | 3 |" in text
+    # FedAvg and FedProx share (beta, k): the study's figures are skipped, saying why
+    assert "skipped macro_f1_vs_k_minority: test-macro-f1 vs k: 2 cells" in capsys.readouterr().out
+
+
+def test_strategy_comparison_needs_fedavg_with_and_without_synthetic_images(tmp_path):
+    strategies_sweep(tmp_path)
+    final_runs = write_tables(tmp_path).final_runs
+    with pytest.raises(strategies.FigureError, match="needs FedAvg and another clf-strategy"):
+        strategies.comparisons(final_runs[final_runs["clf-strategy"] == "fedprox"])
+    with pytest.raises(strategies.FigureError, match="needs FedAvg and another clf-strategy"):
+        strategies.comparisons(final_runs[final_runs["imputation"] == "none"])

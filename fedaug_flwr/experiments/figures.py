@@ -36,6 +36,7 @@ from fedaug_flwr.experiments.aggregate import (
 )
 from fedaug_flwr.experiments.claims import claims_report
 from fedaug_flwr.experiments.runner import read_spec, run_dir
+from fedaug_flwr.experiments.strategies import comparison_markdown, plot_strategy_comparison
 from fedaug_flwr.experiments.tradeoff import plot_privacy_tradeoff, tradeoff_markdown
 from fedaug_flwr.results import read_summary, write_atomic
 
@@ -499,6 +500,14 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
         return save_figure(plot_privacy_tradeoff(tables.final_runs), out / "privacy_tradeoff.png")
 
     attempt("privacy_tradeoff", privacy_tradeoff)
+
+    def strategy_comparison() -> Path:
+        text = comparison_markdown(tables.final_runs)  # raises first without the strategies
+        write_atomic(out / "strategy_comparison.md", lambda tmp: tmp.write_text(text))
+        figure = plot_strategy_comparison(tables.final_runs)
+        return save_figure(figure, out / "strategy_comparison.png")
+
+    attempt("strategy_comparison", strategy_comparison)
     return drawn
 
 

@@ -1,0 +1,219 @@
+"""Augmentation against the algorithmic fixes for label skew: a sweep over the classifier's
+server strategy (``clf-strategy``) with and without synthetic images, drawn as one figure
+and summarized in one table per data set and beta.
+
+Every comparison is paired by seed (a seed fixes the partition and the initial models), then
+summarized over seeds with a 95 % t interval (:func:`fedaug_flwr.experiments.claims.interval`):
+
+- each strategy against FedAvg, both without synthetic images (the algorithmic fix alone);
+- synthetic images against none, under each strategy (augmentation alone);
+- each strategy with synthetic images against FedAvg without (both fixes together);
+- whether they add up: (strategy + synthetic - strategy) - (FedAvg + synthetic - FedAvg),
+  the interaction; an interval that covers zero finds no departure from adding up, one
+  below zero says the two fixes overlap (together less than the sum of their gains).
+
+An interval that covers zero is reported as inconclusive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from fedaug_flwr.experiments.aggregate import BETA, F1, FigureError, K, is_baseline
+from fedaug_flwr.experiments.claims import interval
+
+STRATEGY = "clf-strategy"
+DATASET = "dataset"
+REFERENCE = "fedavg"
+AUGMENTED = "augmented"
+
+
+def labelled(final_runs: pd.DataFrame) -> pd.DataFrame:
+    """``final_runs`` with an ``augmented`` column; a :class:`FigureError` unless the sweep
+    compares FedAvg with another strategy, with and without synthetic images, one cell per
+    (data set, beta, strategy, augmented)."""
+    needed = [STRATEGY, BETA, K, "imputation", "seed", F1]
+    missing = [c for c in needed if c not in final_runs]
+    if missing or final_runs.empty:
+        raise FigureError(
+            f"strategy comparison: needs complete runs with columns {needed} (missing {missing})"
+        )
+    table = final_runs.copy()
+    table[AUGMENTED] = ~is_baseline(table)
+    if DATASET not in table:
+        table[DATASET] = ""
+    strategies = set(table[STRATEGY])
+    if REFERENCE not in strategies or len(strategies) < 2 or table[AUGMENTED].nunique() < 2:
+        raise FigureError(
+            "strategy comparison: needs FedAvg and another clf-strategy, each with and "
+            f"without synthetic images (strategies here: {sorted(strategies)})"
+        )
+    keys = [DATASET, BETA, STRATEGY, AUGMENTED]
+    cells = table.groupby(keys)["cell"].nunique()
+    if (cells > 1).any():
+        point = cells[cells > 1].index[0]
+        raise FigureError(
+            f"strategy comparison: {cells[point]} cells at {dict(zip(keys, point, strict=True))};"
+            " the sweep varies more than data set, beta, strategy and synthetic images"
+        )
+    return table
+
+
+def _groups(table: pd.DataFrame) -> list[tuple[str, float]]:
+    return sorted({(str(d), float(b)) for d, b in zip(table[DATASET], table[BETA], strict=True)})
+
+
+def _order(strategies) -> list[str]:
+    """FedAvg first, the others in alphabetical order."""
+    return [REFERENCE, *sorted(s for s in set(strategies) if s != REFERENCE)]
+
+
+def _direction(low: float, high: float) -> str:
+    if math.isnan(low):
+        return "inconclusive (n < 2)"
+    return "higher" if low > 0 else "lower" if high < 0 else "inconclusive"
+
+
+def _seed_values(per_seed: pd.DataFrame, strategy: str, augmented: bool) -> pd.Series:
+    key = (strategy, augmented)
+    return per_seed[key] if key in per_seed else pd.Series(dtype=float)
+
+
+def _paired(name: str, differences: pd.Series, where: dict) -> dict | None:
+    """One comparison's row: mean, std, n, 95 % interval and verdict (None without pairs)."""
+    differences = differences.dropna()
+    if differences.empty:
+        return None
+    low, high = interval(differences.to_list())
+    return {
+        **where,
+        "comparison": name,
+        "mean": float(differences.mean()),
+        "std": float(differences.std()) if len(differences) > 1 else math.nan,
+        "n": len(differences),
+        "ci-low": low,
+        "ci-high": high,
+        "verdict": _direction(low, high),
+    }
+
+
+def comparisons(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
+    """The paired comparisons of the module docstring, one row each per data set and beta:
+    mean difference, sample std, n, the 95 % interval and what it supports."""
+    table = labelled(final_runs)
+    rows = []
+    for dataset, beta in _groups(table):
+        at = table[(table[DATASET] == dataset) & np.isclose(table[BETA], beta)]
+        per_seed = at.pivot_table(index="seed", columns=[STRATEGY, AUGMENTED], values=metric)
+        strategies = _order(at[STRATEGY])
+        fedavg, fedavg_synthetic = (_seed_values(per_seed, REFERENCE, a) for a in (False, True))
+        pairs: list[tuple[str, pd.Series]] = []
+        for strategy in strategies[1:]:
+            plain = _seed_values(per_seed, strategy, False)
+            pairs.append((f"{strategy} - fedavg, no synthetic", plain - fedavg))
+        for strategy in strategies:
+            plain, synthetic = (_seed_values(per_seed, strategy, a) for a in (False, True))
+            pairs.append((f"{strategy}: synthetic - none", synthetic - plain))
+        for strategy in strategies[1:]:
+            plain, synthetic = (_seed_values(per_seed, strategy, a) for a in (False, True))
+            pairs.append((f"{strategy} + synthetic - fedavg, no synthetic", synthetic - fedavg))
+            pairs.append(
+                (
+                    f"{strategy}: interaction (do they add up?)",
+                    (synthetic - plain) - (fedavg_synthetic - fedavg),
+                )
+            )
+        where = {DATASET: dataset, BETA: beta}
+        rows.extend(row for name, d in pairs if (row := _paired(name, d, where)) is not None)
+    return pd.DataFrame(rows)
+
+
+def comparison_markdown(final_runs: pd.DataFrame, metric: str = F1) -> str:
+    """Mean ± std per strategy and synthetic images, then the paired comparisons."""
+    table = labelled(final_runs)
+    lines = [f"Final {metric}, mean ± std over seeds (n runs):", ""]
+    for dataset, beta in _groups(table):
+        at = table[(table[DATASET] == dataset) & np.isclose(table[BETA], beta)]
+        ks = sorted(int(k) for k in at.loc[at[AUGMENTED], K].unique())
+        lines += [
+            f"**{dataset or 'data'}, beta = {beta:g}**",
+            "",
+            f"| strategy | no synthetic | synthetic (k = {', '.join(map(str, ks))}) |",
+            "| --- | ---: | ---: |",
+        ]
+        for strategy in _order(at[STRATEGY]):
+            cells = []
+            for augmented in (False, True):
+                values = at[(at[STRATEGY] == strategy) & (at[AUGMENTED] == augmented)][metric]
+                if values.empty:
+                    cells.append("–")
+                    continue
+                spread = f" ± {values.std():.3f}" if len(values) > 1 else ""
+                cells.append(f"{values.mean():.3f}{spread} ({len(values)})")
+            lines.append(f"| {strategy} | {cells[0]} | {cells[1]} |")
+        lines.append("")
+    lines += [
+        "Paired by seed; 95 % t interval of the mean difference; an interval that covers "
+        "zero is inconclusive.",
+        "",
+        "| data set | beta | comparison | mean | std | n | 95 % interval | verdict |",
+        "| --- | ---: | --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    for _, row in comparisons(final_runs, metric).iterrows():
+        span = (
+            "–" if math.isnan(row["ci-low"]) else f"[{row['ci-low']:+.4f}, {row['ci-high']:+.4f}]"
+        )
+        std = "–" if math.isnan(row["std"]) else f"{row['std']:.4f}"
+        lines.append(
+            f"| {row[DATASET]} | {row[BETA]:g} | {row['comparison']} | {row['mean']:+.4f} | "
+            f"{std} | {row['n']} | {span} | {row['verdict']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_strategy_comparison(final_runs: pd.DataFrame, metric: str = F1) -> Figure:
+    """One panel per data set and beta: a bar pair per strategy (without / with synthetic
+    images), the mean over seeds with ± 1 std, each seed as a dot."""
+    table = labelled(final_runs)
+    groups = _groups(table)
+    figure = Figure(figsize=(4.2 * len(groups) + 1.0, 4.2))
+    axes = figure.subplots(1, len(groups), squeeze=False, sharey=True)[0]
+    width = 0.38
+    for axis, (dataset, beta) in zip(axes, groups, strict=True):
+        at = table[(table[DATASET] == dataset) & np.isclose(table[BETA], beta)]
+        strategies = _order(at[STRATEGY])
+        for offset, augmented, label in (
+            (-width / 2, False, "no synthetic"),
+            (width / 2, True, "synthetic"),
+        ):
+            for i, strategy in enumerate(strategies):
+                values = at[(at[STRATEGY] == strategy) & (at[AUGMENTED] == augmented)][metric]
+                if values.empty:
+                    continue
+                color = "C1" if augmented else "C0"
+                axis.bar(
+                    i + offset,
+                    values.mean(),
+                    width,
+                    yerr=values.std() if len(values) > 1 else 0.0,
+                    capsize=3,
+                    color=color,
+                    alpha=0.75,
+                    label=label if i == 0 else None,
+                )
+                axis.plot([i + offset] * len(values), values, "k.", markersize=4)
+        axis.set_xticks(range(len(strategies)), strategies)
+        runs = at.groupby([STRATEGY, AUGMENTED]).size()
+        axis.set_title(
+            f"{dataset + ', ' if dataset else ''}beta = {beta:g} (n = {runs.min()}-{runs.max()})",
+            fontsize=10,
+        )
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel(f"final {metric} (mean over seeds, ± 1 std)")
+    axes[0].legend(fontsize=8)
+    figure.suptitle("Server strategies with and without synthetic images; dots: seeds")
+    return figure
