@@ -29,20 +29,31 @@ server by the caller.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from fedaug_flwr.training import LossFn, TensorData, train
+# Opacus calls logging.basicConfig when imported (opacus.utils.module_utils), which gives the
+# root logger a handler of its own: every line of Flower's logger, which propagates, was then
+# printed twice (and the launcher counted each round twice). Its handler is removed again.
+_ROOT_HANDLERS = list(logging.getLogger().handlers)
+from opacus import PrivacyEngine  # noqa: E402
+from opacus.accountants import RDPAccountant  # noqa: E402
+from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler  # noqa: E402
+
+for _handler in list(logging.getLogger().handlers):
+    if _handler not in _ROOT_HANDLERS:
+        logging.getLogger().removeHandler(_handler)
+
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from fedaug_flwr.training import LossFn, TensorData, train  # noqa: E402
 
 ACCOUNTANT = "rdp"  # Opacus' RDP accountant; Flower's client-level accountant is RDP too
 EPSILON_TOLERANCE = 0.01  # of the noise search for a budget (Opacus' default)

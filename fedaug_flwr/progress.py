@@ -41,16 +41,20 @@ class Progress:
     clock: Callable[[], float] = time.monotonic
     phase: str = "rounds"  # until the app names one
     _round_starts: list[float] = field(default_factory=list, repr=False)
+    _last_round: tuple[int, int] | None = field(default=None, repr=False)
 
     def feed(self, line: str) -> str | None:
         plain = _ANSI.sub("", line)
         if match := _PHASE.search(plain):
-            self.phase, self._round_starts = match.group(1), []
+            self.phase, self._round_starts, self._last_round = match.group(1), [], None
             return None
         match = _ROUND.search(plain)
         if match is None:
             return None
         current, total = int(match.group(1)), int(match.group(2))
+        if self._last_round == (current, total):
+            return None  # the same line again (a second log handler prints every line twice)
+        self._last_round = (current, total)
         if current == 1:
             self._round_starts = []  # a new strategy: count from here
         self._round_starts.append(self.clock())

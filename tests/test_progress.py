@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from fedaug_flwr import launch
 from fedaug_flwr.progress import PREFIX, Progress, duration
 
+ROOT = Path(__file__).resolve().parent.parent
 RECORDED = Path(__file__).parent / "logs" / "flwr-run-stream.log"
 # When each [ROUND r/n] line of the recording arrives (seconds): the first CVAE round
 # also starts the actors.
@@ -79,3 +82,31 @@ def test_the_launcher_prints_the_progress_under_flowers_lines(tmp_path, monkeypa
     assert len(notes) == 5
     assert all("[ROUND" in lines[i - 1] for i in notes)
     assert lines[notes[0]] == f"{PREFIX} cvae round 1/3"
+
+
+def test_a_round_line_printed_twice_counts_once():
+    # a second handler on the root logger prints each of Flower's lines twice, in its format
+    lines = ["[fedaug] phase 'cvae' starts\n"]
+    for r in (1, 2, 3):
+        lines += [f"INFO :      [ROUND {r}/15]\n", f"11/30/2026 06:00:09:INFO:[ROUND {r}/15]\n"]
+    notes = replay(lines, [0.0, 50.0, 60.0])
+    assert notes == [
+        f"{PREFIX} cvae round 1/15",
+        f"{PREFIX} cvae round 2/15; 1 done in 50 s (50 s a round), about 11 min 40 s left in "
+        "this phase",
+        f"{PREFIX} cvae round 3/15; 2 done in 1 min 00 s (10 s a round), about 2 min 10 s left "
+        "in this phase",
+    ]
+
+
+def test_importing_the_app_leaves_the_root_logger_alone():
+    """Opacus configures the root logger when imported; the app undoes that, so Flower's
+    log lines (which propagate to the root) are printed once, not twice."""
+    code = (
+        "import logging, fedaug_flwr.node, fedaug_flwr.privacy_server, client_app, server_app; "
+        "print(len(logging.getLogger().handlers))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert result.stdout.strip() == "0"
