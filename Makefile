@@ -81,3 +81,11 @@ reproduction-finetune: setup
 	mkdir -p docs/results/reproduction-finetune
 	cp $(FINETUNE_DIR)/sweep.yaml $(FINETUNE_DIR)/tables/*.csv $(FINETUNE_DIR)/figures/*.png \
 		$(FINETUNE_DIR)/figures/table1.md docs/results/reproduction-finetune/
+
+# A lent GPU machine (docs/performance.md, "Prepared: a whole run on a lent GPU"): fills the
+# ignored .gpu-carry/ with MNIST (from DATA_DIR, default $FEDAUG_DATA_DIR) and the app's
+# dependencies for that machine's Python 3.12, and checks what travels is under 64 MiB.
+DATA_DIR ?= $(FEDAUG_DATA_DIR)
+.PHONY: gpu-carry
+gpu-carry: setup
+	$(BIN)/python -m bench.gpu_carry $(if $(DATA_DIR),--data-dir $(DATA_DIR))

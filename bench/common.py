@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,14 +208,20 @@ def run_child(
     timeout_s: float | None = None,
     echo: bool = False,
     cwd: Path = REPO_ROOT,
+    log_path: Path | None = None,
+    on_line: Callable[[str], None] | None = None,
+    grace_s: float = 5.0,
 ) -> ChildResult:
     """``python -m module args`` in ``cwd`` (a source tree), watching its process tree's memory.
+
+    Its output (stdout and stderr) goes line by line to ``log_path`` when given (the
+    whole log; the result keeps the last 60 lines) and to ``on_line`` as it arrives.
 
     ``cwd`` comes first on the child's PYTHONPATH, so it runs that tree's code;
     the caller's own PYTHONPATH entries follow (where dependencies may have been
     unpacked instead of installed, as on a borrowed GPU machine). The child gets
     its own process group, which is killed afterwards, so nothing it started
-    (Ray) outlives it.
+    (Ray) outlives it: SIGTERM first, SIGKILL what is left after ``grace_s``.
     """
     from fedaug_flwr.processes import SIMULATION_ENV, stop_process_tree
 
@@ -236,7 +242,10 @@ def run_child(
     )
     memory = TreeMemory(process.pid).start()
     lines: list[str] = []
-    reader = threading.Thread(target=_collect, args=(process, lines, echo), daemon=True)
+    log = open(log_path, "w") if log_path is not None else None  # noqa: SIM115 - closed below
+    reader = threading.Thread(
+        target=_collect, args=(process, lines, echo, log, on_line), daemon=True
+    )
     reader.start()
     try:
         process.wait(timeout=timeout_s)
@@ -244,8 +253,10 @@ def run_child(
         lines.append(f"[bench] {module} ran past {timeout_s} s and was stopped")
     finally:
         memory.stop()
-        stop_process_tree(process, grace_s=5.0)
+        stop_process_tree(process, grace_s=grace_s)
         reader.join(timeout=5.0)
+        if log is not None:
+            log.close()
     wall = time.perf_counter() - start
     return ChildResult(
         process.returncode if process.returncode is not None else -9,
@@ -255,9 +266,20 @@ def run_child(
     )
 
 
-def _collect(process: subprocess.Popen, lines: list[str], echo: bool) -> None:
+def _collect(
+    process: subprocess.Popen,
+    lines: list[str],
+    echo: bool,
+    log=None,
+    on_line: Callable[[str], None] | None = None,
+) -> None:
     for line in process.stdout:
         lines.append(line)
+        if log is not None and not log.closed:
+            log.write(line)
+            log.flush()
+        if on_line is not None:
+            on_line(line)
         if echo:
             sys.stdout.write(line)
             sys.stdout.flush()

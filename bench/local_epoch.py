@@ -12,7 +12,15 @@ that a drift in the machine's speed hits all of them alike. Variants:
 - ``channels-last``: the model's 4-d weights and activations in NHWC;
 - ``fused + channels-last``;
 - ``compiled``: ``torch.compile`` of the fused channels-last model; the first epoch
-  (which compiles) is reported on its own as ``compile-s``.
+  (which compiles) is reported on its own as ``compile-s``;
+- ``cuda-graphs``: the same, compiled with ``mode="reduce-overhead"``, which records
+  the compiled forward and backward passes as CUDA graphs and replays them (on a CPU
+  it is the ``compiled`` variant again).
+
+``--device cuda`` runs every variant on the GPU (the data and the model there, the
+clock stopped only after the device has finished); the float64 reference gradient is
+always computed on the CPU. On a GPU the float32 gradient error includes what
+PyTorch's TF32 defaults for convolutions cost (recorded in ``settings``).
 
 Both optimisers the app offers are measured: Adam, batch 32 (the paper) and SGD with
 momentum, batch 10 (its authors' code). Reported per variant: images per second (the
@@ -60,6 +68,10 @@ class Variant:
     fused: bool
     channels_last: bool
     compiled: bool = False
+    compile_mode: str | None = None  # torch.compile's mode: None is its default
+
+    def compile(self, model: nn.Module) -> nn.Module:
+        return torch.compile(model, mode=self.compile_mode)  # type: ignore[return-value]
 
 
 VARIANTS = (
@@ -68,7 +80,11 @@ VARIANTS = (
     Variant("channels-last", fused=False, channels_last=True),
     Variant("fused + channels-last", fused=True, channels_last=True),
     Variant("compiled", fused=True, channels_last=True, compiled=True),
+    Variant(
+        "cuda-graphs", fused=True, channels_last=True, compiled=True, compile_mode="reduce-overhead"
+    ),
 )
+VARIANT_NAMES = [v.name for v in VARIANTS]
 OPTIMISERS = {  # name -> (batch size, build(parameters, fused))
     "adam": (32, lambda params, fused: _adam(params, fused)),
     "sgd": (10, lambda params, fused: _sgd(params, fused)),
@@ -85,12 +101,18 @@ def _sgd(params, fused: bool) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.01, momentum=0.5, **kind)
 
 
-def client_data(images: int, seed: int) -> TensorData:
-    """``images`` binarized real digits of the bundled mnist-5k, a seeded choice."""
+def client_data(images: int, seed: int, device: torch.device | str = "cpu") -> TensorData:
+    """``images`` binarized real digits of the bundled mnist-5k, a seeded choice, on ``device``."""
     pool = load_mnist5k().pool
     chosen = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:images]
     data = TensorData.from_digits(pool)
-    return TensorData(data.images[chosen], data.labels[chosen])
+    return TensorData(data.images[chosen].to(device), data.labels[chosen].to(device))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously); nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def channels_last(model: nn.Module) -> nn.Module:
@@ -99,38 +121,48 @@ def channels_last(model: nn.Module) -> nn.Module:
 
 def gradient_error(variant: Variant, initial: nn.Module, data: TensorData) -> float:
     """||g32 - g64|| / ||g64|| for one batch of 32, in training mode but without dropout
-    (a compiled model draws its dropout masks from another generator)."""
+    (a compiled model draws its dropout masks from another generator). The float64
+    gradient is computed on the CPU, the float32 one where ``data`` lies."""
+    device = data.images.device
+    images, labels = data.images[:32], data.labels[:32]
 
-    def gradient(model: nn.Module, images: torch.Tensor, compiled: bool) -> torch.Tensor:
+    def gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         model.train()
         for module in model.modules():
             if isinstance(module, nn.Dropout):
                 module.eval()
-        forward = torch.compile(model) if compiled else model
-        classifier_loss(forward, images, data.labels[:32]).backward()
-        return torch.cat([p.grad.double().flatten() for p in model.parameters()])
+        forward = variant.compile(model) if variant.compiled else model
+        classifier_loss(forward, images, labels).backward()
+        return torch.cat([p.grad.double().cpu().flatten() for p in model.parameters()])
 
-    exact = gradient(copy.deepcopy(initial).double(), data.images[:32].double(), False)
-    model = copy.deepcopy(initial)
+    exact_model = copy.deepcopy(initial).double()
+    exact_model.train()
+    for module in exact_model.modules():
+        if isinstance(module, nn.Dropout):
+            module.eval()
+    classifier_loss(exact_model, images.cpu().double(), labels.cpu()).backward()
+    exact = torch.cat([p.grad.flatten() for p in exact_model.parameters()])
+    model = copy.deepcopy(initial).to(device)
     if variant.channels_last:
         model = channels_last(model)
-    rounded = gradient(model, data.images[:32], variant.compiled)
+    rounded = gradient(model, images, labels)
     return float((rounded - exact).norm() / exact.norm())
 
 
 class Runner:
     """One variant's model and optimiser, built once (as the app reuses them per actor)."""
 
-    def __init__(self, variant: Variant, optimiser: str, initial: nn.Module) -> None:
+    def __init__(
+        self, variant: Variant, optimiser: str, initial: nn.Module, device: torch.device
+    ) -> None:
         self.variant = variant
+        self.device = device
         self.batch_size, build = OPTIMISERS[optimiser]
-        model = copy.deepcopy(initial)
+        model = copy.deepcopy(initial).to(device)
         self.model = channels_last(model) if variant.channels_last else model
         self.initial = copy.deepcopy(self.model.state_dict())
         self.build_optimiser = lambda: build(self.model.parameters(), variant.fused)
-        self.forward: nn.Module = (
-            torch.compile(self.model) if variant.compiled else self.model  # type: ignore[assignment]
-        )
+        self.forward: nn.Module = variant.compile(self.model) if variant.compiled else self.model
 
     def epoch(self, data: TensorData, seed: int) -> tuple[float, float]:
         """(seconds, mean loss) of one local epoch from the same initial weights."""
@@ -144,15 +176,23 @@ class Runner:
         torch.manual_seed(seed)  # dropout
         start = time.perf_counter()
         loss = train(self.model, data, loss_fn, optimiser, 1, self.batch_size, seed)
+        synchronize(self.device)
         return time.perf_counter() - start, loss
 
 
-def measure(optimiser: str, images: int, repeats: int, variants: Sequence[Variant]) -> list[dict]:
-    data = client_data(images, seed=1)
+def measure(
+    optimiser: str,
+    images: int,
+    repeats: int,
+    variants: Sequence[Variant],
+    device: torch.device | str = "cpu",
+) -> list[dict]:
+    device = torch.device(device)
+    data = client_data(images, seed=1, device=device)
     with torch.random.fork_rng():
         torch.manual_seed(seed_for(0, 1))
         initial = ExquisiteNetV1()
-    runners = [Runner(v, optimiser, initial) for v in variants]
+    runners = [Runner(v, optimiser, initial, device) for v in variants]
     first: dict[str, float] = {}
     for runner in runners:  # a warm-up epoch each (compiles the compiled variant)
         first[runner.variant.name], _ = runner.epoch(data, seed=2)
@@ -172,6 +212,7 @@ def measure(optimiser: str, images: int, repeats: int, variants: Sequence[Varian
             {
                 "optimiser": optimiser,
                 "variant": name,
+                "device": device.type,
                 "epoch-s": epoch_s,
                 "images-per-s": round(images / epoch_s, 1),
                 "speed-up": ratio(today, epoch_s),
@@ -209,16 +250,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--optimisers", nargs="+", default=list(OPTIMISERS))
     parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
+    parser.add_argument(
+        "--variants", nargs="+", choices=VARIANT_NAMES, help="only these (default: all)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     parser.add_argument("--run-seconds", type=float, default=2940.0, help="a paper-scale run")
     parser.add_argument("--share", type=float, default=0.9, help="its local-epoch share")
     parser.add_argument("--output", default=str(RESULTS_DIR / "local_epoch.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    variants = [v for v in VARIANTS if not (args.no_compile and v.compiled)]
+    if args.variants and "today" not in args.variants:
+        parser.error("--variants must include 'today' (the speed-ups are over it)")
+    variants = [
+        v
+        for v in VARIANTS
+        if not (args.no_compile and v.compiled) and (not args.variants or v.name in args.variants)
+    ]
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     before = load_average()
     rows: list[dict] = []
     for optimiser in args.optimisers:
-        rows += measure(optimiser, args.images, args.repeats, variants)
+        rows += measure(optimiser, args.images, args.repeats, variants, device)
     print_table("one local epoch, one thread", rows, list(rows[0]))
     estimates = whole_run(rows, args.run_seconds, args.share, actors=2)
     print_table("a paper-scale run, estimated", estimates, list(estimates[0]))
@@ -227,7 +281,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine_info(),
         "load-average-before": before,
         "load-average-after": load_average(),
-        "settings": {**vars(args), "torch-threads": torch.get_num_threads()},
+        "settings": {
+            **vars(args),
+            "torch-threads": torch.get_num_threads(),
+            "cudnn-allow-tf32": torch.backends.cudnn.allow_tf32,
+            "cuda-matmul-allow-tf32": torch.backends.cuda.matmul.allow_tf32,
+        },
         "variants": rows,
         "paper-scale-run": estimates,
     }
