@@ -149,8 +149,45 @@ def reusable_model(
 
 
 def detached_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict as tensors of its own (the model object is reused)."""
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    """The model's state dict as tensors of its own (the model object is reused), each
+    contiguous: a channels-last model's (``clf-compile``) 4-d weights come back in the
+    ordinary layout, as every other model's do."""
+    return {
+        name: tensor.detach().clone(memory_format=torch.contiguous_format)
+        for name, tensor in model.state_dict().items()
+    }
+
+
+# torch.compile's backend for the classifier's local epochs (``clf-compile``): Inductor, the
+# variant bench.local_epoch measured. Tests put a cheap one here ("aot_eager") to check the
+# wiring without minutes of C++ compilation.
+COMPILE_BACKEND = "inductor"
+
+
+def channels_last_classifier() -> ExquisiteNetV1:
+    """ExquisiteNetV1 with its 4-d weights in NHWC order, the layout Inductor's kernels
+    were measured fastest with (``load_state_dict`` copies into it, keeping the layout)."""
+    return ExquisiteNetV1().to(memory_format=torch.channels_last)
+
+
+@cache
+def compiled(model: nn.Module, backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile(model)``, once per model object and backend: the process's one
+    training model (:func:`reusable_model`) gets one compiled forward, which its later
+    messages reuse (weights are loaded into the same parameters, which the compiled graph
+    takes as inputs). Dynamo compiles for the first batch size, and again when a round's
+    last, shorter batch first brings another one: from then on the batch size is
+    symbolic, in two ranges (2-15 and 16 up, a guard of the convolutions), so a process
+    compiles at most three graphs, all in its first messages, and none for later rounds
+    or clients (tests/test_compile.py counts them). Only training calls it: a model in
+    eval mode would compile anew.
+
+    ``fallback_random``: Inductor leaves dropout to torch's own kernel, which draws the
+    mask from torch's generator as the uncompiled model does; its own random kernels would
+    draw other masks. So a compiled run is deterministic for a seed and draws the same
+    dropout masks as an uncompiled one; its numbers differ by float rounding only."""
+    options = {"fallback_random": True} if backend == "inductor" else None
+    return torch.compile(model, backend=backend, options=options)
 
 
 @cache
@@ -309,6 +346,12 @@ def classifier_optimizer(task: TaskConfig, model: nn.Module) -> torch.optim.Opti
     """The classifier's local optimizer (``clf-optimizer``): Adam, as the paper writes, or
     SGD with momentum, as its authors' code ran (no weight decay there unless set)."""
     app = task.app
+    if app.clf_optimizer == "adam" and app.clf_compile:
+        # the compiled variant as measured: fused Adam (foreach Adam's numbers but for the
+        # last bit, which compiling changes anyway)
+        return torch.optim.Adam(
+            model.parameters(), lr=app.clf_lr, weight_decay=app.clf_weight_decay, fused=True
+        )
     if app.clf_optimizer == "sgd":
         # torch's fused kernel: the same numbers as the ``foreach`` loop, bit for bit,
         # in less time per step (bench.local_epoch, docs/performance.md)
@@ -461,7 +504,17 @@ def train_classifier(
     FedProx put there (:data:`~fedaug_flwr.protocol.PROXIMAL_MU`).
     """
     app = task.app
-    model = reusable_model(ExquisiteNetV1, weights, training_set.labels.device)
+    run_on = training_set.labels.device
+    if app.clf_compile:
+        # its own model object (channels-last), so evaluation keeps the plain NCHW one
+        model = reusable_model(channels_last_classifier, weights, run_on)
+        forward = compiled(model, COMPILE_BACKEND)
+    else:
+        model = forward = reusable_model(ExquisiteNetV1, weights, run_on)
+
+    def loss_fn(_model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return classifier_loss(forward, images, labels)  # the loop's model: parameters, mode
+
     torch.manual_seed(seed_for(app.seed, server_round, partition_id, 5))
     optimizer = classifier_optimizer(task, model)
     penalty = None
@@ -470,7 +523,7 @@ def train_classifier(
     loss = train(
         model,
         training_set,
-        classifier_loss,
+        loss_fn,
         optimizer,
         epochs=epochs,
         batch_size=app.clf_batch_size,
@@ -481,7 +534,10 @@ def train_classifier(
 
 
 def evaluate_on_test(task: TaskConfig, split: ClientSplit, weights: StateDict) -> dict[str, float]:
-    """The classifier's loss, accuracy and macro-F1 on this client's REAL test split."""
+    """The classifier's loss, accuracy and macro-F1 on this client's REAL test split.
+
+    Never compiled (``clf-compile`` is for training): a compiled model in eval mode would
+    compile a second graph, for one pass over a few dozen test images per message."""
     run_on = device()
     model = reusable_model(ExquisiteNetV1, weights, run_on)
     return evaluate_classifier(
