@@ -25,7 +25,9 @@ A simulation actor serves hundreds of messages per round, so per-message
 costs that do not change the result are paid once per process: the data and
 partition (cached in ``data`` and ``partition``) and the model objects
 (:func:`reusable_model`), whose every weight and buffer is overwritten by
-``load_state_dict`` before use.
+``load_state_dict`` before use. With ``clf-compile`` the classifier's local epochs run a
+``torch.compile``d forward of its own channels-last model, compiled once per process
+(:func:`compiled`).
 """
 
 from __future__ import annotations
@@ -159,8 +161,8 @@ def detached_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # torch.compile's backend for the classifier's local epochs (``clf-compile``): Inductor, the
-# variant bench.local_epoch measured. Tests put a cheap one here ("aot_eager") to check the
-# wiring without minutes of C++ compilation.
+# variant bench.local_epoch measured. Tests put a cheap one here (Dynamo's "eager") to check
+# the wiring without minutes of C++ compilation.
 COMPILE_BACKEND = "inductor"
 
 
@@ -179,8 +181,9 @@ def compiled(model: nn.Module, backend: str) -> Callable[[torch.Tensor], torch.T
     last, shorter batch first brings another one: from then on the batch size is
     symbolic, in two ranges (2-15 and 16 up, a guard of the convolutions), so a process
     compiles at most three graphs, all in its first messages, and none for later rounds
-    or clients (tests/test_compile.py counts them). Only training calls it: a model in
-    eval mode would compile anew.
+    or clients (tests/test_compile.py counts them over two rounds; loading weights with
+    ``assign=True``, which swaps in NCHW tensors, would recompile in round 2). Only
+    training calls it: a model in eval mode would compile anew.
 
     ``fallback_random``: Inductor leaves dropout to torch's own kernel, which draws the
     mask from torch's generator as the uncompiled model does; its own random kernels would
@@ -513,7 +516,8 @@ def train_classifier(
         model = forward = reusable_model(ExquisiteNetV1, weights, run_on)
 
     def loss_fn(_model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return classifier_loss(forward, images, labels)  # the loop's model: parameters, mode
+        # train() switches modes and steps on ``model``; only the forward pass is compiled
+        return classifier_loss(forward, images, labels)
 
     torch.manual_seed(seed_for(app.seed, server_round, partition_id, 5))
     optimizer = classifier_optimizer(task, model)
