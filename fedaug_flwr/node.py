@@ -177,20 +177,29 @@ def compiled(model: nn.Module, backend: str) -> Callable[[torch.Tensor], torch.T
     """``torch.compile(model)``, once per model object and backend: the process's one
     training model (:func:`reusable_model`) gets one compiled forward, which its later
     messages reuse (weights are loaded into the same parameters, which the compiled graph
-    takes as inputs). Dynamo compiles for the first batch size, and again when a round's
-    last, shorter batch first brings another one: from then on the batch size is
-    symbolic, in two ranges (2-15 and 16 up, a guard of the convolutions), so a process
-    compiles at most three graphs, all in its first messages, and none for later rounds
-    or clients (tests/test_compile.py counts them over two rounds; loading weights with
-    ``assign=True``, which swaps in NCHW tensors, would recompile in round 2). Only
-    training calls it: a model in eval mode would compile anew.
+    takes as inputs). Only training calls it: a model in eval mode would compile anew.
+
+    The batch size is symbolic from the first call on (``maybe_mark_dynamic``), so a
+    process compiles two graphs at most, both in its first messages: batches of 2-15 and
+    of 16 up (a guard of the convolutions), whatever sizes a round's last batches have;
+    later rounds and clients compile nothing (tests/test_compile.py counts them over two
+    rounds; loading weights with ``assign=True``, which swaps in NCHW tensors, would
+    recompile in round 2). Left to Dynamo, the first batch size would get a graph of its
+    own until a second size turned up, so which graph ran a batch, and its rounding,
+    would depend on the clients a process happened to serve first.
 
     ``fallback_random``: Inductor leaves dropout to torch's own kernel, which draws the
     mask from torch's generator as the uncompiled model does; its own random kernels would
     draw other masks. So a compiled run is deterministic for a seed and draws the same
     dropout masks as an uncompiled one; its numbers differ by float rounding only."""
     options = {"fallback_random": True} if backend == "inductor" else None
-    return torch.compile(model, backend=backend, options=options)
+    compiled_model = torch.compile(model, backend=backend, options=options)
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.maybe_mark_dynamic(images, 0)
+        return compiled_model(images)
+
+    return forward
 
 
 @cache
