@@ -180,8 +180,9 @@ def compiled(model: nn.Module, backend: str) -> Callable[[torch.Tensor], torch.T
     takes as inputs). Only training calls it: a model in eval mode would compile anew.
 
     The batch size is symbolic from the first call on (``maybe_mark_dynamic``), so a
-    process compiles two graphs at most, both in its first messages: batches of 2-15 and
-    of 16 up (a guard of the convolutions), whatever sizes a round's last batches have;
+    process compiles a few graphs, one per range of batch sizes that the backend's guards
+    tell apart (2-15 and 16 up with Dynamo's eager backend; 2-20 and 21 up seen with
+    Inductor), all in its first messages, whatever sizes a round's last batches have;
     later rounds and clients compile nothing (tests/test_compile.py counts them over two
     rounds; loading weights with ``assign=True``, which swaps in NCHW tensors, would
     recompile in round 2). Left to Dynamo, the first batch size would get a graph of its
