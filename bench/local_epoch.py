@@ -11,11 +11,13 @@ that a drift in the machine's speed hits all of them alike. Variants:
 - ``fused``: the optimiser's fused CPU kernel (``fused=True``);
 - ``channels-last``: the model's 4-d weights and activations in NHWC;
 - ``fused + channels-last``;
-- ``compiled``: ``torch.compile`` of the fused channels-last model; the first epoch
-  (which compiles) is reported on its own as ``compile-s``;
-- ``cuda-graphs``: the same, compiled with ``mode="reduce-overhead"``, which records
-  the compiled forward and backward passes as CUDA graphs and replays them (on a CPU
-  it is the ``compiled`` variant again).
+- ``compiled``: the fused channels-last model compiled as ``clf-compile`` compiles it
+  (:func:`fedaug_flwr.node.compiled`: Inductor, torch's own dropout kernel); the first
+  epoch (which compiles) is reported on its own as ``compile-s``;
+- ``cuda-graphs``: the fused channels-last model compiled with ``mode="reduce-overhead"``,
+  which records the compiled forward and backward passes as CUDA graphs and replays them
+  (on a CPU it is Inductor's default compile again; torch.compile takes a mode or
+  options, not both, so this variant keeps Inductor's own random kernels).
 
 ``--device cuda`` runs every variant on the GPU (the data and the model there, the
 clock stopped only after the device has finished); the float64 reference gradient is
@@ -42,7 +44,7 @@ import argparse
 import copy
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,7 @@ from bench.common import (
     ratio,
     save_results,
 )
+from fedaug_flwr import node
 from fedaug_flwr.data import load_mnist5k
 from fedaug_flwr.models import ExquisiteNetV1, classifier_loss
 from fedaug_flwr.training import TensorData, seed_for, train
@@ -70,7 +73,9 @@ class Variant:
     compiled: bool = False
     compile_mode: str | None = None  # torch.compile's mode: None is its default
 
-    def compile(self, model: nn.Module) -> nn.Module:
+    def compile(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.compile_mode is None:  # what the app runs with clf-compile
+            return node.compiled(model, node.COMPILE_BACKEND)
         return torch.compile(model, mode=self.compile_mode)  # type: ignore[return-value]
 
 
@@ -120,9 +125,10 @@ def channels_last(model: nn.Module) -> nn.Module:
 
 
 def gradient_error(variant: Variant, initial: nn.Module, data: TensorData) -> float:
-    """||g32 - g64|| / ||g64|| for one batch of 32, in training mode but without dropout
-    (a compiled model draws its dropout masks from another generator). The float64
-    gradient is computed on the CPU, the float32 one where ``data`` lies."""
+    """||g32 - g64|| / ||g64|| for one batch of 32, in training mode but without dropout:
+    the arithmetic alone (that the compiled model draws the uncompiled masks is
+    tests/test_compile.py's). The float64 gradient is computed on the CPU, the float32
+    one where ``data`` lies."""
     device = data.images.device
     images, labels = data.images[:32], data.labels[:32]
 
@@ -162,7 +168,7 @@ class Runner:
         self.model = channels_last(model) if variant.channels_last else model
         self.initial = copy.deepcopy(self.model.state_dict())
         self.build_optimiser = lambda: build(self.model.parameters(), variant.fused)
-        self.forward: nn.Module = variant.compile(self.model) if variant.compiled else self.model
+        self.forward = variant.compile(self.model) if variant.compiled else self.model
 
     def epoch(self, data: TensorData, seed: int) -> tuple[float, float]:
         """(seconds, mean loss) of one local epoch from the same initial weights."""

@@ -95,6 +95,7 @@ class AppConfig:
     clf_momentum: float
     clf_weight_decay: float
     clf_batch_size: int
+    clf_compile: bool
     clf_aggregation: str
     clf_trim_fraction: float
     clf_krum_malicious: int
@@ -344,6 +345,7 @@ _RULES: dict[str, _Rule] = {
     "clf-momentum": (float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "clf-weight-decay": (float, _non_negative, "a number >= 0"),
     "clf-batch-size": (int, _positive, "an integer >= 1"),
+    "clf-compile": (bool, _any, "true (local epochs run a torch.compile'd model) or false"),
     "clf-aggregation": (str, AGGREGATIONS.__contains__, f"one of {list(AGGREGATIONS)}"),
     "clf-trim-fraction": (float, lambda v: 0.0 <= v < 0.5, "a number in [0, 0.5)"),
     "clf-krum-malicious": (int, _non_negative, "an integer >= 0"),

@@ -25,7 +25,9 @@ A simulation actor serves hundreds of messages per round, so per-message
 costs that do not change the result are paid once per process: the data and
 partition (cached in ``data`` and ``partition``) and the model objects
 (:func:`reusable_model`), whose every weight and buffer is overwritten by
-``load_state_dict`` before use.
+``load_state_dict`` before use. With ``clf-compile`` the classifier's local epochs run a
+``torch.compile``d forward of its own channels-last model, compiled once per process
+(:func:`compiled`).
 """
 
 from __future__ import annotations
@@ -149,8 +151,56 @@ def reusable_model(
 
 
 def detached_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict as tensors of its own (the model object is reused)."""
-    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    """The model's state dict as tensors of its own (the model object is reused), each
+    contiguous: a channels-last model's (``clf-compile``) 4-d weights come back in the
+    ordinary layout, as every other model's do."""
+    return {
+        name: tensor.detach().clone(memory_format=torch.contiguous_format)
+        for name, tensor in model.state_dict().items()
+    }
+
+
+# torch.compile's backend for the classifier's local epochs (``clf-compile``): Inductor, the
+# variant bench.local_epoch measured. Tests put a cheap one here (Dynamo's "eager") to check
+# the wiring without minutes of C++ compilation.
+COMPILE_BACKEND = "inductor"
+
+
+def channels_last_classifier() -> ExquisiteNetV1:
+    """ExquisiteNetV1 with its 4-d weights in NHWC order, the layout Inductor's kernels
+    were measured fastest with (``load_state_dict`` copies into it, keeping the layout)."""
+    return ExquisiteNetV1().to(memory_format=torch.channels_last)
+
+
+@cache
+def compiled(model: nn.Module, backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile(model)``, once per model object and backend: the process's one
+    training model (:func:`reusable_model`) gets one compiled forward, which its later
+    messages reuse (weights are loaded into the same parameters, which the compiled graph
+    takes as inputs). Only training calls it: a model in eval mode would compile anew.
+
+    The batch size is symbolic from the first call on (``maybe_mark_dynamic``), so a
+    process compiles a few graphs, one per range of batch sizes that the backend's guards
+    tell apart (2-15 and 16 up with Dynamo's eager backend; 2-20 and 21 up seen with
+    Inductor), all in its first messages, whatever sizes a round's last batches have;
+    later rounds and clients compile nothing (tests/test_compile.py counts them over two
+    rounds; loading weights with ``assign=True``, which swaps in NCHW tensors, would
+    recompile in round 2). Left to Dynamo, the first batch size would get a graph of its
+    own until a second size turned up, so which graph ran a batch, and its rounding,
+    would depend on the clients a process happened to serve first.
+
+    ``fallback_random``: Inductor leaves dropout to torch's own kernel, which draws the
+    mask from torch's generator as the uncompiled model does; its own random kernels would
+    draw other masks. So a compiled run is deterministic for a seed and draws the same
+    dropout masks as an uncompiled one; its numbers differ by float rounding only."""
+    options = {"fallback_random": True} if backend == "inductor" else None
+    compiled_model = torch.compile(model, backend=backend, options=options)
+
+    def forward(images: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.maybe_mark_dynamic(images, 0)
+        return compiled_model(images)
+
+    return forward
 
 
 @cache
@@ -309,6 +359,12 @@ def classifier_optimizer(task: TaskConfig, model: nn.Module) -> torch.optim.Opti
     """The classifier's local optimizer (``clf-optimizer``): Adam, as the paper writes, or
     SGD with momentum, as its authors' code ran (no weight decay there unless set)."""
     app = task.app
+    if app.clf_optimizer == "adam" and app.clf_compile:
+        # the compiled variant as measured: fused Adam (foreach Adam's numbers but for the
+        # last bit, which compiling changes anyway)
+        return torch.optim.Adam(
+            model.parameters(), lr=app.clf_lr, weight_decay=app.clf_weight_decay, fused=True
+        )
     if app.clf_optimizer == "sgd":
         # torch's fused kernel: the same numbers as the ``foreach`` loop, bit for bit,
         # in less time per step (bench.local_epoch, docs/performance.md)
@@ -461,7 +517,18 @@ def train_classifier(
     FedProx put there (:data:`~fedaug_flwr.protocol.PROXIMAL_MU`).
     """
     app = task.app
-    model = reusable_model(ExquisiteNetV1, weights, training_set.labels.device)
+    run_on = training_set.labels.device
+    if app.clf_compile:
+        # its own model object (channels-last), so evaluation keeps the plain NCHW one
+        model = reusable_model(channels_last_classifier, weights, run_on)
+        forward = compiled(model, COMPILE_BACKEND)
+    else:
+        model = forward = reusable_model(ExquisiteNetV1, weights, run_on)
+
+    def loss_fn(_model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # train() switches modes and steps on ``model``; only the forward pass is compiled
+        return classifier_loss(forward, images, labels)
+
     torch.manual_seed(seed_for(app.seed, server_round, partition_id, 5))
     optimizer = classifier_optimizer(task, model)
     penalty = None
@@ -470,7 +537,7 @@ def train_classifier(
     loss = train(
         model,
         training_set,
-        classifier_loss,
+        loss_fn,
         optimizer,
         epochs=epochs,
         batch_size=app.clf_batch_size,
@@ -481,7 +548,10 @@ def train_classifier(
 
 
 def evaluate_on_test(task: TaskConfig, split: ClientSplit, weights: StateDict) -> dict[str, float]:
-    """The classifier's loss, accuracy and macro-F1 on this client's REAL test split."""
+    """The classifier's loss, accuracy and macro-F1 on this client's REAL test split.
+
+    Never compiled (``clf-compile`` is for training): a compiled model in eval mode would
+    compile a second graph, for one pass over a few dozen test images per message."""
     run_on = device()
     model = reusable_model(ExquisiteNetV1, weights, run_on)
     return evaluate_classifier(
