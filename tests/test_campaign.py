@@ -17,7 +17,14 @@ from fedaug_flwr.experiments.campaign import (
     run_campaign,
 )
 from fedaug_flwr.experiments.grid import SweepError, parse_spec
-from fedaug_flwr.experiments.runner import run_dir
+from fedaug_flwr.experiments.runner import (
+    CODE_RECORD,
+    code_version,
+    read_launch_code,
+    record_launch_code,
+    run_dir,
+    run_sweep,
+)
 from fedaug_flwr.results import SUMMARY, read_summary
 from tests.sweep_fixtures import fake_summary
 from tests.test_experiments_runner import RecordingLauncher
@@ -135,3 +142,33 @@ def test_a_run_that_fell_back_to_other_data_is_not_published(repo, tmp_path):
             spec, tmp_path / "scratch", publish, launcher=RecordingLauncher(), out=io.StringIO()
         )
     assert not list(publish.glob("*/seed-*/summary.json"))
+
+
+def test_a_published_run_names_the_code_that_made_it_not_the_code_that_publishes(repo, tmp_path):
+    spec = parse_spec(SPEC)
+    scratch, publish = tmp_path / "scratch", repo / "docs" / "results" / "campaign"
+    first, second = ordered_runs(spec)[:2]
+    run_sweep(spec, scratch, [first, second], launcher=RecordingLauncher(), out=io.StringIO())
+    ours = code_version()["code-commit"]
+    launches = read_launch_code(run_dir(scratch, first))
+    assert len(launches) == 1 and launches[0]["code-commit"] == ours
+    assert launches[0]["resumed"] is False
+    # the first run was made by older code and resumed by this one; the second predates
+    # the record (no code.json)
+    older = {"code-commit": "0ld", "code-changed": False, "resumed": False}
+    record = {"launches": [older, {**launches[0], "resumed": True}]}
+    (run_dir(scratch, first) / CODE_RECORD).write_text(json.dumps(record))
+    (run_dir(scratch, second) / CODE_RECORD).unlink()
+    run_campaign(spec, scratch, publish, runs=[first, second], out=io.StringIO())
+    made = read_summary(run_dir(publish, first))["compact"]
+    assert made["code-commits"] == ["0ld", ours] and made["code-commit"] == ours
+    unrecorded = read_summary(run_dir(publish, second))["compact"]
+    assert unrecorded["code-commit"] == ours and "at publishing" in unrecorded["code-recorded"]
+
+
+def test_a_resumed_launch_adds_to_the_code_record_and_a_fresh_one_starts_it_anew(tmp_path):
+    record_launch_code(tmp_path, resumed=False)
+    record_launch_code(tmp_path, resumed=True)
+    assert [launch["resumed"] for launch in read_launch_code(tmp_path)] == [False, True]
+    record_launch_code(tmp_path, resumed=False)
+    assert [launch["resumed"] for launch in read_launch_code(tmp_path)] == [False]

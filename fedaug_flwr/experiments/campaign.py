@@ -31,7 +31,14 @@ import pandas as pd
 
 from fedaug_flwr.experiments.aggregate import client_rows
 from fedaug_flwr.experiments.grid import Run, SweepError, SweepSpec, select
-from fedaug_flwr.experiments.runner import Launcher, run_dir, run_sweep, write_spec
+from fedaug_flwr.experiments.runner import (
+    Launcher,
+    code_version,
+    read_launch_code,
+    run_dir,
+    run_sweep,
+    write_spec,
+)
 from fedaug_flwr.launch import simulate
 from fedaug_flwr.results import SUMMARY, read_summary, write_atomic, write_json
 
@@ -66,16 +73,22 @@ def compact_summary(summary: dict[str, Any], code: dict[str, Any] | None = None)
     return compact
 
 
-def code_version(folder: Path) -> dict[str, Any]:
-    """The git commit of the code in ``folder`` and whether it had uncommitted changes."""
-
-    def git(*args: str) -> str:
-        result = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True)
-        return result.stdout.strip() if result.returncode == 0 else ""
-
-    commit = git("rev-parse", "HEAD")
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", "fedaug_flwr", "*.py")
-    return {"code-commit": commit or "unknown", "code-changed": bool(changed)}
+def run_code(run_folder: Path) -> dict[str, Any]:
+    """Which code made the run in ``run_folder``: the commit of its launches (the sweep
+    runner records each in ``code.json``; a run resumed under other code lists every
+    commit in ``code-commits``, the last in ``code-commit``). A run folder from before
+    that record gets the publishing checkout's version, marked as recorded at publishing."""
+    launches = read_launch_code(run_folder)
+    if not launches:
+        return {**code_version(), "code-recorded": "at publishing (the run did not record it)"}
+    commits = list(dict.fromkeys(launch["code-commit"] for launch in launches))
+    code: dict[str, Any] = {
+        "code-commit": commits[-1],
+        "code-changed": any(launch["code-changed"] for launch in launches),
+    }
+    if len(commits) > 1:
+        code["code-commits"] = commits
+    return code
 
 
 def publish(run_folder: Path, target: Path, code: dict[str, Any] | None = None) -> list[Path]:
@@ -176,7 +189,7 @@ def run_campaign(
                 "or $FEDAUG_DATA_DIR ($FEDAUG_FASHION_DATA_DIR for fashion-mnist) at the data "
                 "set and run the campaign again"
             )
-        code = code_version(Path(__file__).resolve().parent)  # the code these runs use
+        code = run_code(run_dir(scratch_dir, run))
         files = publish(run_dir(scratch_dir, run), run_dir(publish_dir, run), code)
         minutes = float(summary.get("timing-s", {}).get("total", 0.0)) / 60
         if repo is not None:

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -57,6 +58,8 @@ from fedaug_flwr.results import (
 
 SPEC_FILE = "sweep.yaml"
 RUN_LOG = "flwr.log"
+# Which code each launch of a run used: a run resumed after a code change was made by both.
+CODE_RECORD = "code.json"
 # Keys that legitimately differ between a stored summary and the cell's config.
 _NOT_COMPARED = {"output-dir"}
 
@@ -245,6 +248,7 @@ def _execute(
     elif folder.exists():
         shutil.rmtree(folder)  # half-written or failed before: start from nothing
     folder.mkdir(parents=True, exist_ok=True)
+    record_launch_code(folder, resumed=resumes)
     # Until the launcher returns, nothing in this folder counts as a completed run.
     write_launch_state(folder, "running", pid=os.getpid(), started=time.strftime("%F %T"))
     run_config = {**run.run_config, "output-dir": str(folder)}
@@ -379,3 +383,35 @@ def statuses(sweep_dir: Path, runs: Sequence[Run]) -> list[dict[str, Any]]:
         }
         for run in runs
     ]
+
+
+def code_version(folder: Path | None = None) -> dict[str, Any]:
+    """The git commit of the code in ``folder`` (default: this package's checkout) and
+    whether it had uncommitted changes; ``unknown`` outside a git checkout."""
+    folder = Path(__file__).resolve().parent if folder is None else folder
+
+    def git(*args: str) -> str:
+        result = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True)
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "fedaug_flwr", "*.py")
+    return {"code-commit": commit or "unknown", "code-changed": bool(changed)}
+
+
+def record_launch_code(folder: Path, resumed: bool) -> Path:
+    """Add this launch's code version to the run folder's ``code.json`` (a fresh run
+    starts the list anew), so that whoever publishes the run later names the code that
+    made it, not the code that happens to publish it."""
+    path = Path(folder) / CODE_RECORD
+    launches = read_launch_code(folder) if resumed else []
+    launches.append({"started": time.strftime("%F %T"), "resumed": resumed, **code_version()})
+    return write_json(path, {"launches": launches})
+
+
+def read_launch_code(folder: Path) -> list[dict[str, Any]]:
+    """The launches recorded by :func:`record_launch_code` (empty for older run folders)."""
+    try:
+        return list(json.loads((Path(folder) / CODE_RECORD).read_text())["launches"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
