@@ -24,7 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fedaug_flwr.experiments.aggregate import F1, MODE, FigureError, K, is_baseline
-from fedaug_flwr.experiments.claims import interval
+from fedaug_flwr.experiments.claims import direction, interval
 
 BUDGET = "budget"
 NO_SYNTHETIC = "no synthetic images"
@@ -130,16 +130,6 @@ def _paired_into(row: dict, name: str, pairs: pd.Series) -> None:
     row[f"{name}-diff-n"] = len(differences)
 
 
-def _direction(low: float, high: float) -> str:
-    if math.isnan(low):
-        return "inconclusive (n < 2)"
-    if low > 0:
-        return "higher"
-    if high < 0:
-        return "lower"
-    return "inconclusive"
-
-
 def tradeoff_markdown(final_runs: pd.DataFrame) -> str:
     """The trade-off table as Markdown: mean ± std per budget, then the paired differences
     from no DP with their intervals and what they support."""
@@ -198,7 +188,7 @@ def _difference(row: pd.Series, name: str) -> str:
         return "–"
     low, high = row[f"{name}-diff-low"], row[f"{name}-diff-high"]
     span = "" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"
-    return f"{mean:+.3f}{span}, n={int(row[f'{name}-diff-n'])}: {_direction(low, high)}"
+    return f"{mean:+.3f}{span}, n={int(row[f'{name}-diff-n'])}: {direction(low, high)}"
 
 
 def plot_privacy_tradeoff(final_runs: pd.DataFrame) -> Figure:
