@@ -216,11 +216,19 @@ def write_failure(folder: Path, error: str = "PhaseError: boom") -> None:
 PRIVACY_SPEC = {
     "name": "fixture-privacy",
     "federation": {"num-supernodes": 3},
-    "base": {"imputation": "minority", "num-synthetic": 100, "cvae-dp-noise": 0.0},
-    "axes": {"cvae-dp": ["off", "sample"], "cvae-dp-epsilon": [0.0, 8.0, 1.0]},
+    "base": {"cvae-dp-noise": 0.0},
+    "axes": {
+        "cvae-dp": ["off", "sample"],
+        "cvae-dp-epsilon": [0.0, 8.0, 1.0],
+        "imputation": ["minority", "none"],
+        "num-synthetic": [100, 0],
+    },
     "exclude": [
         {"cvae-dp": "off", "cvae-dp-epsilon": [8.0, 1.0]},
         {"cvae-dp": "sample", "cvae-dp-epsilon": 0.0},
+        {"imputation": "minority", "num-synthetic": 0},
+        {"imputation": "none", "num-synthetic": 100},
+        {"imputation": "none", "cvae-dp": "sample"},
     ],
     "seeds": [0, 1, 2],
 }
@@ -229,6 +237,7 @@ PRIVACY_SPEC = {
 # and flagged share fall with the budget.
 PRIVACY_F1 = {0.0: [0.6, 0.7, 0.8], 8.0: [0.58, 0.69, 0.77], 1.0: [0.4, 0.45, 0.65]}
 PRIVACY_AUC = {0.0: 0.6, 8.0: 0.55, 1.0: 0.5}
+PRIVACY_F1_NONE = [0.45, 0.55, 0.75]  # the reference: no synthetic images (no CVAE)
 
 
 def privacy_section(auc: float, flagged: float) -> dict[str, Any]:
@@ -248,11 +257,16 @@ def privacy_section(auc: float, flagged: float) -> dict[str, Any]:
 
 
 def privacy_sweep(folder: Path) -> SweepSpec:
-    """Runs without DP and with sample-level DP at two budgets, with known numbers."""
+    """Runs without DP and with sample-level DP at two budgets, and the reference without
+    synthetic images, with known numbers."""
     spec = parse_spec(PRIVACY_SPEC)
     write_spec(folder, spec)
     for run in spec.runs():
         cell = run.cell.as_dict()
+        if cell["imputation"] == "none":
+            summary = fake_summary(run.run_config, f1=PRIVACY_F1_NONE[run.seed], loss=1.0)
+            write_json(run_dir(folder, run) / SUMMARY, summary)
+            continue
         budget = cell["cvae-dp-epsilon"]
         summary = fake_summary(run.run_config, f1=PRIVACY_F1[budget][run.seed], loss=1.0)
         summary["privacy"] = privacy_section(PRIVACY_AUC[budget], flagged=0.05 + budget / 100)

@@ -229,7 +229,8 @@ def test_averages_over_beta_count_only_seeds_that_have_every_beta(tmp_path):
 def test_privacy_tradeoff_pairs_each_budget_with_the_no_dp_run_of_its_seed(tmp_path):
     privacy_sweep(tmp_path)
     table = tradeoff.tradeoff_table(write_tables(tmp_path).final_runs).set_index("budget")
-    assert list(table.index) == ["∞ (no DP)", "8", "1"]  # no DP first, then tighter budgets
+    # no DP first, then tighter budgets; the runs without synthetic images last
+    assert list(table.index) == ["∞ (no DP)", "8", "1", "no synthetic images"]
     assert table.loc["8", "runs"] == 3 and table.loc["1", "epsilon-spent-max"] == 0.99
     assert table.loc["1", "test-macro-f1-mean"] == pytest.approx(0.5)
     # budget 1 minus no DP per seed: -0.2, -0.25, -0.15; std 0.05, t(0.975, 2) = 4.3027
@@ -239,11 +240,21 @@ def test_privacy_tradeoff_pairs_each_budget_with_the_no_dp_run_of_its_seed(tmp_p
     assert tight["test-macro-f1-diff-low"] == pytest.approx(-0.2 - half, abs=1e-4)
     assert tight["test-macro-f1-diff-high"] == pytest.approx(-0.2 + half, abs=1e-4)
     assert tight["privacy-auc-loss-diff-mean"] == pytest.approx(-0.1)
+    # against no synthetic images (0.45, 0.55, 0.75): -0.05, -0.1, -0.1 per seed
+    assert tight["test-macro-f1-vs-none-diff-mean"] == pytest.approx(-0.25 / 3)
+    assert tight["test-macro-f1-vs-none-diff-high"] == pytest.approx(
+        -0.25 / 3 + 4.3027 * 0.028868 / np.sqrt(3), abs=1e-4
+    )
+    assert table.loc["∞ (no DP)", "test-macro-f1-vs-none-diff-mean"] == pytest.approx(0.35 / 3)
+    assert table.loc["no synthetic images", "runs"] == 3
+    assert table.loc["no synthetic images", "test-macro-f1-mean"] == pytest.approx(0.5833, 1e-3)
     text = tradeoff.tradeoff_markdown(write_tables(tmp_path).final_runs)
     assert f"-0.200 [{-0.2 - half:+.3f}, {-0.2 + half:+.3f}], n=3: lower" in text
     # budget 8: -0.02, -0.01, -0.03: the interval [-0.045, +0.005] covers zero
     assert "-0.020 [-0.045, +0.005], n=3: inconclusive" in text
     assert "| ∞ (no DP) | 3 | – |" in text and "0.050 ± 0.000 (0.050)" in text
+    assert "| no synthetic images | 3 | – | – |" in text
+    assert "-0.083 [-0.155, -0.012], n=3: lower |" in text  # budget 1 against none
 
 
 def test_privacy_tradeoff_is_drawn_for_a_budget_sweep_only(tmp_path, capsys):

@@ -47,6 +47,14 @@ def interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, 
     return float(values.mean() - half), float(values.mean() + half)
 
 
+def direction(low: float, high: float) -> str:
+    """What a 95 % interval of a difference supports, with no claim to compare it with:
+    ``higher`` / ``lower`` when it excludes zero, else ``inconclusive``."""
+    if math.isnan(low):
+        return "inconclusive (n < 2)"
+    return "higher" if low > 0 else "lower" if high < 0 else "inconclusive"
+
+
 def verdict(low: float, high: float, study_sign: int) -> str:
     """``agrees`` / ``disagrees`` with a study that found a difference of ``study_sign``
     (+1, -1), or ``inconclusive``; with ``study_sign`` 0 (the study found none):

@@ -24,7 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fedaug_flwr.experiments.aggregate import BETA, F1, FigureError, K, is_baseline
-from fedaug_flwr.experiments.claims import interval
+from fedaug_flwr.experiments.claims import direction, interval
 
 STRATEGY = "clf-strategy"
 DATASET = "dataset"
@@ -72,12 +72,6 @@ def _order(strategies) -> list[str]:
     return [REFERENCE, *sorted(s for s in set(strategies) if s != REFERENCE)]
 
 
-def _direction(low: float, high: float) -> str:
-    if math.isnan(low):
-        return "inconclusive (n < 2)"
-    return "higher" if low > 0 else "lower" if high < 0 else "inconclusive"
-
-
 def _seed_values(per_seed: pd.DataFrame, strategy: str, augmented: bool) -> pd.Series:
     key = (strategy, augmented)
     return per_seed[key] if key in per_seed else pd.Series(dtype=float)
@@ -97,7 +91,7 @@ def _paired(name: str, differences: pd.Series, where: dict) -> dict | None:
         "n": len(differences),
         "ci-low": low,
         "ci-high": high,
-        "verdict": _direction(low, high),
+        "verdict": direction(low, high),
     }
 
 

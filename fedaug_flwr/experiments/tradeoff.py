@@ -9,7 +9,10 @@ the same classifier trained on real images), the memorization audit's flagged sh
 (beside its chance level), the membership attacks' AUC (0.5 = nothing learned) and the
 clients' final macro-F1. The table adds each budget's paired difference from the no-DP
 runs of the same seed (same partition, same initial models) with a 95 % t interval; an
-interval that covers zero is reported as inconclusive.
+interval that covers zero is reported as inconclusive. Runs of the sweep without
+synthetic images (``imputation = "none"`` or k = 0: no CVAE) are the reference: every
+budget's macro-F1 is also compared with theirs, seed by seed, and the figure draws their
+mean.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fedaug_flwr.experiments.aggregate import F1, FigureError
-from fedaug_flwr.experiments.claims import interval
+from fedaug_flwr.experiments.aggregate import F1, MODE, FigureError, K, is_baseline
+from fedaug_flwr.experiments.claims import direction, interval
 
 BUDGET = "budget"
+NO_SYNTHETIC = "no synthetic images"
+VS_NONE = f"{F1}-vs-none"  # a budget's macro-F1 minus the reference's, per seed
 EPSILON_KEY, SPENT = "cvae-dp-epsilon", "cvae-dp-epsilon-spent"
 SYNTHETIC_ACCURACY, REAL_ACCURACY = "quality-synthetic-accuracy", "quality-real-accuracy"
 FLAGGED, FLAGGED_CHANCE = "privacy-flagged-share", "privacy-flagged-share-reference"
@@ -49,6 +54,8 @@ def with_budgets(final_runs: pd.DataFrame) -> pd.DataFrame:
             else "privacy trade-off: no complete runs yet"
         )
     table = final_runs.copy()
+    if MODE in table and K in table:
+        table = table[~is_baseline(table)]  # the reference runs: see reference_runs
     private = table[SPENT].notna() if SPENT in table else pd.Series(False, index=table.index)
     unbudgeted = private & ~(table[EPSILON_KEY] > 0)
     if unbudgeted.any():
@@ -60,6 +67,13 @@ def with_budgets(final_runs: pd.DataFrame) -> pd.DataFrame:
     if table[BUDGET].nunique() < 2:
         raise FigureError("privacy trade-off: the runs have a single privacy budget")
     return table
+
+
+def reference_runs(final_runs: pd.DataFrame) -> pd.DataFrame:
+    """The sweep's runs without synthetic images (empty when it has none)."""
+    if MODE not in final_runs or K not in final_runs:
+        return final_runs.iloc[0:0]
+    return final_runs[is_baseline(final_runs)]
 
 
 def _budget_order(table: pd.DataFrame) -> list[float]:
@@ -82,6 +96,7 @@ def tradeoff_table(final_runs: pd.DataFrame) -> pd.DataFrame:
     ]
     columns += [c for c in (*AUC_ATTACKS, F1) if c in table]
     baseline = table[np.isinf(table[BUDGET])].set_index("seed")
+    none = reference_runs(final_runs).set_index("seed")
     rows = []
     for budget in _budget_order(table):
         group = table[table[BUDGET] == budget]
@@ -95,24 +110,24 @@ def tradeoff_table(final_runs: pd.DataFrame) -> pd.DataFrame:
             row[f"{column}-std"] = float(group[column].std()) if len(group) > 1 else math.nan
         if not math.isinf(budget):
             for column in (c for c in PAIRED if c in table):
-                pairs = group.set_index("seed")[column] - baseline[column]
-                differences = pairs.dropna()
-                low, high = interval(differences.to_list())
-                row[f"{column}-diff-mean"] = float(differences.mean())
-                row[f"{column}-diff-low"], row[f"{column}-diff-high"] = low, high
-                row[f"{column}-diff-n"] = len(differences)
+                _paired_into(row, column, group.set_index("seed")[column] - baseline[column])
+        if not none.empty:
+            _paired_into(row, VS_NONE, group.set_index("seed")[F1] - none[F1])
         rows.append(row)
+    if not none.empty:
+        reference = {BUDGET: NO_SYNTHETIC, "runs": len(none), f"{F1}-mean": none[F1].mean()}
+        reference[f"{F1}-std"] = float(none[F1].std()) if len(none) > 1 else math.nan
+        rows.append(reference)
     return pd.DataFrame(rows)
 
 
-def _direction(low: float, high: float) -> str:
-    if math.isnan(low):
-        return "inconclusive (n < 2)"
-    if low > 0:
-        return "higher"
-    if high < 0:
-        return "lower"
-    return "inconclusive"
+def _paired_into(row: dict, name: str, pairs: pd.Series) -> None:
+    """Mean, 95 % interval and n of paired differences, as ``<name>-diff-*`` columns."""
+    differences = pairs.dropna()
+    low, high = interval(differences.to_list())
+    row[f"{name}-diff-mean"] = float(differences.mean()) if len(differences) else math.nan
+    row[f"{name}-diff-low"], row[f"{name}-diff-high"] = low, high
+    row[f"{name}-diff-n"] = len(differences)
 
 
 def tradeoff_markdown(final_runs: pd.DataFrame) -> str:
@@ -147,28 +162,33 @@ def tradeoff_markdown(final_runs: pd.DataFrame) -> str:
             f"{flagged} | {cell(row, 'privacy-auc-loss')} | "
             f"{cell(row, 'privacy-auc-generated-nearest')} | {cell(row, F1)} |"
         )
+    compared = dict(PAIRED)
+    if f"{VS_NONE}-diff-mean" in table:
+        compared[VS_NONE] = f"client macro-F1 minus {NO_SYNTHETIC}"
     lines += [
         "",
-        "Paired differences from the runs without DP (same seed), mean and 95 % t interval:",
+        "Paired differences (same seed), mean and 95 % t interval: from the runs without DP"
+        + (f"; in the last column from the runs with {NO_SYNTHETIC}" if VS_NONE in compared else "")
+        + ":",
         "",
-        "| budget epsilon | " + " | ".join(PAIRED.values()) + " |",
-        "| --- | " + " | ".join("---" for _ in PAIRED) + " |",
+        "| budget epsilon | " + " | ".join(compared.values()) + " |",
+        "| --- | " + " | ".join("---" for _ in compared) + " |",
     ]
     for _, row in table.iterrows():
-        if row[BUDGET].startswith("∞"):
+        if row[BUDGET] == NO_SYNTHETIC or (row[BUDGET].startswith("∞") and VS_NONE not in compared):
             continue
-        cells = []
-        for column in PAIRED:
-            mean = row.get(f"{column}-diff-mean")
-            if mean is None or math.isnan(mean):
-                cells.append("–")
-                continue
-            low, high = row[f"{column}-diff-low"], row[f"{column}-diff-high"]
-            n = int(row[f"{column}-diff-n"])
-            span = "" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"
-            cells.append(f"{mean:+.3f}{span}, n={n}: {_direction(low, high)}")
-        lines.append(f"| {row[BUDGET]} | " + " | ".join(cells) + " |")
+        cells = " | ".join(_difference(row, column) for column in compared)
+        lines.append(f"| {row[BUDGET]} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+def _difference(row: pd.Series, name: str) -> str:
+    mean = row.get(f"{name}-diff-mean")
+    if mean is None or math.isnan(mean):
+        return "–"
+    low, high = row[f"{name}-diff-low"], row[f"{name}-diff-high"]
+    span = "" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"
+    return f"{mean:+.3f}{span}, n={int(row[f'{name}-diff-n'])}: {direction(low, high)}"
 
 
 def plot_privacy_tradeoff(final_runs: pd.DataFrame) -> Figure:
@@ -207,6 +227,9 @@ def plot_privacy_tradeoff(final_runs: pd.DataFrame) -> Figure:
     attacks.axhline(0.5, color="grey", linestyle="--", label="0.5: nothing learned")
     attacks.set_title("membership inference on the CVAE: AUC")
     series(scores, F1, "clients' final macro-F1")
+    none = reference_runs(final_runs)
+    if not none.empty:
+        scores.axhline(none[F1].mean(), color="C2", linestyle="--", label=f"{NO_SYNTHETIC} (mean)")
     scores.set_title("classifier: client test macro-F1")
     for axis in axes.flat:
         axis.legend(fontsize=8)
