@@ -40,6 +40,7 @@ import torch
 from flwr.app import MetricRecord
 from flwr.serverapp.strategy import Result
 
+from fedaug_flwr.config import default_run_config
 from fedaug_flwr.models import weights_digest
 from fedaug_flwr.results import load_state_dict, save_torch
 from fedaug_flwr.strategies import PhaseProgress, RoundLog
@@ -174,7 +175,13 @@ def check_folder(folder: Path, config: dict[str, object]) -> str | None:
 
 
 def config_differences(stored: dict[str, object], wanted: dict[str, object]) -> list[str]:
-    """``key: checkpoint X, this run Y`` for every key that differs (output-dir aside)."""
+    """``key: checkpoint X, this run Y`` for every key that differs (output-dir aside).
+
+    A key the checkpoint does not have was added to the app after it was written; a new
+    key's default keeps the app's behaviour as it was, so the checkpointed run ran with
+    that default, and a run that resumes with it is the same run."""
+    defaults = default_run_config()
+    stored = {**{k: v for k, v in defaults.items() if k in wanted}, **stored}
     keys = sorted((set(stored) | set(wanted)) - _NOT_COMPARED)
     return [
         f"{key}: checkpoint {stored.get(key)!r}, this run {wanted.get(key)!r}"

@@ -200,6 +200,16 @@ def test_a_checkpoint_of_another_config_is_refused_and_kept(tmp_path, nodes):
     assert Checkpoint.load(folder, config.to_run_config()).where() == "classifier round 1"
 
 
+def test_a_checkpoint_from_before_a_new_key_resumes_when_the_key_keeps_its_default(tmp_path):
+    folder = tmp_path / "run"
+    config = AppConfig.from_run_config({**RUN, "output-dir": str(folder)}).to_run_config()
+    older = {key: value for key, value in config.items() if key != "clf-compile"}
+    Checkpoint(folder, older, 0.0).save()  # written before the app had clf-compile
+    assert Checkpoint.load(folder, config).where() == "at the start"
+    with pytest.raises(CheckpointError, match="clf-compile: checkpoint False, this run True"):
+        Checkpoint.load(folder, {**config, "clf-compile": True})
+
+
 def test_a_model_file_changed_since_the_checkpoint_is_refused(tmp_path, nodes):
     folder = tmp_path / "run"
     config = AppConfig.from_run_config({**RUN, "output-dir": str(folder)})
