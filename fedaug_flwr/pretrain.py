@@ -75,19 +75,24 @@ def train_on_synthetic(
     seed: int,
     on_epoch: Callable[[int, ExquisiteNetV1, float], None] | None = None,
 ) -> ExquisiteNetV1:
-    """ExquisiteNet trained centrally on synthetic images only (on the GPU if there is one)."""
+    """ExquisiteNet trained centrally on ``train_set`` (on the GPU if there is one): a
+    function of ``seed`` and the images alone. The initial weights and the dropout masks
+    both come from torch's global generator, seeded here and restored afterwards, so
+    what ran before in the process (sampling a CVAE, another classifier) changes
+    nothing: the generator-quality check's reference is the same for a seed whichever
+    CVAE it is compared with."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = TensorData.from_digits(train_set, device=device)
     with torch.random.fork_rng():
         torch.manual_seed(seed_for(seed, 12))
         model = ExquisiteNetV1().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    data = TensorData.from_digits(train_set, device=device)
-    for epoch in range(epochs):
-        loss = train(
-            model, data, classifier_loss, optimizer, 1, batch_size, seed_for(seed, 13, epoch)
-        )
-        if on_epoch is not None:
-            on_epoch(epoch + 1, model, loss)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        for epoch in range(epochs):
+            loss = train(
+                model, data, classifier_loss, optimizer, 1, batch_size, seed_for(seed, 13, epoch)
+            )
+            if on_epoch is not None:
+                on_epoch(epoch + 1, model, loss)
     return model.cpu()
 
 

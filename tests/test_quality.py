@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedaug_flwr import server_work
+from fedaug_flwr import pretrain, server_work
 from fedaug_flwr.data import Digits, load_source
 from fedaug_flwr.fidelity import (
     coverage,
@@ -227,3 +227,21 @@ def test_every_classification_metric_reaches_the_summary(finetune_run):
         assert set(METRIC_NAMES) <= set(metrics), place
     for place in ("rounds[-1].evaluate", "final.clients"):
         assert set(weighted) <= set(places[place]), place
+
+
+def test_a_classifier_trained_on_the_server_depends_on_its_seed_and_images_alone():
+    """The generator-quality check's reference must be the same for a seed whichever CVAE
+    ran before it: dropout draws from torch's global generator, which the process's
+    earlier work moves."""
+    rng = np.random.default_rng(0)
+    images = Digits((rng.random((64, 28, 28)) > 0.5).astype(np.uint8), np.arange(64) % 10)
+
+    def weights() -> list[torch.Tensor]:
+        model = pretrain.train_on_synthetic(images, 1, 0.01, 0.0, 16, seed=3)
+        return [p.detach().clone() for p in model.parameters()]
+
+    torch.manual_seed(1)
+    first = weights()
+    torch.rand(1000)  # whatever ran before in the process
+    second = weights()
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
