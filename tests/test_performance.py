@@ -237,7 +237,8 @@ def test_rounds_are_timed_and_the_plain_loop_computes_what_the_app_computes(tmp_
         ]
         last = timing[-1]
         assert {"train", "aggregate", "total"} <= set(last)
-        assert last["total"] >= last["train"] + last["aggregate"]
+        # each time is recorded rounded to 1 ms, so two parts may sum 1 ms past the total
+        assert last["total"] >= last["train"] + last["aggregate"] - 0.001
     classifier_timing = summary["classifier"]["round-timing-s"]
     assert classifier_timing[0]["round"] == 0 and "global-evaluate" in classifier_timing[0]
     assert {"evaluate", "global-evaluate"} <= set(classifier_timing[-1])
