@@ -43,6 +43,7 @@ from fedaug_flwr.results import read_summary
 PHASES = {"classifier": "classifier", "cvae": "cvae"}  # phase -> section in summary.json
 CHILD_TIMEOUT_S = 3 * 3600
 EVALUATE_MESSAGES = "-evaluate-messages"  # suffix of the kinds run with evaluate-on-receipt off
+COMPARED = "-compared"  # suffix of the kinds run with --compare-run-config on top
 
 
 @dataclass(frozen=True)
@@ -237,12 +238,16 @@ def measure_scale(
     loop_threads: Sequence[int],
     workdir: Path,
     evaluate_messages: bool = False,
+    compared: dict | None = None,
 ) -> dict:
     """Every kind of run, ``repeats`` times, interleaved so that load changes hit all alike.
 
     With ``evaluate_messages`` the Flower runs are repeated with
     ``evaluate-on-receipt = false`` (kinds ``flower-evaluate-messages`` and
     ``overhead-evaluate-messages``): the app's two message schemes, side by side.
+    With ``compared`` (run-config values) the app's run and the plain loops are
+    repeated with those values on top (kinds ``flower-compared``,
+    ``plain-1-thread-compared``, ...): a setting against the default, in one run.
     """
     variants = flower_variants(phase)
     flower_kinds = ["flower", "overhead"]
@@ -250,14 +255,21 @@ def measure_scale(
         flower_kinds += [f"{kind}{EVALUATE_MESSAGES}" for kind in flower_kinds]
     threads_of = {plain_kind(t): t for t in loop_threads}
     plain_kinds = list(threads_of)
-    kinds = flower_kinds + plain_kinds
+    if compared:
+        # The no-op ClientApp does no model work, so a model setting would not change it.
+        flower_kinds.append(f"flower{COMPARED}")
+        threads_of.update({f"{plain_kind(t)}{COMPARED}": t for t in loop_threads})
+    kinds = flower_kinds + list(threads_of)
     runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
     load_before = load_average()
     for repeat in range(repeats):
         for kind in kinds:
             print(f"[bench] {phase} {scale} repeat {repeat + 1}/{repeats}: {kind}", flush=True)
+            kind_config = {**config, **compared} if kind.endswith(COMPARED) else config
             if kind in threads_of:
-                run = plain_run(scale, config, phase, threads_of[kind] or None, workdir)
+                run = plain_run(scale, kind_config, phase, threads_of[kind] or None, workdir)
+            elif kind.endswith(COMPARED):
+                run = flower_run(variants["flower"], scale, kind_config, resources, phase, workdir)
             elif kind.endswith(EVALUATE_MESSAGES):
                 base = kind.removesuffix(EVALUATE_MESSAGES)
                 separate = {**config, "evaluate-on-receipt": False}
@@ -271,6 +283,26 @@ def measure_scale(
         stats[kind] = summarize(rounds, without_global=kind.startswith("overhead"))
     # The baseline is the faster of the plain loop's thread settings.
     baseline = min(plain_kinds, key=lambda kind: stats[kind]["seconds-per-round"])
+    comparison = {}
+    if compared:
+        compared_baseline = min(
+            (k + COMPARED for k in plain_kinds), key=lambda k: stats[k]["seconds-per-round"]
+        )
+        comparison = {
+            "compared-run-config": compared,
+            "compared-plain-baseline": compared_baseline,
+            "compared-flower-over-plain": ratio(
+                stats[f"flower{COMPARED}"]["seconds-per-round"],
+                stats[compared_baseline]["seconds-per-round"],
+            ),
+            # > 1: the compared setting's round is that many times faster than the default's
+            "speedup-of-compared": {
+                kind: ratio(
+                    stats[kind]["seconds-per-round"], stats[kind + COMPARED]["seconds-per-round"]
+                )
+                for kind in ["flower", *plain_kinds]
+            },
+        }
     return {
         "scale": str(scale),
         "clients": scale.clients,
@@ -281,6 +313,7 @@ def measure_scale(
         "flower-over-plain": ratio(
             stats["flower"]["seconds-per-round"], stats[baseline]["seconds-per-round"]
         ),
+        **comparison,
         "metrics-max-difference": {
             kind: agreement(runs["flower"][0]["global-test"], runs[kind][0]["global-test"])
             for kind in kinds
@@ -312,6 +345,7 @@ def compare(
     extra: dict,
     loop_threads: Sequence[int],
     evaluate_messages: bool = False,
+    compared: dict | None = None,
 ) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="fedaug-bench-"))
     try:
@@ -325,6 +359,7 @@ def compare(
                 loop_threads,
                 workdir,
                 evaluate_messages,
+                compared,
             )
             for scale in scales
         ]
@@ -337,6 +372,7 @@ def compare(
         "resources": resources,
         "loop-threads": list(loop_threads),
         "evaluate-messages-compared": evaluate_messages,
+        "compared-run-config": compared or None,
         "results": results,
     }
 
@@ -368,10 +404,31 @@ def table_rows(results: list[dict]) -> list[dict]:
                 if f"overhead{EVALUATE_MESSAGES}" in r
                 else {}
             ),
+            **(
+                {
+                    "flower s/round, compared": r[f"flower{COMPARED}"]["seconds-per-round"],
+                    "speedup of compared (flower)": r["speedup-of-compared"]["flower"],
+                    "flower/plain, compared": r["compared-flower-over-plain"],
+                }
+                if "speedup-of-compared" in r
+                else {}
+            ),
             "flower peak GiB (PSS)": r["peak-memory"]["flower"]["peak-pss-sum-gib"],
         }
         for r in results
     ]
+
+
+def parse_run_config(parser: argparse.ArgumentParser, flag: str, text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        parser.error(f"{flag} is not JSON: {error}")
+    if not isinstance(values, dict):
+        parser.error(f"{flag} must be a JSON object, got {text!r}")
+    return values
 
 
 def main(phase: str, argv: Sequence[str] | None = None) -> int:
@@ -409,6 +466,12 @@ def main(phase: str, argv: Sequence[str] | None = None) -> int:
             action="store_true",
             help="also run Flower with evaluate-on-receipt = false (separate evaluate messages)",
         )
+    parser.add_argument(
+        "--compare-run-config",
+        default=None,
+        help="JSON object of run-config values to compare against the default: the Flower "
+        "run and the plain loops run again with them on top, in the same run",
+    )
     parser.add_argument("--output", default=str(RESULTS_DIR / f"{phase}.json"))
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1:
@@ -431,9 +494,10 @@ def main(phase: str, argv: Sequence[str] | None = None) -> int:
         args.repeats,
         resources,
         args.data_dir,
-        json.loads(args.run_config),
+        parse_run_config(parser, "--run-config", args.run_config),
         args.loop_threads,
         getattr(args, "evaluate_messages", False),
+        parse_run_config(parser, "--compare-run-config", args.compare_run_config),
     )
     report = {"benchmark": f"{phase}-round", "machine": machine, **report}
     report["load-average-at-end"] = load_average()

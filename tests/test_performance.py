@@ -379,3 +379,55 @@ def test_before_after_tells_float_rounding_from_a_different_result():
     assert not close(result, {**result, "final": {"macro-f1": 0.3332}})
     assert not close(result, {**result, "clients": [{"n": 4, "loss": 1.5}]})
     assert not close(result, {**result, "clients": []})
+
+
+def test_compared_settings_run_every_model_kind_again_with_their_values(monkeypatch, tmp_path):
+    from bench import federated
+
+    # s / round by what a run was given: the compared value halves the model's time
+    def seconds(config: dict) -> float:
+        return 2.0 if config.get("clf-compile") else 4.0
+
+    def fake_run(config: dict, extra: dict | None = None) -> dict:
+        stats = {"round": 1, "images": 100, "parts": {"total": seconds(config)}}
+        return {"rounds": [stats], "global-test": [None], **(extra or {})}
+
+    seen: list[tuple[str, dict]] = []
+    facts = {"wall-s": 1, "memory": {"peak-rss-sum-gib": 1, "cpu-s": 1}}
+
+    def flower_run(variant, scale, config, resources, phase, workdir):
+        seen.append((variant, config))
+        if variant == "noop-clf":  # Flower's overhead alone: no model work to speed up
+            return fake_run({}, facts)
+        return fake_run(config, facts)
+
+    def plain_run(scale, config, phase, threads, workdir):
+        seen.append(("plain", config))
+        run = fake_run(config, facts)
+        run["rounds"][0]["parts"]["total"] *= 2  # the plain loop: twice the app's time
+        return {**run, "torch-threads": 1}
+
+    monkeypatch.setattr(federated, "flower_run", flower_run)
+    monkeypatch.setattr(federated, "plain_run", plain_run)
+    result = federated.measure_scale(
+        "classifier",
+        federated.Scale(2, "mnist-5k"),
+        {"dataset": "mnist-5k"},
+        1,
+        {},
+        [1],
+        tmp_path,
+        compared={"clf-compile": True},
+    )
+    assert [(v, c.get("clf-compile")) for v, c in seen] == [
+        ("real", None),
+        ("noop-clf", None),
+        ("real", True),
+        ("plain", None),
+        ("plain", True),
+    ]
+    assert result["flower"]["seconds-per-round"] == 4.0
+    assert result["flower-compared"]["seconds-per-round"] == 2.0
+    assert result["speedup-of-compared"] == {"flower": 2.0, "plain-1-thread": 2.0}
+    assert result["flower-over-plain"] == 0.5 and result["compared-flower-over-plain"] == 0.5
+    assert result["compared-plain-baseline"] == "plain-1-thread-compared"
