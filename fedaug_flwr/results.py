@@ -256,3 +256,29 @@ def folder_lock(folder: Path, purpose: str) -> Iterator[Path]:
     finally:
         path.unlink(missing_ok=True)  # while still holding it: nobody else has it
         os.close(handle)
+
+
+def lock_holder(folder: Path) -> int | None:
+    """The pid of the process that holds ``folder`` (:func:`folder_lock`), or None when
+    nobody holds it now (a lock file left by a dead owner counts as free)."""
+    path = Path(folder) / LOCK
+    try:
+        handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            # a shared lock is granted only while nobody holds the exclusive one
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = json.loads(os.pread(handle, 4096, 0) or b"{}")
+            pid = owner.get("pid") if isinstance(owner, dict) else None
+            return pid if isinstance(pid, int) else None
+        except OSError:
+            return None
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+    except ValueError:
+        return None
+    finally:
+        os.close(handle)

@@ -2,12 +2,13 @@
 
     python -m fedaug_flwr.experiments run conf/smoke.yaml [--out DIR] [--only seed=0]
     python -m fedaug_flwr.experiments list conf/smoke.yaml [--out DIR] [--only ...]
-    python -m fedaug_flwr.experiments campaign conf/paper-scale.yaml [--max-runs N]
+    python -m fedaug_flwr.experiments campaign conf/paper-scale.yaml [--max-runs N] [--jobs N]
     python -m fedaug_flwr.experiments aggregate results/sweeps/smoke
     python -m fedaug_flwr.experiments plot results/sweeps/smoke
 
 ``campaign`` runs an experiment file's stages in order and publishes (and commits)
-each completed run's compact results (see :mod:`fedaug_flwr.experiments.campaign`).
+each completed run's compact results (see :mod:`fedaug_flwr.experiments.campaign`);
+``--jobs N`` keeps N runs going at once (:mod:`fedaug_flwr.experiments.jobs`).
 ``--federation num-gpus=0.1`` (run, campaign) overrides the file's simulation size for
 this machine; results do not depend on it. ``--ray-address HOST:PORT`` (run, campaign;
 default ``$RAY_ADDRESS``) runs the simulations on an existing Ray cluster
@@ -27,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fedaug_flwr import launch
-from fedaug_flwr.experiments import aggregate, campaign, figures, runner
+from fedaug_flwr.experiments import aggregate, campaign, figures, jobs, runner
 from fedaug_flwr.experiments.grid import (
     SweepError,
     SweepSpec,
@@ -94,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     long.add_argument(
         "--no-commit", action="store_true", help="publish the results but do not git-commit them"
     )
+    long.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at once, each in a process of its own (default 1; see docs/experiments.md)",
+    )
+    # one job's run, given by a campaign with --jobs (fedaug_flwr.experiments.jobs)
+    long.add_argument("--run", help=argparse.SUPPRESS)
+    long.add_argument("--held-by", type=int, help=argparse.SUPPRESS)
     listing = commands.add_parser("list", help="show the runs of a sweep and their status")
     _add_selection(listing)
     for name, text in (
@@ -120,6 +130,16 @@ def _stop_cleanly_on_signals() -> None:
     signal.signal(signal.SIGINT, interrupt)
 
 
+def _child_args(args: argparse.Namespace) -> list[str]:
+    """What a campaign's jobs get of its command line besides their run."""
+    child = [f"--federation={value}" for value in args.federation]
+    if args.ray_address:
+        child.append(f"--ray-address={args.ray_address}")
+    if args.no_commit:
+        child.append("--no-commit")
+    return child
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -130,7 +150,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.only:
                 chosen = set(select(spec, parse_filters(args.only)))
                 runs = [r for r in runs if r in chosen]
+            if args.run is not None:
+                runs = [r for r in runs if str(r.relative_dir) == args.run]
+                if not runs:
+                    raise SweepError(f"{args.experiment} has no run {args.run!r}")
+            if args.jobs < 1:
+                raise SweepError(f"--jobs must be at least 1, got {args.jobs}")
             _stop_cleanly_on_signals()
+            if args.jobs > 1:
+                outcome = jobs.run_campaign_in_jobs(
+                    spec,
+                    Path(args.experiment),
+                    _sweep_dir(spec.output, args.out),
+                    publish_dir,
+                    runs,
+                    args.jobs,
+                    _child_args(args),
+                    max_runs=args.max_runs,
+                )
+                return 2 if outcome.error else 1 if outcome.failed else 0
             report = campaign.run_campaign(
                 spec,
                 _sweep_dir(spec.output, args.out),
@@ -139,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 commit_results=not args.no_commit,
                 max_runs=args.max_runs,
                 ray_address=launch.resolve_ray_address(args.ray_address),
+                held_by=args.held_by,
             )
             return 0 if not report.failed else 1
         if args.command in ("run", "list"):

@@ -19,10 +19,13 @@ progress) and continues on any machine that has the repository, with the same co
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
+import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -43,6 +46,7 @@ from fedaug_flwr.launch import simulate
 from fedaug_flwr.results import SUMMARY, read_summary, write_atomic, write_json
 
 CLIENTS_TABLE = "clients.csv"
+COMMIT_LOCK = "fedaug-campaign-commit.lock"
 # Per-client rows of every round: most of a 100-client summary, and in no table.
 _PER_ROUND_DETAIL = ("train-per-client", "evaluate-per-client")
 # Folders of the machine that made the run: meaningless elsewhere, and not published.
@@ -125,14 +129,42 @@ class CampaignReport:
 
 
 def commit(repo: Path, paths: Sequence[Path], message: str, out: TextIO) -> bool:
-    """Commit exactly ``paths`` (nothing else that is staged); False, said, if git fails."""
+    """Commit exactly ``paths`` (nothing else that is staged); False, said, if git fails.
+
+    One commit at a time per checkout: the jobs of a campaign (and two campaigns in one
+    checkout) finish runs at any moment, and git refuses a second writer of the index
+    instead of waiting for it."""
     relative = [str(Path(p).resolve().relative_to(repo)) for p in paths]
-    for command in (["add", "--", *relative], ["commit", "-q", "-m", message, "--", *relative]):
-        result = subprocess.run(["git", "-C", str(repo), *command], capture_output=True, text=True)
-        if result.returncode != 0:
-            out.write(f"  git {command[0]} failed: {result.stderr.strip()}\n")
-            return False
+    with _commit_lock(repo):
+        for command in (
+            ["add", "--", *relative],
+            ["commit", "-q", "-m", message, "--", *relative],
+        ):
+            result = subprocess.run(
+                ["git", "-C", str(repo), *command], capture_output=True, text=True
+            )
+            if result.returncode != 0:
+                out.write(f"  git {command[0]} failed: {result.stderr.strip()}\n")
+                return False
     return True
+
+
+@contextlib.contextmanager
+def _commit_lock(repo: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on a file in the checkout's git folder (a worktree has its
+    own, with its own index), held while git writes the index and the commit."""
+    git_dir = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--absolute-git-dir"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    handle = os.open(Path(git_dir) / COMMIT_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def _repository(folder: Path) -> Path | None:
@@ -152,9 +184,11 @@ def run_campaign(
     launcher: Launcher = simulate,
     out: TextIO | None = None,
     ray_address: str | None = None,
+    held_by: int | None = None,
 ) -> CampaignReport:
     """Run the campaign's unpublished runs in order, publishing (and committing) each
-    (on the Ray cluster at ``ray_address`` when given, see :func:`run_sweep`)."""
+    (on the Ray cluster at ``ray_address`` when given; ``held_by``: one job of a campaign
+    with several, see :func:`run_sweep`)."""
     out = sys.stdout if out is None else out
     runs = ordered_runs(spec) if runs is None else list(runs)
     publish_dir = Path(publish_dir).resolve()
@@ -175,7 +209,13 @@ def run_campaign(
             break
         out.write(f"campaign [{index}/{len(todo)}] {run.label}\n")
         sweep = run_sweep(
-            spec, scratch_dir, [run], launcher=launcher, out=out, ray_address=ray_address
+            spec,
+            scratch_dir,
+            [run],
+            launcher=launcher,
+            out=out,
+            ray_address=ray_address,
+            held_by=held_by,
         )
         if not sweep.ok:
             report.failed.extend(sweep.failed)

@@ -50,6 +50,7 @@ from fedaug_flwr.results import (
     OutputFolderError,
     folder_lock,
     launch_state,
+    lock_holder,
     read_summary,
     write_atomic,
     write_json,
@@ -135,11 +136,17 @@ def run_sweep(
     out: TextIO | None = None,
     echo_logs: bool = False,
     ray_address: str | None = None,
+    held_by: int | None = None,
 ) -> SweepReport:
     """Run ``runs`` (default: the whole grid) that are not complete yet, one at a time.
 
     ``ray_address`` runs every simulation on that Ray cluster (the launcher's
     ``ray_address``; unset, the launcher reads ``$RAY_ADDRESS``).
+
+    ``held_by``: the pid of this process's parent, which holds ``sweep_dir`` for it and
+    for its siblings (a campaign with several jobs, :mod:`fedaug_flwr.experiments.jobs`);
+    each run's own folder is still locked by the launcher. Refused unless that parent
+    holds it now.
 
     :class:`SweepError` when another sweep holds ``sweep_dir``, or when this
     Python cannot start Flower; KeyboardInterrupt (Ctrl-C, SIGTERM) passes
@@ -156,10 +163,16 @@ def run_sweep(
             raise SweepError(str(error)) from error
         check_data(runs)
     with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(folder_lock(sweep_dir, f"sweep '{spec.name}'"))
-        except OutputFolderError as error:
-            raise SweepError(str(error)) from error
+        if held_by is None:
+            try:
+                held.enter_context(folder_lock(sweep_dir, f"sweep '{spec.name}'"))
+            except OutputFolderError as error:
+                raise SweepError(str(error)) from error
+        elif held_by != os.getppid() or lock_holder(sweep_dir) != held_by:
+            raise SweepError(
+                f"{sweep_dir} is not held by this process's parent (pid {held_by}): a run "
+                "is started with --held-by only by a campaign with several jobs"
+            )
         return _run_held(spec, sweep_dir, runs, launcher, out, echo_logs, ray_address)
 
 
