@@ -21,6 +21,7 @@ TINY = {
     "quality-epochs": 1,
     "pretrain-samples": 140,
     "pretrain-epochs": 1,
+    "finetune-rounds": 2,  # the default preset's 15 made each finetune fixture a minute
     "finetune-local-epochs": 1,
 }
 

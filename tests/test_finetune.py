@@ -97,6 +97,7 @@ def test_generator_quality_is_measured_on_real_and_synthetic(pretrained_run):
     assert (output / "probability_histograms.png").stat().st_size > 0
 
 
+@pytest.mark.usefixtures("in_process_run")
 def test_local_finetuning_leaves_no_aggregated_model(tmp_path):
     summary = run_in_process(tmp_path, "local", seed=1, pretrain="local")
     assert "classifier" not in summary["artifacts"]

@@ -135,6 +135,7 @@ def run_in_process(tmp_path, name: str, seed: int, **overrides) -> dict:
     return json.loads((tmp_path / name / "summary.json").read_text())
 
 
+@pytest.mark.usefixtures("in_process_run")
 def test_same_seed_same_partitions_labels_and_metrics(tmp_path):
     first = run_in_process(tmp_path, "a", seed=5)
     second = run_in_process(tmp_path, "b", seed=5)
