@@ -226,6 +226,27 @@ def test_averages_over_beta_count_only_seeds_that_have_every_beta(tmp_path):
     assert overall["n"] == 2 and overall["mean"] == pytest.approx(0.06)  # seeds 0, 1 only
 
 
+def test_claims_compare_the_same_cells_when_a_cell_has_no_runs_yet(tmp_path):
+    """A campaign in progress: minority k = 100 at beta 10 has no run in any seed. Averages
+    over betas (and over k) must then not set minority's other cells against all of
+    uniform's: no seed has every cell, so those comparisons have no values yet."""
+    spec = imputation_sweep(tmp_path)
+    for run in spec.runs():
+        if run.cell.name == "dirichlet-beta=10.0__imputation=minority__num-synthetic=100":
+            (run_dir(tmp_path, run) / SUMMARY).unlink()
+    table = claims.imputation_claims(write_tables(tmp_path).final_runs)
+    by_name = table.set_index(["comparison", "betas"])
+    assert by_name.loc[("minority - uniform, mean over betas and k > 0", "0.1, 10"), "n"] == 0
+    assert by_name.loc[("minority k = 100 (50%) - no synthetic", "0.1, 10"), "n"] == 0
+    assert by_name.loc[("minority k = 100 (50%) - no synthetic", "10"), "n"] == 0
+    beta_01 = by_name.loc[("minority k = 100 (50%) - no synthetic", "0.1")]
+    assert beta_01["n"] == 3
+    assert by_name.loc[("uniform k = 100 (50%) - no synthetic", "0.1, 10"), "n"] == 3
+    text = claims.claims_markdown(table, "test-macro-f1")
+    assert "nan" not in text
+    assert "| minority - uniform, mean over betas and k > 0 | 0.1, 10 | - | - | 0 | - | + |" in text
+
+
 def test_privacy_tradeoff_pairs_each_budget_with_the_no_dp_run_of_its_seed(tmp_path):
     privacy_sweep(tmp_path)
     table = tradeoff.tradeoff_table(write_tables(tmp_path).final_runs).set_index("budget")

@@ -87,14 +87,12 @@ def _summary(
     }
 
 
-def _mean_over(table: pd.DataFrame, betas: Sequence[float], k: int | None) -> pd.Series:
-    """Mean over the given betas (and one k, or every k > 0), per seed."""
-    columns = [
-        (beta, kk)
-        for beta, kk in table.columns
-        if beta in betas and (kk == k if k is not None else kk > 0)
-    ]
-    return table[columns].mean(axis=1, skipna=False)  # a seed missing a cell does not count
+def _mean_over(table: pd.DataFrame, betas: Sequence[float], ks: Sequence[int]) -> pd.Series:
+    """Mean over every (beta, k) of ``betas`` x ``ks``, per seed. A seed missing any of
+    those cells gets NaN and does not count, also when no seed has the cell yet (no
+    column at all): both sides of a difference then average the same cells."""
+    columns = pd.MultiIndex.from_product([list(betas), list(ks)], names=table.columns.names)
+    return table.reindex(columns=columns).mean(axis=1, skipna=False)
 
 
 def _study_sign_against_none(mode: str, k: int, betas: Sequence[float]) -> int | None:
@@ -117,14 +115,15 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
     if any(not (table.columns.get_level_values(K) > 0).any() for table in tables.values()):
         raise FigureError("imputation claims need runs of both uniform and minority imputation")
     betas = sorted(final_runs[BETA].unique())
-    ks = sorted(k for k in tables["uniform"].columns.get_level_values(K).unique() if k > 0)
+    ks = sorted(
+        {k for table in tables.values() for k in table.columns.get_level_values(K) if k > 0}
+    )
     share = final_runs.groupby(K)["synthetic-fraction"].mean()
     rows = [
         _summary(
             "minority - uniform, mean over betas and k > 0",
             betas,
-            _mean_over(tables["minority"], betas, None)
-            - _mean_over(tables["uniform"], betas, None),
+            _mean_over(tables["minority"], betas, ks) - _mean_over(tables["uniform"], betas, ks),
             +1,  # the study: +0.015 on average
         )
     ]
@@ -133,7 +132,8 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
             _summary(
                 f"minority - uniform at k = {k} ({100 * share[k]:.0f}% synthetic)",
                 betas,
-                _mean_over(tables["minority"], betas, k) - _mean_over(tables["uniform"], betas, k),
+                _mean_over(tables["minority"], betas, [k])
+                - _mean_over(tables["uniform"], betas, [k]),
             )
         )
     beta_sets = [betas, *([b] for b in betas)] if len(betas) > 1 else [betas]
@@ -145,7 +145,7 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
                     _summary(
                         f"{mode} k = {k} ({100 * share[k]:.0f}%) - no synthetic",
                         beta_set,
-                        _mean_over(table, beta_set, k) - _mean_over(table, beta_set, 0),
+                        _mean_over(table, beta_set, [k]) - _mean_over(table, beta_set, [0]),
                         _study_sign_against_none(mode, k, beta_set),
                     )
                 )
@@ -154,7 +154,8 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
                     _summary(
                         f"{mode} k = {ks[-1]} - {mode} k = {ks[0]} (more synthetic)",
                         beta_set,
-                        _mean_over(table, beta_set, ks[-1]) - _mean_over(table, beta_set, ks[0]),
+                        _mean_over(table, beta_set, [ks[-1]])
+                        - _mean_over(table, beta_set, [ks[0]]),
                         # uniform degrades past ~45 % synthetic; minority keeps improving
                         -1 if mode == "uniform" else +1,
                     )
@@ -206,10 +207,11 @@ def claims_markdown(table: pd.DataFrame, metric: str) -> str:
         "|---|---:|---:|---:|---:|---|---|---|",
     ]
     for row in table.to_dict("records"):
+        mean = "-" if pd.isna(row["mean"]) else f"{row['mean']:+.4f}"
         std = "-" if pd.isna(row["std"]) else f"{row['std']:.4f}"
         ci = "-" if pd.isna(row["ci-low"]) else f"[{row['ci-low']:+.4f}, {row['ci-high']:+.4f}]"
         lines.append(
-            f"| {row['comparison']} | {row['betas']} | {row['mean']:+.4f} | {std} | {row['n']} "
+            f"| {row['comparison']} | {row['betas']} | {mean} | {std} | {row['n']} "
             f"| {ci} | {row['study']} | {row['verdict']} |"
         )
     return "\n".join(lines) + "\n"
