@@ -192,12 +192,18 @@ def ensure_writable(folder: Path, min_free_bytes: int = MIN_FREE_BYTES) -> Path:
     return folder
 
 
-def _lock_owner(handle: int) -> str:
+def _owner_record(handle: int) -> dict:
+    """What the lock file says of its owner (pid, host, purpose, since); {} if unreadable."""
     try:
         owner = json.loads(os.pread(handle, 4096, 0) or b"{}")
     except (OSError, ValueError):
-        return "another process"
-    if not isinstance(owner, dict):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _lock_owner(handle: int) -> str:
+    owner = _owner_record(handle)
+    if not owner:
         return "another process"
     return (
         f"{owner.get('purpose', 'another process')} (pid {owner.get('pid', '?')} on "
@@ -267,18 +273,13 @@ def lock_holder(folder: Path) -> int | None:
     except OSError:
         return None
     try:
-        try:
-            # a shared lock is granted only while nobody holds the exclusive one
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = json.loads(os.pread(handle, 4096, 0) or b"{}")
-            pid = owner.get("pid") if isinstance(owner, dict) else None
-            return pid if isinstance(pid, int) else None
-        except OSError:
-            return None
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return None
-    except ValueError:
+        # a shared lock is granted only while nobody holds the exclusive one
+        fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _owner_record(handle).get("pid")
+        return pid if isinstance(pid, int) else None
+    except OSError:
         return None
     finally:
-        os.close(handle)
+        os.close(handle)  # also releases a shared lock it was granted
+    return None
