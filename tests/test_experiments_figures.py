@@ -132,6 +132,7 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "table1",
                 "privacy_tradeoff",
                 "strategy_comparison",
+                "progress",  # not a campaign: no stages
             ],
         ),
         (
@@ -143,7 +144,7 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "table1.md",
                 "claims.md",
             },
-            ["macro_f1_vs_k_uniform", "global_accuracy_vs_k_uniform"],
+            ["macro_f1_vs_k_uniform", "global_accuracy_vs_k_uniform", "progress"],
         ),
     ):
         assert cli.main(["plot", str(tmp_path / name)]) == 0
