@@ -6,8 +6,9 @@ from collections.abc import Mapping
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import InMemoryGrid
 
-from fedaug_flwr import pipeline
+from fedaug_flwr import message_index, pipeline
 from fedaug_flwr.config import AppConfig
 
 
@@ -22,6 +23,10 @@ def build_server_app(overrides: Mapping[str, object] | None = None) -> ServerApp
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         config = AppConfig.from_run_config({**context.run_config, **dict(overrides or {})})
+        if isinstance(grid, InMemoryGrid) and config.sim_message_index:
+            message_index.install()  # a simulation: its engine runs in this process
+        elif isinstance(grid, InMemoryGrid):
+            message_index.uninstall()
         output_dir = pipeline.run(grid, config, context.run_id)
         print(f"fedaug-flwr: results of run {context.run_id} are in {output_dir}", flush=True)
 

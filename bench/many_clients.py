@@ -35,15 +35,24 @@ from bench.common import (
     ratio,
     save_results,
 )
-from bench.federated import Scale, flower_run, has_full_mnist, run_config, summarize
+from bench.federated import (
+    Scale,
+    flower_run,
+    has_full_mnist,
+    parse_run_config,
+    run_config,
+    summarize,
+)
 
 RESOURCES = {"cpus-per-client": 1, "gpus-per-client": 0.0, "total-cpus": None}
 NEAR_IID = {"dirichlet-beta": 100.0, "evaluate-on-receipt": True}
 
 
-def measure(clients: int, rounds: int, data_dir: str, workdir: Path) -> dict:
+def measure(
+    clients: int, rounds: int, data_dir: str, workdir: Path, extra: dict | None = None
+) -> dict:
     scale = Scale(clients, "mnist")
-    config = run_config("classifier", scale, rounds, data_dir, NEAR_IID)
+    config = run_config("classifier", scale, rounds, data_dir, {**NEAR_IID, **(extra or {})})
     print(f"[bench] {clients} clients, {rounds} classifier rounds", flush=True)
     run = flower_run("noop-clf", scale, config, RESOURCES, "classifier", workdir)
     stats = summarize(run["rounds"], without_global=True)
@@ -63,8 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", nargs="+", type=int, default=[100, 1000])
     parser.add_argument("--rounds", type=int, default=3, help="classifier rounds per run")
     parser.add_argument("--data-dir", default=default_data_dir(), help="full MNIST folder")
+    parser.add_argument(
+        "--run-config",
+        help="JSON object of extra run-config values, e.g. '{\"sim-message-index\": false}'",
+    )
     parser.add_argument("--output", default=str(RESULTS_DIR / "many_clients.json"))
     args = parser.parse_args(argv)
+    extra = parse_run_config(parser, "--run-config", args.run_config)
     if args.rounds < 2 or min(args.clients) < 2:
         parser.error("--rounds must be >= 2 and every --clients value >= 2")
     if not has_full_mnist(args.data_dir):
@@ -72,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     before = load_average()
     workdir = Path(tempfile.mkdtemp(prefix="fedaug-bench-many-"))
     try:
-        results = [measure(n, args.rounds, args.data_dir, workdir) for n in args.clients]
+        results = [measure(n, args.rounds, args.data_dir, workdir, extra) for n in args.clients]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows = [

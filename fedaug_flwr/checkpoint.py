@@ -49,7 +49,8 @@ from fedaug_flwr.transport import to_record, to_state_dict
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
 # Keys that may differ between the checkpoint's config and the run resuming it.
-_NOT_COMPARED = {"output-dir"}
+# output-dir: where, not what; sim-message-index: how fast messages are handed out
+_NOT_COMPARED = {"output-dir", "sim-message-index"}
 
 
 class CheckpointError(RuntimeError):

@@ -121,6 +121,7 @@ class AppConfig:
     fraction_train: float
     fraction_evaluate: float
     evaluate_on_receipt: bool
+    sim_message_index: bool
     min_clients: int
     round_timeout: float
     output_dir: str
@@ -371,6 +372,7 @@ _RULES: dict[str, _Rule] = {
     "fraction-train": (float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]"),
     "fraction-evaluate": (float, _fraction_closed, "a number in [0, 1]"),
     "evaluate-on-receipt": (bool, _any, "true or false"),
+    "sim-message-index": (bool, _any, "true (index each node's messages, simulation) or false"),
     "min-clients": (int, _positive, "an integer >= 1"),
     "round-timeout": (float, _positive, "a number of seconds > 0"),
     "output-dir": (str, _any, "a folder path (or empty for a timestamped one)"),

@@ -10,8 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from fedaug_flwr.experiments import __main__ as cli
 from fedaug_flwr.experiments.campaign import (
     CLIENTS_TABLE,
+    campaign_progress,
     compact_summary,
     ordered_runs,
     run_campaign,
@@ -24,8 +26,9 @@ from fedaug_flwr.experiments.runner import (
     record_launch_code,
     run_dir,
     run_sweep,
+    write_spec,
 )
-from fedaug_flwr.results import SUMMARY, read_summary
+from fedaug_flwr.results import SUMMARY, read_summary, write_json
 from tests.sweep_fixtures import fake_summary
 from tests.test_experiments_runner import RecordingLauncher
 
@@ -77,6 +80,59 @@ def test_runs_go_stage_by_stage_and_seed_by_seed():
         "dirichlet-beta=100.0__num-synthetic=0 seed=2",
         "dirichlet-beta=100.0__num-synthetic=100 seed=2",
     ]
+
+
+def test_progress_counts_published_runs_per_stage_and_estimates_the_rest_by_kind(tmp_path):
+    spec = parse_spec(SPEC)
+    runs = ordered_runs(spec)
+    # published: stage 1's seed 0 (k = 0: 30 min, resumed once; k = 100: 90 min on a GPU)
+    # and stage 2's first run (k = 0: 60 min); the k = 0 runs had 2 cores, the GPU run 16
+    for run, minutes, extra in (
+        (runs[0], 30, {"resumed": [{"from": "classifier round 3"}]}),
+        (runs[1], 90, {"compact": {"made-on": {"gpus": ["NVIDIA H200"]}}}),
+        (runs[4], 60, {}),
+    ):
+        summary = fake_summary(run.run_config, f1=0.5, loss=1.0)
+        gpu = run is runs[1]
+        resources = {"CPU": 16, "GPU": 1} if gpu else {"CPU": 2}
+        summary.update(
+            timing_s_total(minutes), **extra, **{"ray-cluster": {"resources": resources}}
+        )
+        write_json(run_dir(tmp_path, run) / SUMMARY, summary)
+    write_spec(tmp_path, spec)
+    assert cli.main(["plot", str(tmp_path)]) == 0  # `make campaign-report` for a campaign
+    text = (tmp_path / "figures" / "progress.md").read_text()
+    assert text == campaign_progress(spec, tmp_path)
+    assert text.startswith("# Campaign 'campaign': 3 of 12 runs published")
+    # stage 1: 2 left, k = 0 (mean of 30 and 60 min) + k = 100 (90 min) = 2.25 h
+    assert "| 1 | 4 | 2 | 2 | 2.2 |" in text
+    assert "| 2 | 4 | 1 | 3 | 3.8 |" in text  # k = 100 twice, k = 0 once
+    assert "| 3 | 4 | 0 | 4 | 4.5 |" in text
+    # CPU-hours: 0.5 h x 2 + 1.5 h x 16 + 1 h x 2 = 27; GPU: 90 min
+    assert "3.0 wall hours; 27.0 CPU-hours" in text and "; 90 minutes of runs with a GPU" in text
+    assert "1. dirichlet-beta=0.1__num-synthetic=0 seed=1" in text
+    assert "9. dirichlet-beta=100.0__num-synthetic=100 seed=2" in text
+    assert "| dirichlet-beta=0.1__num-synthetic=0 | 0 | 30 | 2 | - | 1.00 | 1 |" in text
+    assert (
+        "| dirichlet-beta=0.1__num-synthetic=100 | 0 | 90 | 16 | NVIDIA H200 | 24.00 | 0 |" in text
+    )
+
+    # only the first run, and a run that did not record its cores
+    only_k0 = tmp_path / "only-k0"
+    write_json(run_dir(only_k0, runs[0]) / SUMMARY, read_summary(run_dir(tmp_path, runs[0])))
+    no_cores = fake_summary(runs[4].run_config, f1=0.5, loss=1.0)  # no "ray-cluster" record
+    write_json(run_dir(only_k0, runs[4]) / SUMMARY, {**no_cores, **timing_s_total(60)})
+    text = campaign_progress(spec, only_k0)
+    # k = 0: 45 min on average; no k = 100 run is published here
+    assert "| 1 | 4 | 1 | 3 | 0.8 + 2 runs of a kind not run yet |" in text
+    assert "| 2 | 4 | 1 | 3 | 0.8 + 2 runs of a kind not run yet |" in text
+    assert "1.5 wall hours; 1.0 CPU-hours (" in text and "for the 1 runs that recorded" in text
+    row = "| dirichlet-beta=100.0__num-synthetic=0 | 0 | 60 | not recorded | - | - | 0 |"
+    assert row in text
+
+
+def timing_s_total(minutes: float) -> dict:
+    return {"timing-s": {"total": minutes * 60.0}}
 
 
 def test_stage_naming_a_value_outside_the_grid_is_refused():

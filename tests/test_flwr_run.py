@@ -49,6 +49,7 @@ def test_flwr_run_completes_and_stops_its_superlink(tmp_path, superlink_groups):
     summary = json.loads((tmp_path / "run" / SUMMARY).read_text())
     assert summary["data"]["num-clients"] == 3
     assert summary["config"]["imputation"] == "uniform"
+    assert "[fedaug] sim-message-index: each node's messages are handed out" in log.getvalue()
     assert superlink_groups and not any(group_alive(g) for g in superlink_groups)
 
 

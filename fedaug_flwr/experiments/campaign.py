@@ -35,6 +35,7 @@ import pandas as pd
 from fedaug_flwr.experiments.aggregate import client_rows
 from fedaug_flwr.experiments.grid import Run, SweepError, SweepSpec, select
 from fedaug_flwr.experiments.runner import (
+    SPEC_FILE,
     Launcher,
     code_version,
     read_launch_code,
@@ -110,14 +111,127 @@ def published(publish_dir: Path, run: Run) -> bool:
     return read_summary(run_dir(publish_dir, run)) is not None
 
 
-def ordered_runs(spec: SweepSpec) -> list[Run]:
-    """Every run of the campaign, in stage order, seed by seed within a stage, once."""
-    ordered: list[Run] = []
+def staged_runs(spec: SweepSpec) -> list[list[Run]]:
+    """The campaign's runs stage by stage, seed by seed within a stage; a run belongs to
+    the first stage that selects it."""
+    stages: list[list[Run]] = []
+    seen: set[Run] = set()
     for stage in spec.stages or [{"seeds": list(spec.seeds)}]:
         runs = select(spec, {**stage.get("only", {}), "seed": list(stage["seeds"])})
-        for seed in stage["seeds"]:
-            ordered.extend(r for r in runs if r.seed == seed and r not in ordered)
-    return ordered
+        ordered = [r for seed in stage["seeds"] for r in runs if r.seed == seed and r not in seen]
+        seen.update(ordered)
+        stages.append(ordered)
+    return stages
+
+
+def ordered_runs(spec: SweepSpec) -> list[Run]:
+    """Every run of the campaign, in stage order, seed by seed within a stage, once."""
+    return [run for stage in staged_runs(spec) for run in stage]
+
+
+def _kind(run: Run) -> tuple[int, str]:
+    """What a run's cost depends on: its synthetic images per client and its pretraining."""
+    config = run.run_config
+    k = 0 if config.get("imputation") == "none" else int(config.get("num-synthetic", 0))
+    return k, str(config.get("pretrain", "off"))
+
+
+def _cost(summary: dict[str, Any]) -> dict[str, Any]:
+    """A published run's wall time and the cores (and GPUs) its simulation held."""
+    resources = (summary.get("ray-cluster") or {}).get("resources") or {}
+    made_on = (summary.get("compact") or {}).get("made-on") or {}
+    hours = float((summary.get("timing-s") or {}).get("total", 0.0)) / 3600
+    return {
+        "hours": hours,
+        "cpus": float(resources.get("CPU", 0.0)),
+        "gpus": float(resources.get("GPU", 0.0)),
+        "gpu-names": made_on.get("gpus"),
+        "resumed": len(summary.get("resumed") or []),
+    }
+
+
+def campaign_progress(spec: SweepSpec, folder: Path) -> str:
+    """Markdown: what the campaign in ``folder`` has published and what it cost, what is
+    still to run stage by stage with an estimate, and the runs that come next.
+
+    The cost is each run's recorded wall time (``timing-s.total``; a resumed run's is the
+    sum of its attempts) times the cores its Ray cluster had: the CPU-hours the run held,
+    whether or not other work shared those cores. The estimate for a run still to run is
+    the mean wall time of the published runs of its kind (k, pretraining)."""
+    folder = Path(folder)
+    stages = staged_runs(spec)
+    costs = {
+        run: _cost(summary)
+        for stage in stages
+        for run in stage
+        if (summary := read_summary(run_dir(folder, run))) is not None
+    }
+    by_kind: dict[tuple[int, str], list[float]] = {}
+    for run, cost in costs.items():
+        by_kind.setdefault(_kind(run), []).append(cost["hours"])
+    total = sum(len(stage) for stage in stages)
+    lines = [
+        f"# Campaign '{spec.name}': {len(costs)} of {total} runs published",
+        "",
+        "| stage | runs | published | still to run | estimated wall hours left |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for number, stage in enumerate(stages, start=1):
+        pending = [run for run in stage if run not in costs]
+        known = [by_kind[_kind(r)] for r in pending if _kind(r) in by_kind]
+        hours = sum(sum(h) / len(h) for h in known)
+        unknown = len(pending) - len(known)
+        estimate = " + ".join(
+            ([f"{hours:.1f}"] if known else [])
+            + ([f"{unknown} runs of a kind not run yet"] * bool(unknown))
+        )
+        lines.append(
+            f"| {number} | {len(stage)} | {len(stage) - len(pending)} | {len(pending)} "
+            f"| {estimate if pending else '-'} |"
+        )
+    recorded = [c for c in costs.values() if c["cpus"] > 0]
+    cpu_hours = sum(c["hours"] * c["cpus"] for c in recorded)
+    gpu_minutes = sum(c["hours"] * 60 for c in costs.values() if c["gpus"] > 0)
+    unrecorded = len(costs) - len(recorded)
+    lines += [
+        "",
+        f"Cost so far: {sum(c['hours'] for c in costs.values()):.1f} wall hours; "
+        f"{cpu_hours:.1f} CPU-hours (wall time x the cores of the run's Ray cluster)"
+        + (f" for the {len(recorded)} runs that recorded their cores" if unrecorded else "")
+        + f"; {gpu_minutes:.0f} minutes of runs with a GPU. Wall times are as recorded: a "
+        "run that shared its machine with other work took longer than it would alone.",
+        "",
+        "Continue it from the repository's root (it runs what is not published yet, in "
+        "this order; the experiment file is kept with the results): `python -m "
+        f"fedaug_flwr.experiments campaign {spec.publish or '<this folder>'}/{SPEC_FILE}`, "
+        "with the data its runs read (`FEDAUG_DATA_DIR=<MNIST IDX folder>` for MNIST).",
+        "",
+        "## Next runs, in order",
+        "",
+    ]
+    upcoming = [run for stage in stages for run in stage if run not in costs]
+    lines += [f"{i}. {run.label}" for i, run in enumerate(upcoming[:10], start=1)]
+    if len(upcoming) > 10:
+        lines.append(f"\n... and {len(upcoming) - 10} more.")
+    if not upcoming:
+        lines.append("None: every run is published.")
+    lines += [
+        "",
+        "## Published runs",
+        "",
+        "| cell | seed | wall min | cores | GPU | CPU-hours | resumed |",
+        "|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for run, cost in costs.items():
+        gpu = ", ".join(cost["gpu-names"] or []) if cost["gpus"] > 0 else "-"
+        cores, core_hours = "not recorded", "-"
+        if cost["cpus"] > 0:
+            cores, core_hours = f"{cost['cpus']:g}", f"{cost['hours'] * cost['cpus']:.2f}"
+        lines.append(
+            f"| {run.cell.name} | {run.seed} | {cost['hours'] * 60:.0f} | {cores} "
+            f"| {gpu or 'yes'} | {core_hours} | {cost['resumed']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 @dataclass

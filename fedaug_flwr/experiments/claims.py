@@ -8,6 +8,10 @@ over betas and k) and then summarized over seeds as mean, sample std, n and a
 "agrees" with the study only when the interval excludes zero on the study's
 side, "disagrees" when it excludes zero on the other side, and is
 "inconclusive" when it covers zero (or n < 2).
+
+Where the study gives a number for a claim, on the metric it measured, the table
+shows it beside ours (``STUDY_NUMBERS``), and :func:`study_levels` sets its final
+macro-F1 levels next to our runs'.
 """
 
 from __future__ import annotations
@@ -28,6 +32,45 @@ from fedaug_flwr.experiments.aggregate import (
     imputation_curve,
     require_one_cell_per_point,
 )
+
+# The metrics the study's figures plot (docs/study.md): its imputation figures (9-12)
+# the global model's micro-F1 = accuracy, its finetune figure (15) the global macro-F1.
+IMPUTATION_FIGURE_METRIC = "global-test-accuracy"
+FINETUNE_FIGURE_METRIC = "global-test-macro-f1"
+
+SAVED_OUTPUTS = "the authors' saved outputs, mean of 5 runs"
+
+# The study's number for a comparison, on the metric above (what its text or its authors'
+# saved outputs state; docs/study.md). Keys: (comparison, beta); beta None for an average
+# over betas. Its imputation grid has no printed numbers, only these two from the text.
+STUDY_NUMBERS: dict[tuple[str, float | None], tuple[float, str]] = {
+    ("minority - uniform", None): (+0.015, "paper, section 5: 5 betas, k = 100, 500, 1000"),
+    ("minority k = 1000 - no synthetic", 100.0): (+0.1, "paper, section 4.1: 'roughly 0.1'"),
+    ("fine-tuned - vanilla", 0.1): (0.88934 - 0.86666, SAVED_OUTPUTS),
+    ("fine-tuned - vanilla", 0.3): (0.92828 - 0.92416, SAVED_OUTPUTS),
+    ("fine-tuned - vanilla", 0.5): (0.94674 - 0.96406, SAVED_OUTPUTS),
+    ("fine-tuned - vanilla", 10.0): (0.95458 - 0.96339, SAVED_OUTPUTS),
+    ("fine-tuned - vanilla", 100.0): (0.95124 - 0.96634, SAVED_OUTPUTS),
+}
+
+# The study's final global macro-F1 per beta (its authors' saved outputs; docs/study.md).
+STUDY_LEVELS: dict[str, dict[float, float]] = {
+    "vanilla FedAvg (k = 0)": {
+        0.1: 0.86666,
+        0.3: 0.92416,
+        0.5: 0.96406,
+        10.0: 0.96339,
+        100.0: 0.96634,
+    },
+    "fine-tuned": {0.1: 0.88934, 0.3: 0.92828, 0.5: 0.94674, 10.0: 0.95458, 100.0: 0.95124},
+}
+
+
+def study_number(comparison: str, betas: Sequence[float]) -> tuple[float, str] | None:
+    """The study's number for ``comparison`` over ``betas`` (one beta, or an average over
+    several, which the study gives only over all of its five), or None."""
+    key = (comparison, float(betas[0]) if len(betas) == 1 else None)
+    return STUDY_NUMBERS.get(key)
 
 
 def per_seed(final_runs: pd.DataFrame, mode: str, metric: str = F1) -> pd.DataFrame:
@@ -70,8 +113,14 @@ def verdict(low: float, high: float, study_sign: int) -> str:
 
 
 def _summary(
-    name: str, betas: Sequence[float], differences: pd.Series, study_sign: int | None = None
+    name: str,
+    betas: Sequence[float],
+    differences: pd.Series,
+    study_sign: int | None = None,
+    study: tuple[float, str] | None = None,
 ) -> dict:
+    """One comparison's row; ``study`` is the study's number and its source, where the
+    study states one on the metric compared."""
     values = differences.dropna()
     low, high = interval(values.to_numpy())
     return {
@@ -83,6 +132,8 @@ def _summary(
         "ci-low": low,
         "ci-high": high,
         "study": {None: "", 1: "+", -1: "-", 0: "0"}[study_sign],
+        "study-number": float("nan") if study is None else study[0],
+        "study-source": "" if study is None else study[1],
         "verdict": "" if study_sign is None else verdict(low, high, study_sign),
     }
 
@@ -119,12 +170,19 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
         {k for table in tables.values() for k in table.columns.get_level_values(K) if k > 0}
     )
     share = final_runs.groupby(K)["synthetic-fraction"].mean()
+
+    def study(comparison: str, beta_set: Sequence[float]) -> tuple[float, str] | None:
+        if metric != IMPUTATION_FIGURE_METRIC:
+            return None
+        return study_number(comparison, beta_set)
+
     rows = [
         _summary(
             "minority - uniform, mean over betas and k > 0",
             betas,
             _mean_over(tables["minority"], betas, ks) - _mean_over(tables["uniform"], betas, ks),
             +1,  # the study: +0.015 on average
+            study("minority - uniform", betas),
         )
     ]
     for k in ks:
@@ -147,6 +205,7 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
                         beta_set,
                         _mean_over(table, beta_set, [k]) - _mean_over(table, beta_set, [0]),
                         _study_sign_against_none(mode, k, beta_set),
+                        study(f"{mode} k = {k} - no synthetic", beta_set),
                     )
                 )
             if len(ks) > 1:
@@ -184,6 +243,9 @@ def finetune_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
                 [beta],
                 (tuned[metric] - vanilla).dropna(),
                 +1 if beta in (0.1, 0.3) else 0,
+                study_number("fine-tuned - vanilla", [beta])
+                if metric == FINETUNE_FIGURE_METRIC
+                else None,
             )
         )
         rows.append(
@@ -203,16 +265,63 @@ def claims_markdown(table: pd.DataFrame, metric: str) -> str:
     """A claims table (:func:`imputation_claims`, :func:`finetune_claims`) as Markdown."""
     lines = [
         f"| comparison ({metric}, paired by seed) | beta | mean | std | n | 95 % interval "
-        "| study | verdict |",
-        "|---|---:|---:|---:|---:|---|---|---|",
+        "| study | study's number | verdict |",
+        "|---|---:|---:|---:|---:|---|---|---|---|",
     ]
     for row in table.to_dict("records"):
         mean = "-" if pd.isna(row["mean"]) else f"{row['mean']:+.4f}"
         std = "-" if pd.isna(row["std"]) else f"{row['std']:.4f}"
         ci = "-" if pd.isna(row["ci-low"]) else f"[{row['ci-low']:+.4f}, {row['ci-high']:+.4f}]"
+        number = row.get("study-number", float("nan"))
+        cited = "" if pd.isna(number) else f"{number:+.4f} ({row['study-source']})"
         lines.append(
             f"| {row['comparison']} | {row['betas']} | {mean} | {std} | {row['n']} "
-            f"| {ci} | {row['study']} | {row['verdict']} |"
+            f"| {ci} | {row['study']} | {cited} | {row['verdict']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def study_levels(final_runs: pd.DataFrame) -> pd.DataFrame:
+    """Per beta the study gives: its final global macro-F1 for vanilla FedAvg and for the
+    fine-tuned model next to ours (mean, std, n over seeds) where we have such runs."""
+    metric = FINETUNE_FIGURE_METRIC
+    if metric not in final_runs or BETA not in final_runs:
+        raise FigureError(f"the study's levels need column '{metric}'")
+    plain = final_runs[(final_runs["imputation"] == "none") | (final_runs[K] == 0)]
+    pretrain = plain["pretrain"] if "pretrain" in plain else pd.Series("off", plain.index)
+    arms = {"vanilla FedAvg (k = 0)": pretrain == "off", "fine-tuned": pretrain == "federated"}
+    rows = []
+    for arm, study_by_beta in STUDY_LEVELS.items():
+        for beta, study_value in study_by_beta.items():
+            ours = plain[arms[arm] & np.isclose(plain[BETA], beta)][metric].dropna()
+            if ours.empty:
+                continue
+            rows.append(
+                {
+                    "model": arm,
+                    "beta": beta,
+                    "study": study_value,
+                    "mean": float(ours.mean()),
+                    "std": float(ours.std()) if len(ours) > 1 else float("nan"),
+                    "n": int(len(ours)),
+                }
+            )
+    if not rows:
+        raise FigureError("no run has a beta and model the study gives a level for")
+    return pd.DataFrame(rows)
+
+
+def study_levels_markdown(table: pd.DataFrame) -> str:
+    """:func:`study_levels` as Markdown."""
+    lines = [
+        f"| model | beta | study ({SAVED_OUTPUTS}) | ours: mean | std | n | ours - study |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in table.to_dict("records"):
+        std = "-" if pd.isna(row["std"]) else f"{row['std']:.4f}"
+        lines.append(
+            f"| {row['model']} | {row['beta']:g} | {row['study']:.4f} | {row['mean']:.4f} "
+            f"| {std} | {row['n']} | {row['mean'] - row['study']:+.4f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -223,8 +332,8 @@ def claims_report(final_runs: pd.DataFrame) -> str:
     finetune comparison)."""
     sections = []
     for title, build, metrics in (
-        ("Imputation", imputation_claims, (F1, "global-test-accuracy")),
-        ("Fine-tuning", finetune_claims, (F1, "global-test-macro-f1")),
+        ("Imputation", imputation_claims, (F1, IMPUTATION_FIGURE_METRIC)),
+        ("Fine-tuning", finetune_claims, (F1, FINETUNE_FIGURE_METRIC)),
     ):
         for metric in metrics:
             try:
@@ -232,11 +341,22 @@ def claims_report(final_runs: pd.DataFrame) -> str:
             except (FigureError, KeyError):
                 continue
             sections.append(f"## {title}: {metric}\n\n{claims_markdown(table, metric)}")
+    try:
+        levels = study_levels(final_runs)
+    except (FigureError, KeyError):
+        pass
+    else:
+        sections.append(
+            f"## The study's levels: {FINETUNE_FIGURE_METRIC} of the final global model\n\n"
+            f"{study_levels_markdown(levels)}"
+        )
     if not sections:
         raise FigureError("no claim can be computed from these runs yet")
     legend = (
         "Paired by seed; 95 % t interval of the mean difference. study: the sign the "
-        "study reports (0: no difference). verdict: agrees / disagrees only when the "
-        "interval excludes zero; otherwise inconclusive.\n\n"
+        "study reports (0: no difference). study's number: the difference the study "
+        "states, where it states one, on the metric it measured (global accuracy for "
+        "imputation, global macro-F1 for fine-tuning), with its source. verdict: agrees / "
+        "disagrees only when the interval excludes zero; otherwise inconclusive.\n\n"
     )
     return legend + "\n".join(sections)

@@ -34,6 +34,7 @@ from fedaug_flwr.experiments.aggregate import (
     require_one_cell_per_point,
     write_tables,
 )
+from fedaug_flwr.experiments.campaign import campaign_progress
 from fedaug_flwr.experiments.claims import claims_report
 from fedaug_flwr.experiments.runner import read_spec, run_dir
 from fedaug_flwr.experiments.strategies import comparison_markdown, plot_strategy_comparison
@@ -508,6 +509,14 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
         return save_figure(figure, out / "strategy_comparison.png")
 
     attempt("strategy_comparison", strategy_comparison)
+
+    def progress() -> Path:
+        if not spec.stages:
+            raise FigureError("not a campaign: its experiment file has no stages")
+        text = campaign_progress(spec, sweep_dir)
+        return write_atomic(out / "progress.md", lambda tmp: tmp.write_text(text))
+
+    attempt("progress", progress)
     return drawn
 
 
