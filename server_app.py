@@ -23,10 +23,11 @@ def build_server_app(overrides: Mapping[str, object] | None = None) -> ServerApp
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         config = AppConfig.from_run_config({**context.run_config, **dict(overrides or {})})
-        if isinstance(grid, InMemoryGrid) and config.sim_message_index:
-            message_index.install()  # a simulation: its engine runs in this process
-        elif isinstance(grid, InMemoryGrid):
-            message_index.uninstall()
+        if isinstance(grid, InMemoryGrid):  # a simulation: its engine runs in this process
+            if config.sim_message_index:
+                message_index.install()
+            else:
+                message_index.uninstall()
         output_dir = pipeline.run(grid, config, context.run_id)
         print(f"fedaug-flwr: results of run {context.run_id} are in {output_dir}", flush=True)
 

@@ -222,6 +222,11 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
+def _without_synthetic_images(final_runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that add no synthetic images (vanilla, pretrained, fine-tuned)."""
+    return final_runs[(final_runs["imputation"] == "none") | (final_runs[K] == 0)]
+
+
 def finetune_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
     """Per beta, paired by seed: fine-tuned - vanilla (the study: better at beta 0.1 and
     0.3, comparable elsewhere) and pretrained - vanilla (the study: worse)."""
@@ -229,7 +234,7 @@ def finetune_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
     missing = [c for c in needed if c not in final_runs]
     if missing:
         raise FigureError(f"finetune claims need column(s) {missing}")
-    plain = final_runs[(final_runs["imputation"] == "none") | (final_runs[K] == 0)]
+    plain = _without_synthetic_images(final_runs)
     rows = []
     for beta in sorted(plain[BETA].unique()):
         at = plain[np.isclose(plain[BETA], beta)]
@@ -287,7 +292,7 @@ def study_levels(final_runs: pd.DataFrame) -> pd.DataFrame:
     metric = FINETUNE_FIGURE_METRIC
     if metric not in final_runs or BETA not in final_runs:
         raise FigureError(f"the study's levels need column '{metric}'")
-    plain = final_runs[(final_runs["imputation"] == "none") | (final_runs[K] == 0)]
+    plain = _without_synthetic_images(final_runs)
     pretrain = plain["pretrain"] if "pretrain" in plain else pd.Series("off", plain.index)
     arms = {"vanilla FedAvg (k = 0)": pretrain == "off", "fine-tuned": pretrain == "federated"}
     rows = []
