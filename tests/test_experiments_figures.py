@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fedaug_flwr.experiments import __main__ as cli
-from fedaug_flwr.experiments import aggregate, claims, figures, strategies, tradeoff
+from fedaug_flwr.experiments import aggregate, claims, figures, generators, strategies, tradeoff
 from fedaug_flwr.experiments.aggregate import write_tables
 from fedaug_flwr.experiments.runner import run_dir
 from fedaug_flwr.results import SUMMARY
@@ -61,7 +61,39 @@ def test_imputation_example(imputation_tables, tmp_path):
 
 
 def test_test_loss_per_round(imputation_tables, tmp_path):
-    assert_png(figures.plot_test_loss_per_round(imputation_tables.rounds_cells, tmp_path / "t.png"))
+    assert_png(figures.plot_per_round(imputation_tables.rounds_cells, tmp_path / "t.png"))
+
+
+def test_global_accuracy_per_round(imputation_tables, tmp_path):
+    path = figures.plot_per_round(
+        imputation_tables.rounds_cells, tmp_path / "g.png", metric="global-test-accuracy"
+    )
+    assert_png(path)
+    without = imputation_tables.rounds_cells.drop(columns=["global-test-accuracy-mean"])
+    with pytest.raises(figures.FigureError, match="global-test-accuracy-mean"):
+        figures.plot_per_round(without, tmp_path / "x.png", metric="global-test-accuracy")
+
+
+def test_generator_quality_counts_each_cvae_once(imputation_tables, tmp_path):
+    final_runs = imputation_tables.final_runs
+    per_cvae, keys = generators.cvae_quality(final_runs)
+    assert {"dirichlet-beta", "seed"} <= set(keys)
+    assert not {"imputation", "num-synthetic", "cell"} & set(keys)
+    # 2 betas x 3 seeds; the uniform and minority runs (k = 100) of a seed share its
+    # CVAE, the runs without synthetic images checked none
+    assert len(per_cvae) == 6 and set(per_cvae["runs"]) == {2}
+    lines = generators.generator_quality_markdown(final_runs).splitlines()
+    beta_01 = [line for line in lines if line.startswith("| 0.1 |")]
+    # seed 0: the fixture's checks give uniform 0.45 and minority 0.50 (its f1 - 0.1)
+    assert beta_01[0].startswith("| 0.1 | 0 | 2 | 0.450 to 0.500 | 0.650 to 0.700 | 0.200 |")
+    # over seeds: the CVAEs' means 0.475, 0.575, 0.675
+    assert beta_01[3].startswith("| 0.1 | 3 | 0.575 +- 0.100 | 0.775 +- 0.100 |")
+    assert_png(
+        figures.save_figure(generators.plot_generator_quality(final_runs), tmp_path / "q.png")
+    )
+    unchecked = final_runs.drop(columns=[c for c in final_runs if c.startswith("quality-")])
+    with pytest.raises(figures.FigureError, match="no run checked a CVAE"):
+        generators.cvae_quality(unchecked)
 
 
 @pytest.mark.parametrize("mode", ["uniform", "minority"])
@@ -118,6 +150,9 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "label_distributions.png",
                 "imputation_example.png",
                 "test_loss_per_round.png",
+                "global_accuracy_per_round.png",
+                "generator_quality.md",
+                "generator_quality.png",
                 "macro_f1_vs_k_uniform.png",
                 "macro_f1_vs_k_minority.png",
                 "macro_f1_vs_k_averaged.png",
@@ -143,8 +178,15 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "finetune_comparison_global.png",
                 "table1.md",
                 "claims.md",
+                "generator_quality.md",
+                "generator_quality.png",
             },
-            ["macro_f1_vs_k_uniform", "global_accuracy_vs_k_uniform", "progress"],
+            [
+                "macro_f1_vs_k_uniform",
+                "global_accuracy_vs_k_uniform",
+                "global_accuracy_per_round",
+                "progress",
+            ],
         ),
     ):
         assert cli.main(["plot", str(tmp_path / name)]) == 0

@@ -36,6 +36,7 @@ from fedaug_flwr.experiments.aggregate import (
 )
 from fedaug_flwr.experiments.campaign import campaign_progress
 from fedaug_flwr.experiments.claims import claims_report
+from fedaug_flwr.experiments.generators import generator_quality_markdown, plot_generator_quality
 from fedaug_flwr.experiments.runner import read_spec, run_dir
 from fedaug_flwr.experiments.strategies import comparison_markdown, plot_strategy_comparison
 from fedaug_flwr.experiments.tradeoff import plot_privacy_tradeoff, tradeoff_markdown
@@ -171,16 +172,31 @@ def plot_imputation_example(
 # --------------------------------------------------------------------- imputation grid
 
 
-def plot_test_loss_per_round(
-    rounds_cells: pd.DataFrame, path: Path, modes: Sequence[str] = IMPUTATION_MODES
+ROUND_METRICS = {
+    "test-loss": ("client test loss", "Test loss (mean over clients)"),
+    "global-test-accuracy": (
+        "global test accuracy",
+        "Global model's test accuracy (the study's imputation metric)",
+    ),
+}
+
+
+def plot_per_round(
+    rounds_cells: pd.DataFrame,
+    path: Path,
+    modes: Sequence[str] = IMPUTATION_MODES,
+    metric: str = "test-loss",
 ) -> Path:
-    """Client test loss per classifier round, one line per k; rows = mode, columns = beta."""
-    _require(rounds_cells, [BETA, MODE, K, "phase", "round", "test-loss-mean"], "test loss")
+    """A classifier metric per round (:data:`ROUND_METRICS`; default the clients' test
+    loss), one line per k; rows = mode, columns = beta."""
+    ylabel, title = ROUND_METRICS[metric]
+    mean_column, std_column = f"{metric}-mean", f"{metric}-std"
+    _require(rounds_cells, [BETA, MODE, K, "phase", "round", mean_column], title)
     table = rounds_cells[rounds_cells["phase"] == "classifier"]
     if not any((imputation_curve(table, mode)[K] > 0).any() for mode in modes):
-        raise FigureError(f"test loss per round: no runs with {' or '.join(modes)} imputation")
+        raise FigureError(f"{title} per round: no runs with {' or '.join(modes)} imputation")
     for mode in modes:
-        require_one_cell_per_point(imputation_curve(table, mode), "test loss per round")
+        require_one_cell_per_point(imputation_curve(table, mode), f"{title} per round")
     betas = sorted(table[BETA].unique())
     rounds = sorted(int(r) for r in table["round"].unique())
     figure = Figure(figsize=(3.4 * len(betas) + 1.5, 3.0 * len(modes)))
@@ -191,8 +207,8 @@ def plot_test_loss_per_round(
             axis = axes[row][col]
             for k, lines in curve[np.isclose(curve[BETA], beta)].groupby(K):
                 lines = lines.sort_values("round")
-                mean = lines["test-loss-mean"].to_numpy(float)
-                std = np.nan_to_num(lines["test-loss-std"].to_numpy(float))
+                mean = lines[mean_column].to_numpy(float)
+                std = np.nan_to_num(lines[std_column].to_numpy(float))
                 label = f"k = {int(k)} (n={int(lines['n'].min())})"
                 if len(lines) == 1:  # one round: a point with its error bar, not a line
                     axis.errorbar(lines["round"], mean, yerr=std, fmt="o", capsize=3, label=label)
@@ -208,9 +224,9 @@ def plot_test_loss_per_round(
             if row == len(modes) - 1:
                 axis.set_xlabel("round")
             if col == 0:
-                axis.set_ylabel("client test loss")
+                axis.set_ylabel(ylabel)
             axis.legend(fontsize=7)
-    figure.suptitle("Test loss (mean over clients) per round; band or bar = +-1 std over seeds")
+    figure.suptitle(f"{title} per round; band or bar = +-1 std over seeds")
     return save_figure(figure, path)
 
 
@@ -439,7 +455,15 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
     )
     attempt(
         "test_loss_per_round",
-        lambda: plot_test_loss_per_round(tables.rounds_cells, out / "test_loss_per_round.png"),
+        lambda: plot_per_round(tables.rounds_cells, out / "test_loss_per_round.png"),
+    )
+    attempt(
+        "global_accuracy_per_round",
+        lambda: plot_per_round(
+            tables.rounds_cells,
+            out / "global_accuracy_per_round.png",
+            metric=STUDY_IMPUTATION_METRIC,
+        ),
     )
     for mode in IMPUTATION_MODES:
         attempt(
@@ -494,6 +518,14 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
         return write_atomic(out / "claims.md", lambda tmp: tmp.write_text(text))
 
     attempt("claims", claims)
+
+    def generator_quality() -> Path:
+        text = generator_quality_markdown(tables.final_runs)  # raises first without checks
+        write_atomic(out / "generator_quality.md", lambda tmp: tmp.write_text(text))
+        figure = plot_generator_quality(tables.final_runs)
+        return save_figure(figure, out / "generator_quality.png")
+
+    attempt("generator_quality", generator_quality)
 
     def privacy_tradeoff() -> Path:
         text = tradeoff_markdown(tables.final_runs)  # raises first when budgets are not swept
