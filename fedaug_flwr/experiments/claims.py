@@ -266,12 +266,22 @@ def finetune_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def inside(value: float, low: float, high: float) -> str:
+    """Whether the study's ``value`` lies in our interval: ``yes`` / ``no``; ``-`` without
+    an interval (n < 2), empty without a study value."""
+    if pd.isna(value):
+        return ""
+    if pd.isna(low):
+        return "-"
+    return "yes" if low <= value <= high else "no"
+
+
 def claims_markdown(table: pd.DataFrame, metric: str) -> str:
     """A claims table (:func:`imputation_claims`, :func:`finetune_claims`) as Markdown."""
     lines = [
         f"| comparison ({metric}, paired by seed) | beta | mean | std | n | 95 % interval "
-        "| study | study's number | verdict |",
-        "|---|---:|---:|---:|---:|---|---|---|---|",
+        "| study | study's number | study's number in our interval | verdict |",
+        "|---|---:|---:|---:|---:|---|---|---|---|---|",
     ]
     for row in table.to_dict("records"):
         mean = "-" if pd.isna(row["mean"]) else f"{row['mean']:+.4f}"
@@ -279,16 +289,18 @@ def claims_markdown(table: pd.DataFrame, metric: str) -> str:
         ci = "-" if pd.isna(row["ci-low"]) else f"[{row['ci-low']:+.4f}, {row['ci-high']:+.4f}]"
         number = row.get("study-number", float("nan"))
         cited = "" if pd.isna(number) else f"{number:+.4f} ({row['study-source']})"
+        within = inside(number, row["ci-low"], row["ci-high"])
         lines.append(
             f"| {row['comparison']} | {row['betas']} | {mean} | {std} | {row['n']} "
-            f"| {ci} | {row['study']} | {cited} | {row['verdict']} |"
+            f"| {ci} | {row['study']} | {cited} | {within} | {row['verdict']} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def study_levels(final_runs: pd.DataFrame) -> pd.DataFrame:
     """Per beta the study gives: its final global macro-F1 for vanilla FedAvg and for the
-    fine-tuned model next to ours (mean, std, n over seeds) where we have such runs."""
+    fine-tuned model next to ours (mean, std, n and the 95 % t interval of the mean over
+    seeds) where we have such runs."""
     metric = FINETUNE_FIGURE_METRIC
     if metric not in final_runs or BETA not in final_runs:
         raise FigureError(f"the study's levels need column '{metric}'")
@@ -301,6 +313,7 @@ def study_levels(final_runs: pd.DataFrame) -> pd.DataFrame:
             ours = plain[arms[arm] & np.isclose(plain[BETA], beta)][metric].dropna()
             if ours.empty:
                 continue
+            low, high = interval(ours.to_numpy())
             rows.append(
                 {
                     "model": arm,
@@ -309,6 +322,8 @@ def study_levels(final_runs: pd.DataFrame) -> pd.DataFrame:
                     "mean": float(ours.mean()),
                     "std": float(ours.std()) if len(ours) > 1 else float("nan"),
                     "n": int(len(ours)),
+                    "ci-low": low,
+                    "ci-high": high,
                 }
             )
     if not rows:
@@ -319,14 +334,17 @@ def study_levels(final_runs: pd.DataFrame) -> pd.DataFrame:
 def study_levels_markdown(table: pd.DataFrame) -> str:
     """:func:`study_levels` as Markdown."""
     lines = [
-        f"| model | beta | study ({SAVED_OUTPUTS}) | ours: mean | std | n | ours - study |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| model | beta | study ({SAVED_OUTPUTS}) | ours: mean | std | n | 95 % interval "
+        "| ours - study | study's level in our interval |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for row in table.to_dict("records"):
         std = "-" if pd.isna(row["std"]) else f"{row['std']:.4f}"
+        ci = "-" if pd.isna(row["ci-low"]) else f"[{row['ci-low']:.4f}, {row['ci-high']:.4f}]"
+        within = inside(row["study"], row["ci-low"], row["ci-high"])
         lines.append(
             f"| {row['model']} | {row['beta']:g} | {row['study']:.4f} | {row['mean']:.4f} "
-            f"| {std} | {row['n']} | {row['mean'] - row['study']:+.4f} |"
+            f"| {std} | {row['n']} | {ci} | {row['mean'] - row['study']:+.4f} | {within} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -361,7 +379,8 @@ def claims_report(final_runs: pd.DataFrame) -> str:
         "Paired by seed; 95 % t interval of the mean difference. study: the sign the "
         "study reports (0: no difference). study's number: the difference the study "
         "states, where it states one, on the metric it measured (global accuracy for "
-        "imputation, global macro-F1 for fine-tuning), with its source. verdict: agrees / "
-        "disagrees only when the interval excludes zero; otherwise inconclusive.\n\n"
+        "imputation, global macro-F1 for fine-tuning), with its source, and whether it lies "
+        "in our 95 % interval (- : no interval yet, n < 2). verdict: agrees / disagrees "
+        "only when the interval excludes zero; otherwise inconclusive.\n\n"
     )
     return legend + "\n".join(sections)
