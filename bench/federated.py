@@ -145,6 +145,8 @@ def summarize(stats: list[dict], without_global: bool = False) -> dict:
         "parts-median-s": {
             name: median(s["parts"][name] for s in stats if name in s["parts"]) for name in parts
         },
+        # each round's parts, in order: a median round's parts may come from several rounds
+        "parts-per-round-s": [s["parts"] for s in stats],
     }
 
 

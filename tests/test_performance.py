@@ -365,6 +365,7 @@ def test_round_summary_takes_each_part_over_the_rounds_that_have_it():
     ]
     stats = summarize(rounds, without_global=True)
     assert stats["parts-median-s"]["evaluate"] == 1.0
+    assert [parts["train"] for parts in stats["parts-per-round-s"]] == [2.0, 3.0, 3.0]
     assert stats["seconds-per-round-all"] == [2.0, 3.0, 4.5]
     assert stats["seconds-per-round"] == 3.0 and stats["seconds-per-round-mean"] == 3.167
     assert stats["images-per-second"] == pytest.approx(100 / 3.0, rel=1e-3)
