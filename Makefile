@@ -56,8 +56,10 @@ CAMPAIGN_ARGS ?=
 campaign: setup
 	$(BIN)/python -m fedaug_flwr.experiments campaign $(CAMPAIGN) $(CAMPAIGN_ARGS)
 
+# The shipped campaigns publish to docs/results/<the experiment file's name>.
+PUBLISHED ?= docs/results/$(basename $(notdir $(CAMPAIGN)))
 campaign-report: setup
-	$(BIN)/python -m fedaug_flwr.experiments plot docs/results/paper-scale
+	$(BIN)/python -m fedaug_flwr.experiments plot $(PUBLISHED)
 
 sweep: setup
 	$(BIN)/python -m fedaug_flwr.experiments run $(EXPERIMENT)

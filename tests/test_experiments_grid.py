@@ -206,3 +206,34 @@ def test_shipped_finetune_grids_compare_vanilla_and_pretraining_per_beta(name, b
     if "pretrain" not in default_run_config():
         pytest.skip("the finetune variant (run-config key 'pretrain') is not merged yet")
     validate(spec)
+
+
+def test_the_paper_scale_campaigns_pair_their_beta_01_runs_across_presets():
+    """conf/paper-scale-as-written.yaml runs stage 1's beta 0.1 cells under the other
+    preset: same runs, seeds, split and scale, only the preset's method differs."""
+    as_run = load_spec(CONF / "paper-scale.yaml")
+    as_written = load_spec(CONF / "paper-scale-as-written.yaml")
+    for spec in (as_run, as_written):
+        validate(spec)
+    assert (as_run.preset, as_written.preset) == ("as-run", "as-written")
+    assert len(as_run.runs()) == 200 and len(as_written.runs()) == 15
+
+    def stage1_beta_01(run) -> bool:
+        config = run.run_config
+        return (
+            config["dirichlet-beta"] == 0.1
+            and config["pretrain"] == "off"
+            and config["num-synthetic"] in (0, 100, 1000)
+            and run.seed in (0, 1, 2)
+        )
+
+    def key(run) -> tuple:
+        return tuple(run.run_config[k] for k in ("imputation", "num-synthetic")) + (run.seed,)
+
+    counterparts = {key(run): run for run in as_run.runs() if stage1_beta_01(run)}
+    assert sorted(counterparts) == sorted(key(run) for run in as_written.runs())
+    split = ("dataset", "dirichlet-beta", "min-partition-size", "seed", "cvae-rounds", "clf-rounds")
+    for run in as_written.runs():
+        other = counterparts[key(run)]
+        assert {k: run.run_config[k] for k in split} == {k: other.run_config[k] for k in split}
+    assert as_written.num_supernodes == as_run.num_supernodes == 100
