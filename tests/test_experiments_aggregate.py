@@ -236,3 +236,18 @@ def test_aggregate_command(tmp_path, capsys):
     assert (tmp_path / TABLES_DIR / "final_cells.csv").is_file()
     assert cli.main(["aggregate", str(tmp_path / "nowhere")]) == 2
     assert "not a sweep folder" in capsys.readouterr().err
+
+
+def test_last_rounds_columns_average_the_last_three_classifier_rounds():
+    summary = fake_summary(
+        {"imputation": "none", "num-synthetic": 0}, f1=0.5, loss=1.0, round_losses=[4, 3, 2, 1]
+    )
+    rounds = summary["classifier"]["rounds"]
+    for entry, accuracy in zip(rounds, [0.1, 0.2, 0.4, 0.9], strict=True):
+        entry["global-test"]["accuracy"] = accuracy
+    row = final_row(summary)
+    assert row["global-test-accuracy-last3"] == pytest.approx(0.5)  # (0.2 + 0.4 + 0.9) / 3
+    # the clients' macro-F1 per round: the fixture's f1 - 0.1 * (rounds still to go)
+    assert row["test-macro-f1-last3"] == pytest.approx(0.5 - 0.1)  # 0.3, 0.4, 0.5
+    del rounds[0:2]  # two rounds are not three
+    assert "global-test-accuracy-last3" not in final_row(summary)

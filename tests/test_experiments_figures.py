@@ -431,3 +431,18 @@ def test_strategy_comparison_needs_fedavg_with_and_without_synthetic_images(tmp_
         strategies.comparisons(final_runs[final_runs["clf-strategy"] == "fedprox"])
     with pytest.raises(strategies.FigureError, match="needs FedAvg and another clf-strategy"):
         strategies.comparisons(final_runs[final_runs["imputation"] == "none"])
+
+
+def test_imputation_claims_are_checked_on_the_last_rounds_mean(imputation_tables):
+    final_runs = imputation_tables.final_runs.copy()
+    assert "## Imputation: global-test-accuracy-last3" not in claims.claims_report(final_runs)
+    # the fixture's runs have 2 rounds; give them a last-3 mean 0.2 below the final number
+    final_runs["global-test-accuracy-last3"] = final_runs["global-test-accuracy"] - 0.2
+    report = claims.claims_report(final_runs)
+    section = report.split("## Imputation: global-test-accuracy-last3")[1].split("## ")[0]
+    assert "averaged over the last 3" in section
+    # the same paired differences as on the last round, with the study's sign but not its number
+    assert (
+        "| minority - uniform, mean over betas and k > 0 | 0.1, 10 | +0.0550 | 0.0100 | 3 "
+        "| [+0.0302, +0.0798] | + |  |  | agrees |" in section
+    )

@@ -6,7 +6,8 @@ folder says which) and writes CSV files to ``<sweep folder>/tables/``:
 - ``final_runs.csv`` / ``final_cells.csv``: final metrics of the classifier
   (client test splits: unweighted mean over clients, as the study reports, and
   example-weighted; the global test set; every metric of
-  :data:`~fedaug_flwr.metrics.METRIC_NAMES`), with pretraining numbers when the
+  :data:`~fedaug_flwr.metrics.METRIC_NAMES`; the global accuracy and the clients'
+  macro-F1 averaged over the last 3 rounds), with pretraining numbers when the
   run had them, the generator-quality check's (``quality-*``), the privacy audit's
   and attacks' (``privacy-*``) and the epsilon the CVAE's DP spent (``cvae-dp-epsilon-spent``);
 - ``rounds_runs.csv`` / ``rounds_cells.csv``: per-round curves, one row per
@@ -52,6 +53,8 @@ PRESET_KEY = "study-preset"
 BETA, MODE, K = "dirichlet-beta", "imputation", "num-synthetic"
 IMPUTATION_MODES = ("uniform", "minority")
 F1 = "test-macro-f1"
+# Rounds at the end of the classifier phase averaged by ``last_rounds_columns``.
+LAST_ROUNDS = 3
 
 
 class FigureError(ValueError):
@@ -106,6 +109,7 @@ def final_row(summary: Mapping[str, Any]) -> dict[str, Any]:
         **_metrics("test-", summary["final"]["clients"], weighted=True),
         **_metrics("global-test-", summary["final"].get("global-test")),
     }
+    row.update(last_rounds_columns(summary))
     row.update(quality_columns(summary))
     row.update(privacy_columns(summary))
     pretraining = summary.get("pretraining")
@@ -122,6 +126,23 @@ def final_row(summary: Mapping[str, Any]) -> dict[str, Any]:
             row.update(_metrics("pretrain-synthetic-test-", last.get("synthetic-test")))
             row.update(_metrics("pretrain-real-test-", last.get("real-test")))
     row["seconds"] = float(summary.get("timing-s", {}).get("total", float("nan")))
+    return row
+
+
+def last_rounds_columns(summary: Mapping[str, Any], rounds: int = LAST_ROUNDS) -> dict:
+    """The global model's test accuracy and the clients' test macro-F1, each the mean over
+    the classifier's last ``rounds`` rounds (``...-last3``): a final number less at the
+    mercy of one round's swing. Only for runs with that many rounds measured."""
+    entries = summary.get("classifier", {}).get("rounds", [])[-rounds:]
+    sources = {
+        f"global-test-accuracy-last{rounds}": ("global-test", "accuracy"),
+        f"test-macro-f1-last{rounds}": ("evaluate", "macro-f1"),
+    }
+    row: dict[str, float] = {}
+    for column, (part, metric) in sources.items():
+        values = [(entry.get(part) or {}).get(metric) for entry in entries]
+        if len(values) == rounds and all(v is not None for v in values):
+            row[column] = float(sum(values) / rounds)
     return row
 
 
