@@ -91,6 +91,12 @@ def test_generator_quality_counts_each_cvae_once(imputation_tables, tmp_path):
     assert_png(
         figures.save_figure(generators.plot_generator_quality(final_runs), tmp_path / "q.png")
     )
+    # the classifier's strategy and its keys do not change the CVAE either
+    strategies_sweep(tmp_path / "strategies")
+    by_strategy = write_tables(tmp_path / "strategies").final_runs
+    per_cvae, keys = generators.cvae_quality(by_strategy)
+    assert not {"clf-strategy", "proximal-mu"} & set(keys)
+    assert len(per_cvae) == 3 and set(per_cvae["runs"]) == {2}  # a seed: FedAvg's, FedProx's
     unchecked = final_runs.drop(columns=[c for c in final_runs if c.startswith("quality-")])
     with pytest.raises(figures.FigureError, match="no run checked a CVAE"):
         generators.cvae_quality(unchecked)

@@ -24,8 +24,20 @@ from matplotlib.figure import Figure
 
 from fedaug_flwr.experiments.aggregate import BETA, MODE, FigureError, K
 
-# What the classifier phase does with a CVAE: runs that differ only in these share it.
-CLASSIFIER_ONLY = ("cell", MODE, K, "pretrain", "clf-strategy")
+# What the classifier phase does with a CVAE (the cell's name aside): runs whose keys
+# differ only in these (how many images are imputed and when, the classifier's keys, its
+# strategy's, pretraining's and fine-tuning's) share it.
+# The synthetic images' own keys (e.g. ``synthetic-binarize``) are not among them: the
+# check scores the images they make.
+CLASSIFIER_ONLY = ("cell", MODE, K, "minority-rounding", "synthetic-refresh")
+CLASSIFIER_ONLY_PREFIXES = ("clf-", "proximal-", "pretrain", "finetune-")
+
+
+def trains_the_cvae(key: str) -> bool:
+    """Whether a run's key can change its CVAE (every key that is not the classifier's)."""
+    return key not in CLASSIFIER_ONLY and not key.startswith(CLASSIFIER_ONLY_PREFIXES)
+
+
 SYNTHETIC, REAL = "quality-synthetic-accuracy", "quality-real-accuracy"
 # (column, header, format) of the table, in order.
 COLUMNS = (
@@ -53,7 +65,7 @@ def cvae_quality(final_runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     checked = final_runs[final_runs[SYNTHETIC].notna()]
     if checked.empty:
         raise FigureError("generator quality: no run checked a CVAE")
-    keys = [c for c in run_id_columns(final_runs) if c not in CLASSIFIER_ONLY]
+    keys = [c for c in run_id_columns(final_runs) if trains_the_cvae(c)]
     metrics = [c for c, _, _ in COLUMNS if c in checked]
     grouped = checked.groupby(keys, dropna=False, sort=True)
     table = grouped[metrics].agg(["mean", "min", "max"])
