@@ -135,6 +135,21 @@ def test_finetune_figure_needs_pretraining_runs(imputation_tables, tmp_path):
         figures.plot_finetune_comparison(imputation_tables.final_cells, tmp_path / "c.png")
 
 
+def test_cells_table_gives_each_cells_mean_and_std_over_seeds(imputation_tables):
+    text = figures.cells_markdown(imputation_tables.final_cells)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()}
+    # beta 0.1, no synthetic images: client macro-F1 0.5, 0.6, 0.7 over the 3 seeds; the
+    # fixture's global accuracy is that + 0.15
+    baseline = rows["dirichlet-beta=0.1__imputation=none__num-synthetic=0"]
+    assert baseline.startswith(
+        "| dirichlet-beta=0.1__imputation=none__num-synthetic=0 | 3 | 0.600 +- 0.100 |"
+    )
+    assert "| 0.750 +- 0.100 |" in baseline
+    assert len([line for line in text.splitlines() if line.startswith("| dirichlet")]) == 6
+    with pytest.raises(figures.FigureError, match="no complete runs"):
+        figures.cells_markdown(imputation_tables.final_cells.iloc[:0])
+
+
 def test_table1_markdown(finetune_tables):
     text = figures.table1_markdown(finetune_tables.final_runs)
     lines = text.strip().splitlines()
@@ -159,6 +174,7 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "global_accuracy_per_round.png",
                 "generator_quality.md",
                 "generator_quality.png",
+                "cells.md",
                 "macro_f1_vs_k_uniform.png",
                 "macro_f1_vs_k_minority.png",
                 "macro_f1_vs_k_averaged.png",
@@ -184,6 +200,7 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "finetune_comparison_global.png",
                 "table1.md",
                 "claims.md",
+                "cells.md",
                 "generator_quality.md",
                 "generator_quality.png",
             },

@@ -423,6 +423,44 @@ def _std(values: pd.Series) -> float:
     return float(values.std()) if len(values) > 1 else float("nan")
 
 
+# (column, header) of the per-cell table: the clients' numbers, then the global model's.
+CELL_COLUMNS = (
+    (F1, "client macro-F1"),
+    ("test-macro-f1-present", "client macro-F1, present labels"),
+    ("test-accuracy", "client accuracy"),
+    (STUDY_IMPUTATION_METRIC, "global accuracy"),
+    (f"{STUDY_IMPUTATION_METRIC}-last3", "global accuracy, last 3 rounds"),
+    (STUDY_FINETUNE_METRIC, "global macro-F1"),
+)
+
+
+def cells_markdown(final_cells: pd.DataFrame) -> str:
+    """Final numbers per cell, mean +- std over seeds (n), one row per cell in grid order."""
+    _require(final_cells, ["cell", "n"], "cells table")
+    columns = [(c, title) for c, title in CELL_COLUMNS if f"{c}-mean" in final_cells]
+    if final_cells.empty or not columns:
+        raise FigureError("cells table: no complete runs with final metrics yet")
+    lines = [
+        "| cell | n | " + " | ".join(title for _, title in columns) + " |",
+        "|---|---:|" + "---:|" * len(columns),
+    ]
+    for row in final_cells.to_dict("records"):
+        values = []
+        for column, _ in columns:
+            mean, std = row[f"{column}-mean"], row[f"{column}-std"]
+            text = "-" if pd.isna(mean) else f"{mean:.3f}"
+            values.append(text if pd.isna(std) else f"{text} +- {std:.3f}")
+        lines.append(f"| {row['cell']} | {int(row['n'])} | " + " | ".join(values) + " |")
+    legend = (
+        "Final numbers per cell, mean +- std over seeds (n runs). Client numbers: mean "
+        "over the clients' real test splits (macro-F1 over the labels in truth or "
+        "prediction, and over the labels present in the split). Global: the final global "
+        "model on the data set's test set; its accuracy is the micro-F1 of the study's "
+        "imputation figures, its macro-F1 that of its finetune figure.\n\n"
+    )
+    return legend + "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------- all at once
 
 
@@ -512,6 +550,12 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
         return write_atomic(out / "table1.md", lambda tmp: tmp.write_text(text))
 
     attempt("table1", table1)
+
+    def cells() -> Path:
+        text = cells_markdown(tables.final_cells)
+        return write_atomic(out / "cells.md", lambda tmp: tmp.write_text(text))
+
+    attempt("cells", cells)
 
     def claims() -> Path:
         text = claims_report(tables.final_runs)
