@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,28 @@ def test_label_distributions_per_beta(tmp_path):
         labels, [0.1, 10.0], num_clients=5, seed=0, min_partition_size=10, path=tmp_path / "l.png"
     )
     assert_png(path)
+
+
+def test_published_runs_draw_label_distributions_from_this_machines_data(tmp_path, monkeypatch):
+    """Published summaries name no data folder: the figure reads the data set where a run
+    on this machine would ($FEDAUG_DATA_DIR for MNIST) and says so when it is not there."""
+    from tests.test_data import write_mnist_folder
+
+    spec = imputation_sweep(tmp_path / "sweep")
+    for run in spec.runs():
+        path = run_dir(tmp_path / "sweep", run) / SUMMARY
+        summary = json.loads(path.read_text())
+        summary["data"].update(source="mnist", location="(local folder, not published)")
+        path.write_text(json.dumps(summary))
+    monkeypatch.setenv("FEDAUG_DATA_DIR", str(tmp_path / "empty"))
+    (tmp_path / "empty").mkdir()
+    drawn = figures.draw_all(tmp_path / "sweep")
+    assert "set $FEDAUG_DATA_DIR" in drawn.skipped["label_distributions"]
+    write_mnist_folder(tmp_path / "mnist", n_train=600)
+    monkeypatch.setenv("FEDAUG_DATA_DIR", str(tmp_path / "mnist"))
+    drawn = figures.draw_all(tmp_path / "sweep")
+    assert "label_distributions" not in drawn.skipped
+    assert_png(tmp_path / "sweep" / "figures" / "label_distributions.png")
 
 
 def test_imputation_example(imputation_tables, tmp_path):

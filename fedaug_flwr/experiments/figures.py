@@ -597,17 +597,25 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
 
 
 def _label_distributions(spec, sweep_dir: Path, tables: Tables, out: Path) -> Path:
-    from fedaug_flwr.data import DataError, load_source
+    from fedaug_flwr.data import IDX_DATASETS, DataError, data_dir_for, load_source
 
     if tables.final_runs.empty or BETA not in tables.final_runs:
         raise FigureError("label distributions: no complete runs yet")
     first = tables.final_runs.iloc[0]
     run = next(r for r in spec.runs() if r.cell.name == first["cell"] and r.seed == first["seed"])
     summary = read_summary(run_dir(sweep_dir, run))
+    source, location = summary["data"]["source"], summary["data"]["location"]
+    if source in IDX_DATASETS and not Path(location).is_dir():
+        # published results name no folder (or one of another machine): this machine's
+        # copy of the data set, as a run would find it ($FEDAUG_DATA_DIR, ...)
+        location = str(data_dir_for("", source))
     try:
-        data = load_source(summary["data"]["source"], summary["data"]["location"])
-    except (DataError, OSError) as error:  # published results, read on another machine
-        raise FigureError(f"label distributions: the run's data is not here ({error})") from error
+        data = load_source(source, location)
+    except (DataError, OSError) as error:
+        variable = f" (set ${IDX_DATASETS[source].env_var})" if source in IDX_DATASETS else ""
+        raise FigureError(
+            f"label distributions: the run's data is not here{variable}: {error}"
+        ) from error
     config = summary["config"]
     return plot_label_distributions(
         data.pool.labels,
