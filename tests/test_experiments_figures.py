@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from fedaug_flwr.experiments import __main__ as cli
@@ -252,15 +253,49 @@ def test_claims_cite_the_study_number_only_on_the_metric_the_study_measured(impu
     on_figure = claims.imputation_claims(
         imputation_tables.final_runs, claims.IMPUTATION_FIGURE_METRIC
     ).set_index(["comparison", "betas"])
-    overall = on_figure.loc[("minority - uniform, mean over betas and k > 0", "0.1, 10")]
+    # the study's +0.015 is the mean over its 5 betas and k = 100, 500, 1000: not a number
+    # for this grid's mean over betas 0.1, 10 and k = 100, nor for any other comparison of it
+    assert on_figure["study-number"].isna().all()
+    grid = claims.imputation_claims(
+        study_grid(imputation_tables.final_runs), claims.IMPUTATION_FIGURE_METRIC
+    ).set_index(["comparison", "betas"])
+    overall = grid.loc[("minority - uniform, mean over betas and k > 0", "0.1, 0.3, 0.5, 10, 100")]
     assert overall["study-number"] == pytest.approx(0.015)
     assert "section 5" in overall["study-source"]
-    # no other comparison of this grid (betas 0.1, 10; k = 100) has a number in the study
-    assert on_figure["study-number"].notna().sum() == 1
-    text = claims.claims_markdown(on_figure.reset_index(), claims.IMPUTATION_FIGURE_METRIC)
+    text = claims.claims_markdown(grid.reset_index(), claims.IMPUTATION_FIGURE_METRIC)
     # the interval [+0.0302, +0.0798] (the fixture's accuracies are its macro-F1 plus a constant)
     # leaves out the study's +0.015
     assert "| + | +0.0150 (paper, section 5: 5 betas, k = 100, 500, 1000) | no | agrees |" in text
+    # the five betas but k = 100 only: not the study's average either
+    spread = study_grid(imputation_tables.final_runs)
+    k100 = claims.imputation_claims(
+        spread[spread["num-synthetic"] <= 100], claims.IMPUTATION_FIGURE_METRIC
+    )
+    assert k100["study-number"].isna().all()
+    # k = 100, 500, 1000 but betas 0.1 and 100 only (a campaign's first stage): neither
+    two_betas = spread[
+        np.isclose(spread["dirichlet-beta"], 0.1) | (spread["dirichlet-beta"] == 100)
+    ]
+    first = claims.imputation_claims(two_betas, claims.IMPUTATION_FIGURE_METRIC)
+    numbers = first.set_index(["comparison", "betas"])["study-number"].dropna()
+    # only the study's own single-beta number is left: minority k = 1000 at beta 100
+    assert list(numbers.index) == [("minority k = 1000 (50%) - no synthetic", "100")]
+
+
+def study_grid(final_runs: pd.DataFrame) -> pd.DataFrame:
+    """The fixture's runs spread over the study's grid: betas 0.1, 0.3, 0.5 are copies of
+    the fixture's beta 0.1, 10 and 100 of its beta 10; k = 500 and 1000 of its k = 100."""
+    copies = []
+    for beta, source in ((0.1, 0.1), (0.3, 0.1), (0.5, 0.1), (10.0, 10.0), (100.0, 10.0)):
+        for k, source_k in ((0, 0), (100, 100), (500, 100), (1000, 100)):
+            rows = final_runs[
+                np.isclose(final_runs["dirichlet-beta"], source)
+                & (final_runs["num-synthetic"] == source_k)
+            ].copy()
+            rows["dirichlet-beta"], rows["num-synthetic"] = beta, k
+            rows["cell"] = rows["cell"] + f"@{beta:g},{k}"
+            copies.append(rows)
+    return pd.concat(copies, ignore_index=True)
 
 
 def test_finetune_claims_and_levels_set_the_study_numbers_beside_ours(tmp_path):
