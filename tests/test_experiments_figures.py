@@ -11,9 +11,16 @@ import pytest
 from fedaug_flwr.experiments import __main__ as cli
 from fedaug_flwr.experiments import aggregate, claims, figures, generators, strategies, tradeoff
 from fedaug_flwr.experiments.aggregate import write_tables
-from fedaug_flwr.experiments.runner import run_dir
-from fedaug_flwr.results import SUMMARY
-from tests.sweep_fixtures import finetune_sweep, imputation_sweep, privacy_sweep, strategies_sweep
+from fedaug_flwr.experiments.grid import parse_spec
+from fedaug_flwr.experiments.runner import run_dir, write_spec
+from fedaug_flwr.results import SUMMARY, write_json
+from tests.sweep_fixtures import (
+    fake_summary,
+    finetune_sweep,
+    imputation_sweep,
+    privacy_sweep,
+    strategies_sweep,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -101,6 +108,31 @@ def test_generator_quality_counts_each_cvae_once(imputation_tables, tmp_path):
     unchecked = final_runs.drop(columns=[c for c in final_runs if c.startswith("quality-")])
     with pytest.raises(figures.FigureError, match="no run checked a CVAE"):
         generators.cvae_quality(unchecked)
+
+
+def test_generator_quality_keeps_apart_the_classifier_keys_the_check_trains_with(tmp_path):
+    """The check trains its classifiers with clf-lr, clf-weight-decay and clf-batch-size:
+    runs that differ in one share a CVAE, but not the check's numbers."""
+    spec = parse_spec(
+        {
+            "name": "fixture-batch",
+            "federation": {"num-supernodes": 3},
+            "base": {"imputation": "uniform", "num-synthetic": 100},
+            "axes": {"clf-batch-size": [32, 10]},
+            "seeds": [0, 1],
+        }
+    )
+    write_spec(tmp_path, spec)
+    for run in spec.runs():
+        f1 = 0.6 + run.seed / 10 + (0.1 if run.cell.as_dict()["clf-batch-size"] == 10 else 0.0)
+        write_json(run_dir(tmp_path, run) / SUMMARY, fake_summary(run.run_config, f1, loss=1.0))
+    final_runs = write_tables(tmp_path).final_runs
+    per_cvae, keys = generators.cvae_quality(final_runs)
+    assert "clf-batch-size" in keys
+    assert len(per_cvae) == 4 and set(per_cvae["runs"]) == {1}  # no range of two checks
+    for key in ("clf-lr", "clf-weight-decay", "clf-batch-size"):
+        assert generators.trains_the_cvae(key), key
+    assert not generators.trains_the_cvae("clf-rounds")
 
 
 @pytest.mark.parametrize("mode", ["uniform", "minority"])
