@@ -366,6 +366,9 @@ def test_finetune_claims_pair_vanilla_and_pretraining_by_seed(tmp_path):
     tuned = table.loc[("fine-tuned - vanilla", "0.1")]
     assert tuned["mean"] == pytest.approx(0.1) and tuned["verdict"] == "agrees"
     assert table.loc[("fine-tuned - vanilla", "100")]["verdict"] == "differs"  # study: none
+    # the legend says what each verdict means, "differs" too
+    legend = claims.claims_report(final_runs).split("\n\n")[0]
+    assert "differs" in legend and "otherwise inconclusive" in legend
     # pretrained 0.3 against 0.6, 0.7: -0.3, -0.4; std 0.0707, t(0.975, 1) = 12.706
     pretrained = table.loc[("pretrained only - vanilla", "0.1")]
     assert pretrained["mean"] == pytest.approx(-0.35)
@@ -380,7 +383,8 @@ def test_verdicts_follow_the_interval():
     assert claims.verdict(0.01, 0.05, +1) == "agrees"
     assert claims.verdict(0.01, 0.05, -1) == "disagrees"
     assert claims.verdict(-0.01, 0.05, +1) == "inconclusive"
-    assert claims.verdict(-0.01, 0.05, 0) == "no difference found"
+    # an interval that covers zero does not show that there is no difference either
+    assert claims.verdict(-0.01, 0.05, 0) == "inconclusive"
     assert claims.verdict(0.01, 0.05, 0) == "differs"
     assert claims.verdict(float("nan"), float("nan"), +1) == "inconclusive (n < 2)"
     # two differences 0.1 and 0.3: mean 0.2, std 0.1414, t(0.975, 1) = 12.706

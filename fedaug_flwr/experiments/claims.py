@@ -118,14 +118,15 @@ def direction(low: float, high: float) -> str:
 def verdict(low: float, high: float, study_sign: int) -> str:
     """``agrees`` / ``disagrees`` with a study that found a difference of ``study_sign``
     (+1, -1), or ``inconclusive``; with ``study_sign`` 0 (the study found none):
-    ``no difference found`` or ``differs``."""
+    ``differs`` or ``inconclusive`` (an interval that covers zero does not show that
+    there is no difference)."""
     if math.isnan(low):
         return "inconclusive (n < 2)"
     excludes_zero = low > 0 or high < 0
-    if study_sign == 0:
-        return "differs" if excludes_zero else "no difference found"
     if not excludes_zero:
         return "inconclusive"
+    if study_sign == 0:
+        return "differs"
     return "agrees" if (low > 0) == (study_sign > 0) else "disagrees"
 
 
@@ -400,6 +401,7 @@ def claims_report(final_runs: pd.DataFrame) -> str:
         "states, where it states one, on the metric it measured (global accuracy for "
         "imputation, global macro-F1 for fine-tuning), with its source, and whether it lies "
         "in our 95 % interval (- : no interval yet, n < 2). verdict: agrees / disagrees "
-        "only when the interval excludes zero; otherwise inconclusive.\n\n"
+        "(differs, where the study found no difference) only when the interval excludes "
+        "zero; otherwise inconclusive.\n\n"
     )
     return legend + "\n".join(sections)
