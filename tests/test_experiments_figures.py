@@ -314,6 +314,18 @@ def test_claims_cite_the_study_number_only_on_the_metric_the_study_measured(impu
     assert list(numbers.index) == [("minority k = 1000 (50%) - no synthetic", "100")]
 
 
+def test_minority_beats_uniform_at_every_k_but_100_is_a_claim_with_a_verdict(imputation_tables):
+    """The study: minority beat uniform at every k except 100 (docs/study.md)."""
+    grid = claims.imputation_claims(study_grid(imputation_tables.final_runs))
+    per_k = grid[grid["comparison"].str.startswith("minority - uniform at k = ")]
+    per_k = per_k.set_index("comparison")
+    for k in (500, 1000):
+        row = per_k.loc[f"minority - uniform at k = {k} (50% synthetic)"]
+        assert (row["study"], row["verdict"]) == ("+", "agrees")
+    at_100 = per_k.loc["minority - uniform at k = 100 (50% synthetic)"]
+    assert (at_100["study"], at_100["verdict"]) == ("", "")  # no direction stated
+
+
 def study_grid(final_runs: pd.DataFrame) -> pd.DataFrame:
     """The fixture's runs spread over the study's grid: betas 0.1, 0.3, 0.5 are copies of
     the fixture's beta 0.1, 10 and 100 of its beta 10; k = 500 and 1000 of its k = 100."""

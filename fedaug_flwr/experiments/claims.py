@@ -211,6 +211,7 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
                 betas,
                 _mean_over(tables["minority"], betas, [k])
                 - _mean_over(tables["uniform"], betas, [k]),
+                +1 if k in STUDY_KS and k != 100 else None,  # "at every k except 100"
             )
         )
     beta_sets = [betas, *([b] for b in betas)] if len(betas) > 1 else [betas]
