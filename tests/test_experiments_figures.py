@@ -391,6 +391,20 @@ def test_finetune_claims_pair_vanilla_and_pretraining_by_seed(tmp_path):
     assert glob.loc["pretrained only - vanilla"].iloc[0]["mean"] == pytest.approx(-0.35)
 
 
+def test_finetune_claims_refuse_two_cells_of_one_arm(tmp_path):
+    """Two vanilla cells at a beta (e.g. another clf-strategy): pairing each fine-tuned run
+    with both would count 2 seeds as 4 pairs and mix the cells."""
+    finetune_sweep(tmp_path)
+    final_runs = write_tables(tmp_path).final_runs
+    other = final_runs[final_runs["pretrain"] == "off"].copy()
+    other["cell"], other["clf-strategy"] = other["cell"] + "__clf-strategy=fedprox", "fedprox"
+    both = pd.concat([final_runs, other], ignore_index=True)
+    with pytest.raises(claims.FigureError, match="2 cells"):
+        claims.finetune_claims(both)
+    with pytest.raises(claims.FigureError, match="2 cells"):
+        claims.study_levels(both)  # nor a level of the two cells' runs together
+
+
 def test_verdicts_follow_the_interval():
     assert claims.verdict(0.01, 0.05, +1) == "agrees"
     assert claims.verdict(0.01, 0.05, -1) == "disagrees"

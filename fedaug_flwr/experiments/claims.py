@@ -247,6 +247,17 @@ def _without_synthetic_images(final_runs: pd.DataFrame) -> pd.DataFrame:
     return final_runs[(final_runs["imputation"] == "none") | (final_runs[K] == 0)]
 
 
+def _require_one_cell(runs: pd.DataFrame, what: str) -> None:
+    """A :class:`FigureError` when ``runs`` (one arm at one beta) come from several cells:
+    pairing by seed would pair a run with each of them, and a level would mix them."""
+    names = sorted(runs["cell"].unique()) if "cell" in runs else []
+    if len(names) > 1:
+        raise FigureError(
+            f"{what}: {len(names)} cells ({', '.join(names)}); the sweep varies more than "
+            "beta and pretraining, which the finetune claims would average over"
+        )
+
+
 def finetune_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
     """Per beta, paired by seed: fine-tuned - vanilla (the study: better at beta 0.1 and
     0.3, comparable elsewhere) and pretrained - vanilla (the study: worse)."""
@@ -262,6 +273,8 @@ def finetune_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
         tuned = at[at["pretrain"] == "federated"].set_index("seed")
         if vanilla.empty or tuned.empty:
             continue
+        for arm in ("off", "federated"):
+            _require_one_cell(at[at["pretrain"] == arm], f"finetune claims, beta={beta:g}")
         rows.append(
             _summary(
                 "fine-tuned - vanilla",
@@ -330,9 +343,11 @@ def study_levels(final_runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for arm, study_by_beta in STUDY_LEVELS.items():
         for beta, study_value in study_by_beta.items():
-            ours = plain[arms[arm] & np.isclose(plain[BETA], beta)][metric].dropna()
+            runs = plain[arms[arm] & np.isclose(plain[BETA], beta)]
+            ours = runs[metric].dropna()
             if ours.empty:
                 continue
+            _require_one_cell(runs, f"the study's levels, {arm}, beta={beta:g}")
             low, high = interval(ours.to_numpy())
             rows.append(
                 {
