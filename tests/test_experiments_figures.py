@@ -163,6 +163,15 @@ def test_finetune_comparison(finetune_tables, tmp_path):
     assert_png(figures.plot_finetune_comparison(finetune_tables.final_cells, tmp_path / "c.png"))
 
 
+def test_finetune_comparison_refuses_two_cells_of_one_model(finetune_tables):
+    """Two vanilla cells at a beta: the figure would show the first one's numbers alone."""
+    cells = finetune_tables.final_cells
+    other = cells[cells["pretrain"] == "off"].copy()
+    other["cell"] = other["cell"] + "__clf-strategy=fedprox"
+    with pytest.raises(figures.FigureError, match="2 cells"):
+        figures.finetune_comparison(pd.concat([cells, other], ignore_index=True))
+
+
 def test_finetune_figure_needs_pretraining_runs(imputation_tables, tmp_path):
     with pytest.raises(figures.FigureError, match="runs with pretraining"):
         figures.plot_finetune_comparison(imputation_tables.final_cells, tmp_path / "c.png")
