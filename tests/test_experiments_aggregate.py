@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -12,7 +13,7 @@ from fedaug_flwr.experiments.aggregate import TABLES_DIR, final_row, read_tables
 from fedaug_flwr.experiments.grid import SweepError
 from fedaug_flwr.experiments.runner import run_dir
 from fedaug_flwr.metrics import METRIC_NAMES
-from fedaug_flwr.results import SUMMARY
+from fedaug_flwr.results import SUMMARY, write_json
 from tests.sweep_fixtures import (
     BEFORE,
     fake_pretraining,
@@ -251,3 +252,21 @@ def test_last_rounds_columns_average_the_last_three_classifier_rounds():
     assert row["test-macro-f1-last3"] == pytest.approx(0.5 - 0.1)  # 0.3, 0.4, 0.5
     del rounds[0:2]  # two rounds are not three
     assert "global-test-accuracy-last3" not in final_row(summary)
+
+
+def test_a_summary_from_before_clf_strategy_stays_in_its_cell(tmp_path):
+    """Runs published before the key existed ran FedAvg: their cell is not split in two
+    (one row of the older seeds, one of the newer) in final_cells or rounds_cells."""
+    spec = imputation_sweep(tmp_path)
+    for run in spec.runs():
+        if run.cell.name == CELL and run.seed == 0:
+            path = run_dir(tmp_path, run) / SUMMARY
+            summary = json.loads(path.read_text())
+            del summary["config"]["clf-strategy"]
+            write_json(path, summary)
+    tables = write_tables(tmp_path)
+    assert row(tables.final_runs, cell=CELL, seed=0)["clf-strategy"] == "fedavg"
+    assert len(tables.final_cells) == 6
+    cell = row(tables.final_cells, cell=CELL)
+    assert cell["n"] == 3 and cell["test-macro-f1-mean"] == pytest.approx(0.6)
+    assert row(tables.rounds_cells, cell=CELL, phase="classifier", round=2)["n"] == 3

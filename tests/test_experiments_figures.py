@@ -6,14 +6,22 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from fedaug_flwr.experiments import __main__ as cli
 from fedaug_flwr.experiments import aggregate, claims, figures, generators, strategies, tradeoff
 from fedaug_flwr.experiments.aggregate import write_tables
-from fedaug_flwr.experiments.runner import run_dir
-from fedaug_flwr.results import SUMMARY
-from tests.sweep_fixtures import finetune_sweep, imputation_sweep, privacy_sweep, strategies_sweep
+from fedaug_flwr.experiments.grid import parse_spec
+from fedaug_flwr.experiments.runner import run_dir, write_spec
+from fedaug_flwr.results import SUMMARY, write_json
+from tests.sweep_fixtures import (
+    fake_summary,
+    finetune_sweep,
+    imputation_sweep,
+    privacy_sweep,
+    strategies_sweep,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -125,6 +133,31 @@ def test_generator_quality_counts_each_cvae_once(imputation_tables, tmp_path):
         generators.cvae_quality(unchecked)
 
 
+def test_generator_quality_keeps_apart_the_classifier_keys_the_check_trains_with(tmp_path):
+    """The check trains its classifiers with clf-lr, clf-weight-decay and clf-batch-size:
+    runs that differ in one share a CVAE, but not the check's numbers."""
+    spec = parse_spec(
+        {
+            "name": "fixture-batch",
+            "federation": {"num-supernodes": 3},
+            "base": {"imputation": "uniform", "num-synthetic": 100},
+            "axes": {"clf-batch-size": [32, 10]},
+            "seeds": [0, 1],
+        }
+    )
+    write_spec(tmp_path, spec)
+    for run in spec.runs():
+        f1 = 0.6 + run.seed / 10 + (0.1 if run.cell.as_dict()["clf-batch-size"] == 10 else 0.0)
+        write_json(run_dir(tmp_path, run) / SUMMARY, fake_summary(run.run_config, f1, loss=1.0))
+    final_runs = write_tables(tmp_path).final_runs
+    per_cvae, keys = generators.cvae_quality(final_runs)
+    assert "clf-batch-size" in keys
+    assert len(per_cvae) == 4 and set(per_cvae["runs"]) == {1}  # no range of two checks
+    for key in ("clf-lr", "clf-weight-decay", "clf-batch-size"):
+        assert generators.trains_the_cvae(key), key
+    assert not generators.trains_the_cvae("clf-rounds")
+
+
 @pytest.mark.parametrize("mode", ["uniform", "minority"])
 def test_macro_f1_against_k(imputation_tables, tmp_path, mode):
     assert_png(figures.plot_macro_f1_vs_k(imputation_tables.final_cells, tmp_path / "f.png", mode))
@@ -151,6 +184,15 @@ def test_finetune_comparison(finetune_tables, tmp_path):
     assert at_01.loc["pretrained", "mean"] == pytest.approx(0.3)
     assert at_01.loc["finetuned", "n"] == 2
     assert_png(figures.plot_finetune_comparison(finetune_tables.final_cells, tmp_path / "c.png"))
+
+
+def test_finetune_comparison_refuses_two_cells_of_one_model(finetune_tables):
+    """Two vanilla cells at a beta: the figure would show the first one's numbers alone."""
+    cells = finetune_tables.final_cells
+    other = cells[cells["pretrain"] == "off"].copy()
+    other["cell"] = other["cell"] + "__clf-strategy=fedprox"
+    with pytest.raises(figures.FigureError, match="2 cells"):
+        figures.finetune_comparison(pd.concat([cells, other], ignore_index=True))
 
 
 def test_finetune_figure_needs_pretraining_runs(imputation_tables, tmp_path):
@@ -275,15 +317,61 @@ def test_claims_cite_the_study_number_only_on_the_metric_the_study_measured(impu
     on_figure = claims.imputation_claims(
         imputation_tables.final_runs, claims.IMPUTATION_FIGURE_METRIC
     ).set_index(["comparison", "betas"])
-    overall = on_figure.loc[("minority - uniform, mean over betas and k > 0", "0.1, 10")]
+    # the study's +0.015 is the mean over its 5 betas and k = 100, 500, 1000: not a number
+    # for this grid's mean over betas 0.1, 10 and k = 100, nor for any other comparison of it
+    assert on_figure["study-number"].isna().all()
+    grid = claims.imputation_claims(
+        study_grid(imputation_tables.final_runs), claims.IMPUTATION_FIGURE_METRIC
+    ).set_index(["comparison", "betas"])
+    overall = grid.loc[("minority - uniform, mean over betas and k > 0", "0.1, 0.3, 0.5, 10, 100")]
     assert overall["study-number"] == pytest.approx(0.015)
     assert "section 5" in overall["study-source"]
-    # no other comparison of this grid (betas 0.1, 10; k = 100) has a number in the study
-    assert on_figure["study-number"].notna().sum() == 1
-    text = claims.claims_markdown(on_figure.reset_index(), claims.IMPUTATION_FIGURE_METRIC)
+    text = claims.claims_markdown(grid.reset_index(), claims.IMPUTATION_FIGURE_METRIC)
     # the interval [+0.0302, +0.0798] (the fixture's accuracies are its macro-F1 plus a constant)
     # leaves out the study's +0.015
     assert "| + | +0.0150 (paper, section 5: 5 betas, k = 100, 500, 1000) | no | agrees |" in text
+    # the five betas but k = 100 only: not the study's average either
+    spread = study_grid(imputation_tables.final_runs)
+    k100 = claims.imputation_claims(
+        spread[spread["num-synthetic"] <= 100], claims.IMPUTATION_FIGURE_METRIC
+    )
+    assert k100["study-number"].isna().all()
+    # k = 100, 500, 1000 but betas 0.1 and 100 only (a campaign's first stage): neither
+    two_betas = spread[
+        np.isclose(spread["dirichlet-beta"], 0.1) | (spread["dirichlet-beta"] == 100)
+    ]
+    first = claims.imputation_claims(two_betas, claims.IMPUTATION_FIGURE_METRIC)
+    numbers = first.set_index(["comparison", "betas"])["study-number"].dropna()
+    # only the study's own single-beta number is left: minority k = 1000 at beta 100
+    assert list(numbers.index) == [("minority k = 1000 (50%) - no synthetic", "100")]
+
+
+def test_minority_beats_uniform_at_every_k_but_100_is_a_claim_with_a_verdict(imputation_tables):
+    """The study: minority beat uniform at every k except 100 (docs/study.md)."""
+    grid = claims.imputation_claims(study_grid(imputation_tables.final_runs))
+    per_k = grid[grid["comparison"].str.startswith("minority - uniform at k = ")]
+    per_k = per_k.set_index("comparison")
+    for k in (500, 1000):
+        row = per_k.loc[f"minority - uniform at k = {k} (50% synthetic)"]
+        assert (row["study"], row["verdict"]) == ("+", "agrees")
+    at_100 = per_k.loc["minority - uniform at k = 100 (50% synthetic)"]
+    assert (at_100["study"], at_100["verdict"]) == ("", "")  # no direction stated
+
+
+def study_grid(final_runs: pd.DataFrame) -> pd.DataFrame:
+    """The fixture's runs spread over the study's grid: betas 0.1, 0.3, 0.5 are copies of
+    the fixture's beta 0.1, 10 and 100 of its beta 10; k = 500 and 1000 of its k = 100."""
+    copies = []
+    for beta, source in ((0.1, 0.1), (0.3, 0.1), (0.5, 0.1), (10.0, 10.0), (100.0, 10.0)):
+        for k, source_k in ((0, 0), (100, 100), (500, 100), (1000, 100)):
+            rows = final_runs[
+                np.isclose(final_runs["dirichlet-beta"], source)
+                & (final_runs["num-synthetic"] == source_k)
+            ].copy()
+            rows["dirichlet-beta"], rows["num-synthetic"] = beta, k
+            rows["cell"] = rows["cell"] + f"@{beta:g},{k}"
+            copies.append(rows)
+    return pd.concat(copies, ignore_index=True)
 
 
 def test_finetune_claims_and_levels_set_the_study_numbers_beside_ours(tmp_path):
@@ -322,6 +410,9 @@ def test_finetune_claims_pair_vanilla_and_pretraining_by_seed(tmp_path):
     tuned = table.loc[("fine-tuned - vanilla", "0.1")]
     assert tuned["mean"] == pytest.approx(0.1) and tuned["verdict"] == "agrees"
     assert table.loc[("fine-tuned - vanilla", "100")]["verdict"] == "differs"  # study: none
+    # the legend says what each verdict means, "differs" too
+    legend = claims.claims_report(final_runs).split("\n\n")[0]
+    assert "differs" in legend and "otherwise inconclusive" in legend
     # pretrained 0.3 against 0.6, 0.7: -0.3, -0.4; std 0.0707, t(0.975, 1) = 12.706
     pretrained = table.loc[("pretrained only - vanilla", "0.1")]
     assert pretrained["mean"] == pytest.approx(-0.35)
@@ -332,11 +423,26 @@ def test_finetune_claims_pair_vanilla_and_pretraining_by_seed(tmp_path):
     assert glob.loc["pretrained only - vanilla"].iloc[0]["mean"] == pytest.approx(-0.35)
 
 
+def test_finetune_claims_refuse_two_cells_of_one_arm(tmp_path):
+    """Two vanilla cells at a beta (e.g. another clf-strategy): pairing each fine-tuned run
+    with both would count 2 seeds as 4 pairs and mix the cells."""
+    finetune_sweep(tmp_path)
+    final_runs = write_tables(tmp_path).final_runs
+    other = final_runs[final_runs["pretrain"] == "off"].copy()
+    other["cell"], other["clf-strategy"] = other["cell"] + "__clf-strategy=fedprox", "fedprox"
+    both = pd.concat([final_runs, other], ignore_index=True)
+    with pytest.raises(claims.FigureError, match="2 cells"):
+        claims.finetune_claims(both)
+    with pytest.raises(claims.FigureError, match="2 cells"):
+        claims.study_levels(both)  # nor a level of the two cells' runs together
+
+
 def test_verdicts_follow_the_interval():
     assert claims.verdict(0.01, 0.05, +1) == "agrees"
     assert claims.verdict(0.01, 0.05, -1) == "disagrees"
     assert claims.verdict(-0.01, 0.05, +1) == "inconclusive"
-    assert claims.verdict(-0.01, 0.05, 0) == "no difference found"
+    # an interval that covers zero does not show that there is no difference either
+    assert claims.verdict(-0.01, 0.05, 0) == "inconclusive"
     assert claims.verdict(0.01, 0.05, 0) == "differs"
     assert claims.verdict(float("nan"), float("nan"), +1) == "inconclusive (n < 2)"
     # two differences 0.1 and 0.3: mean 0.2, std 0.1414, t(0.975, 1) = 12.706

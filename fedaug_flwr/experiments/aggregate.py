@@ -47,6 +47,9 @@ STUDY_KEYS = (
     "pretrain",
     "clf-strategy",  # the classifier's server strategy (summaries before it lack the key)
 )
+# What a summary made before its key existed ran: without it a cell whose older seeds lack
+# the key would be two cells in ``final_cells`` (the older seeds', the newer seeds').
+BEFORE_THE_KEY = {"clf-strategy": "fedavg"}  # the classifier's only strategy then
 # The preset a run's config matches (summary.json's own key; older summaries lack it).
 PRESET_KEY = "study-preset"
 # Columns the figures and the claims read.
@@ -250,6 +253,8 @@ def identity(spec: SweepSpec, run: Run, summary: Mapping[str, Any]) -> dict[str,
     for key in STUDY_KEYS:
         if key not in row and key in config:
             row[key] = config[key]
+        elif key not in row and key in BEFORE_THE_KEY:
+            row[key] = BEFORE_THE_KEY[key]
     preset = summary.get(PRESET_KEY)
     if isinstance(preset, Mapping):  # a preset described by more than its name
         preset = preset.get("name")

@@ -76,9 +76,16 @@ STUDY_LEVELS: dict[str, dict[float, float]] = {
 }
 
 
+# The study's grid (docs/study.md): an average over betas or k is its number only over these.
+STUDY_BETAS = (0.1, 0.3, 0.5, 10.0, 100.0)
+STUDY_KS = (100, 500, 1000)
+
+
 def study_number(comparison: str, betas: Sequence[float]) -> tuple[float, str] | None:
     """The study's number for ``comparison`` over ``betas`` (one beta, or an average over
     several, which the study gives only over all of its five), or None."""
+    if len(betas) > 1 and sorted(float(b) for b in betas) != list(STUDY_BETAS):
+        return None  # a mean over other betas (e.g. a campaign's first) is another number
     key = (comparison, float(betas[0]) if len(betas) == 1 else None)
     return STUDY_NUMBERS.get(key)
 
@@ -111,14 +118,15 @@ def direction(low: float, high: float) -> str:
 def verdict(low: float, high: float, study_sign: int) -> str:
     """``agrees`` / ``disagrees`` with a study that found a difference of ``study_sign``
     (+1, -1), or ``inconclusive``; with ``study_sign`` 0 (the study found none):
-    ``no difference found`` or ``differs``."""
+    ``differs`` or ``inconclusive`` (an interval that covers zero does not show that
+    there is no difference)."""
     if math.isnan(low):
         return "inconclusive (n < 2)"
     excludes_zero = low > 0 or high < 0
-    if study_sign == 0:
-        return "differs" if excludes_zero else "no difference found"
     if not excludes_zero:
         return "inconclusive"
+    if study_sign == 0:
+        return "differs"
     return "agrees" if (low > 0) == (study_sign > 0) else "disagrees"
 
 
@@ -192,7 +200,8 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
             betas,
             _mean_over(tables["minority"], betas, ks) - _mean_over(tables["uniform"], betas, ks),
             +1,  # the study: +0.015 on average
-            study("minority - uniform", betas),
+            # its number averages k = 100, 500, 1000: not a number for other k
+            study("minority - uniform", betas) if tuple(ks) == STUDY_KS else None,
         )
     ]
     for k in ks:
@@ -202,6 +211,7 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
                 betas,
                 _mean_over(tables["minority"], betas, [k])
                 - _mean_over(tables["uniform"], betas, [k]),
+                +1 if k in STUDY_KS and k != 100 else None,  # "at every k except 100"
             )
         )
     beta_sets = [betas, *([b] for b in betas)] if len(betas) > 1 else [betas]
@@ -237,6 +247,17 @@ def _without_synthetic_images(final_runs: pd.DataFrame) -> pd.DataFrame:
     return final_runs[(final_runs["imputation"] == "none") | (final_runs[K] == 0)]
 
 
+def _require_one_cell(runs: pd.DataFrame, what: str) -> None:
+    """A :class:`FigureError` when ``runs`` (one arm at one beta) come from several cells:
+    pairing by seed would pair a run with each of them, and a level would mix them."""
+    names = sorted(runs["cell"].unique()) if "cell" in runs else []
+    if len(names) > 1:
+        raise FigureError(
+            f"{what}: {len(names)} cells ({', '.join(names)}); the sweep varies more than "
+            "beta and pretraining, which the finetune claims would average over"
+        )
+
+
 def finetune_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
     """Per beta, paired by seed: fine-tuned - vanilla (the study: better at beta 0.1 and
     0.3, comparable elsewhere) and pretrained - vanilla (the study: worse)."""
@@ -252,6 +273,8 @@ def finetune_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
         tuned = at[at["pretrain"] == "federated"].set_index("seed")
         if vanilla.empty or tuned.empty:
             continue
+        for arm in ("off", "federated"):
+            _require_one_cell(at[at["pretrain"] == arm], f"finetune claims, beta={beta:g}")
         rows.append(
             _summary(
                 "fine-tuned - vanilla",
@@ -320,9 +343,11 @@ def study_levels(final_runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for arm, study_by_beta in STUDY_LEVELS.items():
         for beta, study_value in study_by_beta.items():
-            ours = plain[arms[arm] & np.isclose(plain[BETA], beta)][metric].dropna()
+            runs = plain[arms[arm] & np.isclose(plain[BETA], beta)]
+            ours = runs[metric].dropna()
             if ours.empty:
                 continue
+            _require_one_cell(runs, f"the study's levels, {arm}, beta={beta:g}")
             low, high = interval(ours.to_numpy())
             rows.append(
                 {
@@ -392,6 +417,7 @@ def claims_report(final_runs: pd.DataFrame) -> str:
         "states, where it states one, on the metric it measured (global accuracy for "
         "imputation, global macro-F1 for fine-tuning), with its source, and whether it lies "
         "in our 95 % interval (- : no interval yet, n < 2). verdict: agrees / disagrees "
-        "only when the interval excludes zero; otherwise inconclusive.\n\n"
+        "(differs, where the study found no difference) only when the interval excludes "
+        "zero; otherwise inconclusive.\n\n"
     )
     return legend + "\n".join(sections)

@@ -352,6 +352,11 @@ def finetune_comparison(
             match = table[np.isclose(table[BETA], beta)]
             if match.empty:
                 continue
+            if len(match) > 1:  # e.g. another clf-strategy: not one model's numbers
+                raise FigureError(
+                    f"finetune comparison: {len(match)} cells of the {name} model at "
+                    f"beta={beta:g} ({', '.join(sorted(match['cell'].astype(str)))})"
+                )
             row = match.iloc[0]
             rows.append(
                 {

@@ -31,10 +31,16 @@ from fedaug_flwr.experiments.aggregate import BETA, MODE, FigureError, K
 # check scores the images they make.
 CLASSIFIER_ONLY = ("cell", MODE, K, "minority-rounding", "synthetic-refresh")
 CLASSIFIER_ONLY_PREFIXES = ("clf-", "proximal-", "pretrain", "finetune-")
+# The classifier's keys the check itself trains with (server_work.check_generator_quality):
+# runs that differ in one share a CVAE but not the check's numbers, so they are not one row.
+CHECK_KEYS = ("clf-lr", "clf-weight-decay", "clf-batch-size")
 
 
 def trains_the_cvae(key: str) -> bool:
-    """Whether a run's key can change its CVAE (every key that is not the classifier's)."""
+    """Whether a run's key can change its CVAE or its check (every key that is not the
+    classifier's, and the classifier's keys the check trains with)."""
+    if key in CHECK_KEYS:
+        return True
     return key not in CLASSIFIER_ONLY and not key.startswith(CLASSIFIER_ONLY_PREFIXES)
 
 
