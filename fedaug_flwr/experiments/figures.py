@@ -459,9 +459,11 @@ def cells_markdown(final_cells: pd.DataFrame) -> str:
     legend = (
         "Final numbers per cell, mean +- std over seeds (n runs). Client numbers: mean "
         "over the clients' real test splits (macro-F1 over the labels in truth or "
-        "prediction, and over the labels present in the split). Global: the final global "
-        "model on the data set's test set; its accuracy is the micro-F1 of the study's "
-        "imputation figures, its macro-F1 that of its finetune figure.\n\n"
+        "prediction, and over the labels present in the split). Global: the global model "
+        "on the data set's test set, after the last round (and its accuracy averaged "
+        "over the last 3 rounds); its accuracy is the micro-F1 of the study's imputation "
+        "figures, its macro-F1 that of its finetune figure. A column may rest on fewer "
+        "runs than n where older runs lack it.\n\n"
     )
     return legend + "\n".join(lines) + "\n"
 
