@@ -388,3 +388,15 @@ def require_one_cell_per_point(curve: pd.DataFrame, what: str) -> None:
             "the sweep varies more than beta, imputation and k, which the study's figures "
             "and claims would average over"
         )
+
+
+def require_one_cell(runs: pd.DataFrame, what: str) -> None:
+    """A :class:`FigureError` when ``runs`` (one arm, e.g. the fine-tuned model, at one
+    beta) come from several cells: pairing by seed would pair a run with each of them,
+    and a level or a bar would mix them (e.g. another ``clf-strategy``)."""
+    names = sorted(runs["cell"].astype(str).unique()) if "cell" in runs else []
+    if len(names) > 1:
+        raise FigureError(
+            f"{what}: {len(names)} cells ({', '.join(names)}); the sweep varies more than "
+            "beta and pretraining, which the finetune comparison would average over"
+        )

@@ -31,6 +31,7 @@ from fedaug_flwr.experiments.aggregate import (
     FigureError,
     K,
     imputation_curve,
+    require_one_cell,
     require_one_cell_per_point,
 )
 
@@ -247,17 +248,6 @@ def _without_synthetic_images(final_runs: pd.DataFrame) -> pd.DataFrame:
     return final_runs[(final_runs["imputation"] == "none") | (final_runs[K] == 0)]
 
 
-def _require_one_cell(runs: pd.DataFrame, what: str) -> None:
-    """A :class:`FigureError` when ``runs`` (one arm at one beta) come from several cells:
-    pairing by seed would pair a run with each of them, and a level would mix them."""
-    names = sorted(runs["cell"].unique()) if "cell" in runs else []
-    if len(names) > 1:
-        raise FigureError(
-            f"{what}: {len(names)} cells ({', '.join(names)}); the sweep varies more than "
-            "beta and pretraining, which the finetune claims would average over"
-        )
-
-
 def finetune_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
     """Per beta, paired by seed: fine-tuned - vanilla (the study: better at beta 0.1 and
     0.3, comparable elsewhere) and pretrained - vanilla (the study: worse)."""
@@ -274,7 +264,7 @@ def finetune_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
         if vanilla.empty or tuned.empty:
             continue
         for arm in ("off", "federated"):
-            _require_one_cell(at[at["pretrain"] == arm], f"finetune claims, beta={beta:g}")
+            require_one_cell(at[at["pretrain"] == arm], f"finetune claims, beta={beta:g}")
         rows.append(
             _summary(
                 "fine-tuned - vanilla",
@@ -347,7 +337,7 @@ def study_levels(final_runs: pd.DataFrame) -> pd.DataFrame:
             ours = runs[metric].dropna()
             if ours.empty:
                 continue
-            _require_one_cell(runs, f"the study's levels, {arm}, beta={beta:g}")
+            require_one_cell(runs, f"the study's levels, {arm}, beta={beta:g}")
             low, high = interval(ours.to_numpy())
             rows.append(
                 {

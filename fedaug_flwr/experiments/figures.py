@@ -31,6 +31,7 @@ from fedaug_flwr.experiments.aggregate import (
     Tables,
     imputation_curve,
     is_baseline,
+    require_one_cell,
     require_one_cell_per_point,
     write_tables,
 )
@@ -352,11 +353,7 @@ def finetune_comparison(
             match = table[np.isclose(table[BETA], beta)]
             if match.empty:
                 continue
-            if len(match) > 1:  # e.g. another clf-strategy: not one model's numbers
-                raise FigureError(
-                    f"finetune comparison: {len(match)} cells of the {name} model at "
-                    f"beta={beta:g} ({', '.join(sorted(match['cell'].astype(str)))})"
-                )
+            require_one_cell(match, f"finetune comparison, {name} model at beta={beta:g}")
             row = match.iloc[0]
             rows.append(
                 {

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from fedaug_flwr.experiments.aggregate import BETA, MODE, FigureError, K
+from fedaug_flwr.experiments.aggregate import BETA, MODE, FigureError, K, over_seeds
 
 # What the classifier phase does with a CVAE (the cell's name aside): runs whose keys
 # differ only in these (how many images are imputed and when, the classifier's keys, its
@@ -91,13 +91,15 @@ def _value(row: pd.Series, metric: str, fmt: str) -> str:
 
 def _over_seeds(per_cvae: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """Mean, std and n over seeds of each CVAE's (mean) check, per group of the other keys."""
-    groups = [k for k in keys if k != "seed"]
-    means = [f"{c}-mean" for c, _, _ in COLUMNS if f"{c}-mean" in per_cvae]
-    grouped = per_cvae.groupby(groups, dropna=False, sort=True)
-    stats = grouped[means].agg(["mean", "std"])
-    stats.columns = [f"{metric.removesuffix('-mean')}-{stat}" for metric, stat in stats.columns]
-    stats.insert(0, "n", grouped.size())
-    return stats.reset_index()
+    means = {f"{c}-mean": c for c, _, _ in COLUMNS if f"{c}-mean" in per_cvae}
+    checks = per_cvae[[*keys, *means]].rename(columns=means)
+    return over_seeds(checks, [k for k in keys if k != "seed"])
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table's lines, every column right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
 def _shown_keys(table: pd.DataFrame, keys: Sequence[str]) -> list[str]:
@@ -118,36 +120,36 @@ def generator_quality_markdown(final_runs: pd.DataFrame) -> str:
         "run's training pool (the reference); gap = reference - synthetic. Fréchet distance "
         "and coverage (share of real test images whose ball of 5 nearest real neighbours "
         "holds a synthetic image, per class, mean over classes) in that reference's "
-        "features. Runs that "
-        "differ only in what the classifier does with the synthetic images share a CVAE and "
-        "are one row; where their numbers differ (runs made by different code), the row "
-        "shows the range.",
+        "features. Runs that differ only in what the classifier does with the synthetic "
+        "images share a CVAE and are one row; where their numbers differ (runs made by "
+        "different code), the row shows the range.",
         "",
         "## Per CVAE",
         "",
-        "| " + " | ".join([*shown, "runs", *(h for _, h, _ in columns)]) + " |",
-        "|" + "---:|" * (len(shown) + 1 + len(columns)),
     ]
-    for _, row in per_cvae.iterrows():
-        cells = [_key(row[k]) for k in shown] + [str(int(row["runs"]))]
-        cells += [_value(row, c, f) for c, _, f in columns]
-        lines.append("| " + " | ".join(cells) + " |")
+    rows = [
+        [_key(row[k]) for k in shown]
+        + [str(int(row["runs"]))]
+        + [_value(row, c, f) for c, _, f in columns]
+        for _, row in per_cvae.iterrows()
+    ]
+    lines += _markdown_table([*shown, "runs", *(h for _, h, _ in columns)], rows)
     summary = _over_seeds(per_cvae, keys)
     summary_keys = [k for k in shown if k != "seed"]
-    lines += [
-        "",
-        "## Over seeds (mean +- std over the CVAEs of each seed)",
-        "",
-        "| " + " | ".join([*summary_keys, "seeds", *(h for _, h, _ in columns)]) + " |",
-        "|" + "---:|" * (len(summary_keys) + 1 + len(columns)),
-    ]
+    rows = []
     for _, row in summary.iterrows():
         cells = [_key(row[k]) for k in summary_keys] + [str(int(row["n"]))]
         for column, _, fmt in columns:
             mean, std = row[f"{column}-mean"], row[f"{column}-std"]
             text = "-" if pd.isna(mean) else fmt.format(mean)
             cells.append(text if pd.isna(std) else f"{text} +- {fmt.format(std)}")
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines += [
+        "",
+        "## Over seeds (mean +- std over the CVAEs of each seed)",
+        "",
+        *_markdown_table([*summary_keys, "seeds", *(h for _, h, _ in columns)], rows),
+    ]
     return "\n".join(lines) + "\n"
 
 
