@@ -303,10 +303,18 @@ def test_claims_are_paired_by_seed_then_summarized_over_seeds(imputation_tables)
     assert overall["ci-low"] == pytest.approx(0.030158, abs=1e-5)
     assert overall["ci-high"] == pytest.approx(0.079842, abs=1e-5)
     assert overall["verdict"] == "agrees"
+    # the paired t test: t = 0.055 / (0.01 / sqrt(3)), two-sided with 2 degrees of freedom,
+    # p = 1 - t / sqrt(t^2 + 2); q adjusts it over every comparison of the table
+    t = 0.055 / (0.01 / np.sqrt(3))
+    assert overall["p"] == pytest.approx(1 - t / np.sqrt(t**2 + 2))
+    assert overall["q"] >= overall["p"]
+    assert table["q"].to_list() == pytest.approx(
+        claims.false_discovery_q(table["p"]).to_list(), nan_ok=True
+    )
     text = claims.claims_markdown(table.reset_index(), "test-macro-f1")
     assert (
         "| minority - uniform, mean over betas and k > 0 | 0.1, 10 | +0.0550 | 0.0100 | 3 "
-        "| [+0.0302, +0.0798] | + |  |  | agrees |" in text
+        f"| [+0.0302, +0.0798] | {overall['q']:.3f} | + |  |  | agrees |" in text
     )
 
 
@@ -450,6 +458,23 @@ def test_verdicts_follow_the_interval():
     assert (low, high) == (pytest.approx(0.2 - 12.7062 * 0.1), pytest.approx(0.2 + 12.7062 * 0.1))
 
 
+def test_p_values_follow_the_interval_and_q_values_adjust_them_for_their_number():
+    # two differences 0.1 and 0.3: t = 0.2 / (0.1414 / sqrt(2)) = 2, 1 degree of freedom:
+    # p = 1 - 2 * atan(2) / pi
+    assert claims.p_value([0.1, 0.3]) == pytest.approx(1 - 2 * np.arctan(2) / np.pi)
+    assert np.isnan(claims.p_value([0.1]))
+    assert claims.p_value([0.02, 0.02]) == 0.0 and claims.p_value([0.0, 0.0]) == 1.0
+    # p < 0.05 exactly where the 95 % interval excludes zero
+    for values in ([0.1, 0.3], [0.05, 0.055, 0.06], [-0.02, 0.01, 0.03], [-0.2, -0.21]):
+        low, high = claims.interval(values)
+        assert (claims.p_value(values) < 0.05) == (low > 0 or high < 0)
+    # Benjamini-Hochberg by hand over the 3 finite p values 0.01, 0.03, 0.04:
+    # p * m / rank = 0.03, 0.045, 0.04, each then the least of itself and those above it
+    q = claims.false_discovery_q(pd.Series([0.01, 0.04, np.nan, 0.03]))
+    assert q.to_list() == pytest.approx([0.03, 0.04, np.nan, 0.04], nan_ok=True)
+    assert claims.q_text(0.0004) == "< 0.001" and claims.q_text(np.nan) == "-"
+
+
 def test_averages_over_beta_count_only_seeds_that_have_every_beta(tmp_path):
     spec = imputation_sweep(tmp_path)
     missing = next(
@@ -485,7 +510,9 @@ def test_claims_compare_the_same_cells_when_a_cell_has_no_runs_yet(tmp_path):
     assert by_name.loc[("uniform k = 100 (50%) - no synthetic", "0.1, 10"), "n"] == 3
     text = claims.claims_markdown(table, "test-macro-f1")
     assert "nan" not in text
-    overall = "| minority - uniform, mean over betas and k > 0 | 0.1, 10 | - | - | 0 | - | + |  |"
+    overall = (
+        "| minority - uniform, mean over betas and k > 0 | 0.1, 10 | - | - | 0 | - | - | + |  |"
+    )
     assert overall in text
 
 
@@ -567,11 +594,19 @@ def test_strategy_comparison_pairs_by_seed_and_asks_whether_the_fixes_add_up(tmp
     assert interaction["mean"] == pytest.approx(-0.02) and interaction["std"] == pytest.approx(0.01)
     assert interaction["ci-high"] == pytest.approx(-0.02 + 4.3027 * 0.01 / np.sqrt(3), abs=1e-4)
     assert interaction["verdict"] == "inconclusive"
+    # q: each row's t test adjusted over every comparison of the table
+    assert table["q"].to_list() == pytest.approx(
+        claims.false_discovery_q(table["p"]).to_list(), nan_ok=True
+    )
+    assert interaction["p"] == pytest.approx(claims.p_value([-0.03, -0.01, -0.02]))
     assert cli.main(["plot", str(tmp_path)]) == 0
     assert_png(tmp_path / "figures" / "strategy_comparison.png")
     text = (tmp_path / "figures" / "strategy_comparison.md").read_text()
     assert "| fedprox | 0.650 ± 0.100 (3) | 0.730 ± 0.105 (3) |" in text
-    assert "| fedprox: interaction (do they add up?) | -0.0200 | 0.0100 | 3 |" in text
+    assert (
+        "| fedprox: interaction (do they add up?) | -0.0200 | 0.0100 | 3 | [-0.0448, +0.0048] "
+        f"| {interaction['q']:.3f} | inconclusive |" in text
+    )
     # FedAvg and FedProx share (beta, k): the study's figures are skipped, saying why
     assert "skipped macro_f1_vs_k_minority: test-macro-f1 vs k: 2 cells" in capsys.readouterr().out
 
@@ -596,5 +631,6 @@ def test_imputation_claims_are_checked_on_the_last_rounds_mean(imputation_tables
     # the same paired differences as on the last round, with the study's sign but not its number
     assert (
         "| minority - uniform, mean over betas and k > 0 | 0.1, 10 | +0.0550 | 0.0100 | 3 "
-        "| [+0.0302, +0.0798] | + |  |  | agrees |" in section
+        "| [+0.0302, +0.0798] | " in section
     )
+    assert "| + |  |  | agrees |" in section

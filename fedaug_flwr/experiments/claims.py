@@ -9,6 +9,13 @@ over betas and k) and then summarized over seeds as mean, sample std, n and a
 side, "disagrees" when it excludes zero on the other side, and is
 "inconclusive" when it covers zero (or n < 2).
 
+Each table tests many comparisons at once, so some intervals exclude zero by chance
+alone (about 1 in 20 where nothing differs). Every row also carries its paired t
+test's p value and a q value: Benjamini-Hochberg's adjustment over the table's
+comparisons (``scipy.stats.false_discovery_control``), which keeps the expected share
+of chance findings among those with q < 0.05 at 5 %. A verdict stays with the interval;
+q says whether it survives the table's multiplicity.
+
 Where the study gives a number for a claim, on the metric it measured, the table
 shows it beside ours (``STUDY_NUMBERS``), and :func:`study_levels` sets its final
 macro-F1 levels next to our runs'.
@@ -17,6 +24,7 @@ macro-F1 levels next to our runs'.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -108,6 +116,34 @@ def interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, 
     return float(values.mean() - half), float(values.mean() + half)
 
 
+def p_value(values: Sequence[float]) -> float:
+    """The two-sided p value of the paired t test that the mean difference is zero (NaN
+    for fewer than 2 values): below 0.05 exactly when :func:`interval` excludes zero."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float("nan")
+    if np.ptp(values) == 0:  # no spread: scipy's statistic is undefined, the interval a point
+        return 1.0 if values[0] == 0 else 0.0
+    with warnings.catch_warnings():  # near-equal differences: scipy warns of precision loss
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_1samp(values, 0.0).pvalue)
+
+
+def false_discovery_q(p_values: pd.Series) -> pd.Series:
+    """Benjamini-Hochberg q values over the finite ``p_values`` (NaN stays NaN): one
+    table's comparisons adjusted for their number."""
+    q = pd.Series(float("nan"), index=p_values.index)
+    finite = p_values.notna()
+    if finite.any():
+        q[finite] = stats.false_discovery_control(p_values[finite].to_numpy(), method="bh")
+    return q
+
+
+def with_q(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` (rows with a ``p`` column) with the q values of all of its rows."""
+    return table.assign(q=false_discovery_q(table["p"])) if len(table) else table
+
+
 def direction(low: float, high: float) -> str:
     """What a 95 % interval of a difference supports, with no claim to compare it with:
     ``higher`` / ``lower`` when it excludes zero, else ``inconclusive``."""
@@ -150,6 +186,7 @@ def _summary(
         "n": int(len(values)),
         "ci-low": low,
         "ci-high": high,
+        "p": p_value(values.to_numpy()),
         "study": {None: "", 1: "+", -1: "-", 0: "0"}[study_sign],
         "study-number": float("nan") if study is None else study[0],
         "study-source": "" if study is None else study[1],
@@ -240,7 +277,7 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
                         -1 if mode == "uniform" else +1,
                     )
                 )
-    return pd.DataFrame(rows)
+    return with_q(pd.DataFrame(rows))
 
 
 def _without_synthetic_images(final_runs: pd.DataFrame) -> pd.DataFrame:
@@ -286,7 +323,7 @@ def finetune_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
         )
     if not rows:
         raise FigureError("finetune claims need vanilla and pretrained runs of one beta")
-    return pd.DataFrame(rows)
+    return with_q(pd.DataFrame(rows))
 
 
 def inside(value: float, low: float, high: float) -> str:
@@ -299,12 +336,17 @@ def inside(value: float, low: float, high: float) -> str:
     return "yes" if low <= value <= high else "no"
 
 
+def q_text(q: float) -> str:
+    """A q value for a table: ``-`` where there is none (n < 2)."""
+    return "-" if pd.isna(q) else f"{q:.3f}" if q >= 0.001 else "< 0.001"
+
+
 def claims_markdown(table: pd.DataFrame, metric: str) -> str:
     """A claims table (:func:`imputation_claims`, :func:`finetune_claims`) as Markdown."""
     lines = [
         f"| comparison ({metric}, paired by seed) | beta | mean | std | n | 95 % interval "
-        "| study | study's number | study's number in our interval | verdict |",
-        "|---|---:|---:|---:|---:|---|---|---|---|---|",
+        "| q | study | study's number | study's number in our interval | verdict |",
+        "|---|---:|---:|---:|---:|---|---:|---|---|---|---|",
     ]
     for row in table.to_dict("records"):
         mean = "-" if pd.isna(row["mean"]) else f"{row['mean']:+.4f}"
@@ -315,7 +357,8 @@ def claims_markdown(table: pd.DataFrame, metric: str) -> str:
         within = inside(number, row["ci-low"], row["ci-high"])
         lines.append(
             f"| {row['comparison']} | {row['betas']} | {mean} | {std} | {row['n']} "
-            f"| {ci} | {row['study']} | {cited} | {within} | {row['verdict']} |"
+            f"| {ci} | {q_text(row['q'])} | {row['study']} | {cited} | {within} "
+            f"| {row['verdict']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -408,6 +451,8 @@ def claims_report(final_runs: pd.DataFrame) -> str:
         "imputation, global macro-F1 for fine-tuning), with its source, and whether it lies "
         "in our 95 % interval (- : no interval yet, n < 2). verdict: agrees / disagrees "
         "(differs, where the study found no difference) only when the interval excludes "
-        "zero; otherwise inconclusive.\n\n"
+        "zero; otherwise inconclusive. q: the paired t test's p value adjusted over the "
+        "table's comparisons (Benjamini-Hochberg); an interval that excludes zero with "
+        "q >= 0.05 may be one of the chance findings expected among so many comparisons.\n\n"
     )
     return legend + "\n".join(sections)

@@ -12,7 +12,9 @@ summarized over seeds with a 95 % t interval (:func:`fedaug_flwr.experiments.cla
   the interaction; an interval that covers zero finds no departure from adding up, one
   below zero says the two fixes overlap (together less than the sum of their gains).
 
-An interval that covers zero is reported as inconclusive.
+An interval that covers zero is reported as inconclusive. Every row also carries the
+q value of its paired t test, adjusted over all of the table's comparisons
+(:func:`fedaug_flwr.experiments.claims.with_q`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fedaug_flwr.experiments.aggregate import BETA, F1, FigureError, K, is_baseline
-from fedaug_flwr.experiments.claims import direction, interval
+from fedaug_flwr.experiments.claims import direction, interval, p_value, q_text, with_q
 
 STRATEGY = "clf-strategy"
 DATASET = "dataset"
@@ -91,6 +93,7 @@ def _paired(name: str, differences: pd.Series, where: dict) -> dict | None:
         "n": len(differences),
         "ci-low": low,
         "ci-high": high,
+        "p": p_value(differences.to_list()),
         "verdict": direction(low, high),
     }
 
@@ -123,7 +126,7 @@ def comparisons(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
             )
         where = {DATASET: dataset, BETA: beta}
         rows.extend(row for name, d in pairs if (row := _paired(name, d, where)) is not None)
-    return pd.DataFrame(rows)
+    return with_q(pd.DataFrame(rows))
 
 
 def comparison_markdown(final_runs: pd.DataFrame, metric: str = F1) -> str:
@@ -152,10 +155,12 @@ def comparison_markdown(final_runs: pd.DataFrame, metric: str = F1) -> str:
         lines.append("")
     lines += [
         "Paired by seed; 95 % t interval of the mean difference; an interval that covers "
-        "zero is inconclusive.",
+        "zero is inconclusive. q: the paired t test's p value adjusted over all of this "
+        "table's comparisons (Benjamini-Hochberg); an interval that excludes zero with "
+        "q >= 0.05 may be a chance finding among so many comparisons.",
         "",
-        "| data set | beta | comparison | mean | std | n | 95 % interval | verdict |",
-        "| --- | ---: | --- | ---: | ---: | ---: | --- | --- |",
+        "| data set | beta | comparison | mean | std | n | 95 % interval | q | verdict |",
+        "| --- | ---: | --- | ---: | ---: | ---: | --- | ---: | --- |",
     ]
     for _, row in comparisons(final_runs, metric).iterrows():
         span = (
@@ -164,7 +169,7 @@ def comparison_markdown(final_runs: pd.DataFrame, metric: str = F1) -> str:
         std = "–" if math.isnan(row["std"]) else f"{row['std']:.4f}"
         lines.append(
             f"| {row[DATASET]} | {row[BETA]:g} | {row['comparison']} | {row['mean']:+.4f} | "
-            f"{std} | {row['n']} | {span} | {row['verdict']} |"
+            f"{std} | {row['n']} | {span} | {q_text(row['q'])} | {row['verdict']} |"
         )
     return "\n".join(lines) + "\n"
 
