@@ -215,6 +215,31 @@ def test_cells_table_gives_each_cells_mean_and_std_over_seeds(imputation_tables)
         figures.cells_markdown(imputation_tables.final_cells.iloc[:0])
 
 
+def test_runs_table_gives_each_runs_metric_after_every_classifier_round(imputation_tables):
+    rounds_runs = imputation_tables.rounds_runs
+    text = figures.runs_markdown(rounds_runs)
+    lines = text.splitlines()
+    assert lines[2] == "| cell | seed | 1 | 2 |"  # the fixture's runs have 2 rounds
+    classifier = rounds_runs[rounds_runs["phase"] == "classifier"]
+    first = classifier.iloc[0]
+    run = classifier[(classifier["cell"] == first["cell"]) & (classifier["seed"] == first["seed"])]
+    accuracy = run.set_index("round")["global-test-accuracy"]
+    assert (
+        f"| {first['cell']} | {int(first['seed'])} | {accuracy[1]:.3f} | {accuracy[2]:.3f} |"
+        in lines
+    )
+    assert len([line for line in lines if line.startswith("| dirichlet")]) == len(
+        classifier.groupby(["cell", "seed"])
+    )
+    # a run that stopped after round 1 has no round 2
+    shorter = rounds_runs.drop(run.index[run["round"] == 2])
+    assert f"| {first['cell']} | {int(first['seed'])} | {accuracy[1]:.3f} | - |" in (
+        figures.runs_markdown(shorter)
+    )
+    with pytest.raises(figures.FigureError, match="no classifier round"):
+        figures.runs_markdown(rounds_runs[rounds_runs["phase"] == "cvae"])
+
+
 def test_table1_markdown(finetune_tables):
     text = figures.table1_markdown(finetune_tables.final_runs)
     lines = text.strip().splitlines()
@@ -240,6 +265,7 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "generator_quality.md",
                 "generator_quality.png",
                 "cells.md",
+                "runs.md",
                 "macro_f1_vs_k_uniform.png",
                 "macro_f1_vs_k_minority.png",
                 "macro_f1_vs_k_averaged.png",
@@ -266,6 +292,7 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "table1.md",
                 "claims.md",
                 "cells.md",
+                "runs.md",
                 "generator_quality.md",
                 "generator_quality.png",
             },

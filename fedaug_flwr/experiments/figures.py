@@ -465,6 +465,29 @@ def cells_markdown(final_cells: pd.DataFrame) -> str:
     return legend + "\n".join(lines) + "\n"
 
 
+def runs_markdown(rounds_runs: pd.DataFrame, metric: str = "global-test-accuracy") -> str:
+    """``metric`` after every classifier round, one row per run (cell, seed) in the
+    tables' order: the curve of each run, where a mean over seeds hides one run's swings."""
+    _require(rounds_runs, ["cell", "seed", "phase", "round", metric], "runs table")
+    table = rounds_runs[rounds_runs["phase"] == "classifier"].dropna(subset=[metric])
+    if table.empty:
+        raise FigureError(f"runs table: no classifier round with {metric} yet")
+    rounds = sorted(int(r) for r in table["round"].unique())
+    lines = [
+        "| cell | seed | " + " | ".join(str(r) for r in rounds) + " |",
+        "|---|---:|" + "---:|" * len(rounds),
+    ]
+    for (cell, seed), run in table.groupby(["cell", "seed"], sort=False):
+        by_round = dict(zip(run["round"].astype(int), run[metric], strict=True))
+        values = ["-" if r not in by_round else f"{by_round[r]:.3f}" for r in rounds]
+        lines.append(f"| {cell} | {int(seed)} | " + " | ".join(values) + " |")
+    legend = (
+        f"{metric} after each classifier round (columns: rounds), one row per run; "
+        "- : no such round in that run.\n\n"
+    )
+    return legend + "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------- all at once
 
 
@@ -560,6 +583,12 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
         return write_atomic(out / "cells.md", lambda tmp: tmp.write_text(text))
 
     attempt("cells", cells)
+
+    def runs() -> Path:
+        text = runs_markdown(tables.rounds_runs)
+        return write_atomic(out / "runs.md", lambda tmp: tmp.write_text(text))
+
+    attempt("runs", runs)
 
     def claims() -> Path:
         text = claims_report(tables.final_runs)
