@@ -273,8 +273,10 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "global_accuracy_vs_k_minority.png",
                 "global_accuracy_vs_k_averaged.png",
                 "claims.md",
+                "claims_imputation.png",
             },
             [
+                "claims_finetuning",
                 "finetune_comparison",
                 "finetune_comparison_global",
                 "table1",
@@ -291,6 +293,7 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "finetune_comparison_global.png",
                 "table1.md",
                 "claims.md",
+                "claims_finetuning.png",
                 "cells.md",
                 "runs.md",
                 "generator_quality.md",
@@ -300,6 +303,7 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "macro_f1_vs_k_uniform",
                 "global_accuracy_vs_k_uniform",
                 "global_accuracy_per_round",
+                "claims_imputation",
                 "progress",
             ],
         ),
@@ -500,6 +504,44 @@ def test_p_values_follow_the_interval_and_q_values_adjust_them_for_their_number(
     q = claims.false_discovery_q(pd.Series([0.01, 0.04, np.nan, 0.03]))
     assert q.to_list() == pytest.approx([0.03, 0.04, np.nan, 0.04], nan_ok=True)
     assert claims.q_text(0.0004) == "< 0.001" and claims.q_text(np.nan) == "-"
+
+
+def test_claims_forest_plot_draws_each_interval_in_the_colour_of_what_it_supports(
+    imputation_tables,
+):
+    from matplotlib.colors import to_rgba
+
+    table = claims.imputation_claims(imputation_tables.final_runs)
+    figure = claims.plot_claims({"test-macro-f1": table, "again": table}, "Imputation")
+    axis = figure.axes[0]
+    labels = [label.get_text() for label in axis.get_yticklabels()]
+    assert labels[0] == "minority - uniform, mean over betas and k > 0, beta 0.1, 10  [study: +]"
+
+    def drawn_at(row: int) -> list:
+        return [line for line in axis.get_lines() if list(line.get_ydata()) in ([row], [row, row])]
+
+    # the overall row agrees with the study (interval [+0.030, +0.080]): a green interval
+    overall = table.iloc[0]
+    interval_line, point = drawn_at(0)
+    assert list(interval_line.get_xdata()) == pytest.approx([overall["ci-low"], overall["ci-high"]])
+    assert to_rgba(interval_line.get_color()) == to_rgba("tab:green")
+    filled = overall["q"] < 0.05
+    assert (to_rgba(point.get_markerfacecolor()) == to_rgba("tab:green")) == filled
+    # a row whose interval covers zero is grey
+    covers = table.index[(table["n"] >= 2) & (table["ci-low"] < 0) & (table["ci-high"] > 0)]
+    assert len(covers)
+    grey_line, grey_point = drawn_at(int(covers[0]))
+    assert to_rgba(grey_line.get_color()) == to_rgba("tab:gray")
+    # ... and open: its p value, so its q, is at least 0.05
+    assert to_rgba(grey_point.get_markerfacecolor()) == to_rgba("white")
+    # a comparison of one seed is a cross, without an interval
+    one = claims.imputation_claims(
+        imputation_tables.final_runs[imputation_tables.final_runs["seed"] == 0]
+    )
+    lines = claims.plot_claims({"m": one}, "Imputation").axes[0].get_lines()
+    assert {line.get_marker() for line in lines} == {"x", "None"}  # crosses and the zero line
+    with pytest.raises(claims.FigureError, match="different rows"):
+        claims.plot_claims({"a": table, "b": table.iloc[:3]}, "Imputation")
 
 
 def test_averages_over_beta_count_only_seeds_that_have_every_beta(tmp_path):

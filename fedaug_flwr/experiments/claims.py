@@ -29,6 +29,8 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from scipy import stats
 
 from fedaug_flwr.experiments.aggregate import (
@@ -417,20 +419,34 @@ def study_levels_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def claims_report(final_runs: pd.DataFrame) -> str:
-    """Every claim the runs support, on the clients' macro-F1 and on the metric the
-    study's figures plot (global accuracy for imputation, global macro-F1 for the
-    finetune comparison)."""
-    sections = []
-    for title, build, metrics in (
-        ("Imputation", imputation_claims, (F1, IMPUTATION_FIGURE_METRIC, LAST_ROUNDS_METRIC)),
-        ("Fine-tuning", finetune_claims, (F1, FINETUNE_FIGURE_METRIC)),
-    ):
+# The claim sets of the report and the metrics each is computed on.
+CLAIM_SETS = (
+    ("Imputation", imputation_claims, (F1, IMPUTATION_FIGURE_METRIC, LAST_ROUNDS_METRIC)),
+    ("Fine-tuning", finetune_claims, (F1, FINETUNE_FIGURE_METRIC)),
+)
+
+
+def claim_tables(final_runs: pd.DataFrame) -> dict[str, dict[str, pd.DataFrame]]:
+    """Every claims table the runs support: ``{"Imputation": {metric: table}, ...}``, a set
+    or metric left out where its runs or columns are missing."""
+    found: dict[str, dict[str, pd.DataFrame]] = {}
+    for title, build, metrics in CLAIM_SETS:
         for metric in metrics:
             try:
                 table = build(final_runs, metric)
             except (FigureError, KeyError):
                 continue
+            found.setdefault(title, {})[metric] = table
+    return found
+
+
+def claims_report(final_runs: pd.DataFrame) -> str:
+    """Every claim the runs support, on the clients' macro-F1 and on the metric the
+    study's figures plot (global accuracy for imputation, global macro-F1 for the
+    finetune comparison)."""
+    sections = []
+    for title, tables in claim_tables(final_runs).items():
+        for metric, table in tables.items():
             note = LAST_ROUNDS_NOTE if metric == LAST_ROUNDS_METRIC else ""
             sections.append(f"## {title}: {metric}\n\n{note}{claims_markdown(table, metric)}")
     try:
@@ -456,3 +472,91 @@ def claims_report(final_runs: pd.DataFrame) -> str:
         "q >= 0.05 may be one of the chance findings expected among so many comparisons.\n\n"
     )
     return legend + "\n".join(sections)
+
+
+# The forest plot's colours: what an interval supports.
+OUTCOME_COLOURS = {
+    "agrees": "tab:green",
+    "disagrees": "tab:red",
+    "differs": "tab:red",
+    "excludes zero": "tab:blue",  # no claim of the study to compare with
+    "covers zero": "tab:gray",
+}
+# Differences of F1 or accuracy beyond this are not drawn to scale: an interval of two
+# seeds can span more than the metric's whole range.
+PLOT_LIMIT = 0.5
+
+
+def _outcome(row: dict) -> str:
+    if row["n"] < 2 or not (row["ci-low"] > 0 or row["ci-high"] < 0):
+        return "covers zero"
+    return row["verdict"] if row["verdict"] in OUTCOME_COLOURS else "excludes zero"
+
+
+def plot_claims(tables: dict[str, pd.DataFrame], title: str) -> Figure:
+    """A forest plot of one claim set (:func:`claim_tables`), one panel per metric: each
+    comparison's mean paired difference with its 95 % interval, coloured by what the
+    interval supports; filled where q < 0.05, open where not; a cross for one seed.
+    The study's sign stands in the row's label."""
+    if not tables:
+        raise FigureError(f"{title} claims: no table to draw")
+    first = next(iter(tables.values()))
+    labels = [
+        f"{row['comparison']}, beta {row['betas']}"
+        + (f"  [study: {row['study']}]" if row["study"] else "")
+        for row in first.to_dict("records")
+    ]
+    figure = Figure(figsize=(3.2 * len(tables) + 5.0, 0.26 * len(labels) + 1.4))
+    axes = figure.subplots(1, len(tables), sharey=True, squeeze=False)[0]
+    for axis, (metric, table) in zip(axes, tables.items(), strict=True):
+        if len(table) != len(labels):
+            raise FigureError(f"{title} claims: the metrics' tables have different rows")
+        axis.axvline(0.0, color="black", linewidth=0.8)
+        for i, row in enumerate(table.to_dict("records")):
+            if row["n"] == 0:
+                continue
+            mean = float(np.clip(row["mean"], -PLOT_LIMIT, PLOT_LIMIT))
+            if row["n"] < 2:
+                axis.plot(mean, i, "x", color="tab:gray", markersize=5)
+                continue
+            colour = OUTCOME_COLOURS[_outcome(row)]
+            low, high = (
+                float(np.clip(v, -PLOT_LIMIT, PLOT_LIMIT)) for v in (row["ci-low"], row["ci-high"])
+            )
+            axis.plot([low, high], [i, i], color=colour, linewidth=1.5)
+            for end, bound, marker in ((low, row["ci-low"], "<"), (high, row["ci-high"], ">")):
+                if abs(bound) > PLOT_LIMIT:  # the interval goes on past the axis
+                    axis.plot(end, i, marker, color=colour, markersize=4)
+            filled = pd.notna(row["q"]) and row["q"] < 0.05
+            axis.plot(
+                mean,
+                i,
+                "o",
+                color=colour,
+                markersize=5,
+                markerfacecolor=colour if filled else "white",
+            )
+        axis.set_xlim(-PLOT_LIMIT * 1.05, PLOT_LIMIT * 1.05)
+        axis.set_title(metric, fontsize=9)
+        axis.set_xlabel("difference, paired by seed")
+        axis.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(labels)), labels, fontsize=7)
+    axes[0].invert_yaxis()
+    handles = [
+        Line2D([], [], color=c, marker="o", linestyle="-", label=name)
+        for name, c in OUTCOME_COLOURS.items()
+        if name != "differs"
+    ] + [Line2D([], [], color="tab:gray", marker="x", linestyle="", label="one seed")]
+    figure.legend(
+        handles=handles,
+        loc="upper center",
+        ncol=len(handles),
+        fontsize=7,
+        bbox_to_anchor=(0.5, 1.0),
+    )
+    figure.suptitle(
+        f"{title}: mean difference and 95 % interval (filled: q < 0.05 over the table)",
+        y=1.04,
+        fontsize=10,
+    )
+    return figure

@@ -36,7 +36,7 @@ from fedaug_flwr.experiments.aggregate import (
     write_tables,
 )
 from fedaug_flwr.experiments.campaign import campaign_progress
-from fedaug_flwr.experiments.claims import claims_report
+from fedaug_flwr.experiments.claims import CLAIM_SETS, claim_tables, claims_report, plot_claims
 from fedaug_flwr.experiments.generators import generator_quality_markdown, plot_generator_quality
 from fedaug_flwr.experiments.runner import read_spec, run_dir
 from fedaug_flwr.experiments.strategies import comparison_markdown, plot_strategy_comparison
@@ -595,6 +595,16 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
         return write_atomic(out / "claims.md", lambda tmp: tmp.write_text(text))
 
     attempt("claims", claims)
+    claim_sets = claim_tables(tables.final_runs)
+    for title, _, _ in CLAIM_SETS:
+        name = f"claims_{title.lower().replace('-', '')}"
+
+        def forest(title: str = title, name: str = name) -> Path:
+            if title not in claim_sets:
+                raise FigureError(f"{title.lower()} claims: no comparison from these runs")
+            return save_figure(plot_claims(claim_sets[title], title), out / f"{name}.png")
+
+        attempt(name, forest)
 
     def generator_quality() -> Path:
         text = generator_quality_markdown(tables.final_runs)  # raises first without checks
