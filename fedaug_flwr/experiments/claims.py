@@ -506,7 +506,9 @@ def plot_claims(tables: dict[str, pd.DataFrame], title: str) -> Figure:
         + (f"  [study: {row['study']}]" if row["study"] else "")
         for row in first.to_dict("records")
     ]
-    figure = Figure(figsize=(3.2 * len(tables) + 5.0, 0.26 * len(labels) + 1.4))
+    figure = Figure(
+        figsize=(3.2 * len(tables) + 5.0, 0.26 * len(labels) + 2.0), layout="constrained"
+    )
     axes = figure.subplots(1, len(tables), sharey=True, squeeze=False)[0]
     for axis, (metric, table) in zip(axes, tables.items(), strict=True):
         if len(table) != len(labels):
@@ -542,21 +544,15 @@ def plot_claims(tables: dict[str, pd.DataFrame], title: str) -> Figure:
         axis.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(labels)), labels, fontsize=7)
     axes[0].invert_yaxis()
+    names = {"disagrees": "disagrees / differs"}
     handles = [
-        Line2D([], [], color=c, marker="o", linestyle="-", label=name)
+        Line2D([], [], color=c, marker="o", linestyle="-", label=names.get(name, name))
         for name, c in OUTCOME_COLOURS.items()
         if name != "differs"
     ] + [Line2D([], [], color="tab:gray", marker="x", linestyle="", label="one seed")]
-    figure.legend(
-        handles=handles,
-        loc="upper center",
-        ncol=len(handles),
-        fontsize=7,
-        bbox_to_anchor=(0.5, 1.0),
-    )
+    figure.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7)
     figure.suptitle(
         f"{title}: mean difference and 95 % interval (filled: q < 0.05 over the table)",
-        y=1.04,
         fontsize=10,
     )
     return figure
