@@ -18,7 +18,8 @@ q says whether it survives the table's multiplicity.
 
 Where the study gives a number for a claim, on the metric it measured, the table
 shows it beside ours (``STUDY_NUMBERS``), and :func:`study_levels` sets its final
-macro-F1 levels next to our runs'.
+macro-F1 levels next to our runs'. :func:`plot_claims` draws a claim set's tables as
+a forest plot.
 """
 
 from __future__ import annotations
