@@ -607,13 +607,24 @@ def test_privacy_tradeoff_pairs_each_budget_with_the_no_dp_run_of_its_seed(tmp_p
     assert table.loc["∞ (no DP)", "test-macro-f1-vs-none-diff-mean"] == pytest.approx(0.35 / 3)
     assert table.loc["no synthetic images", "runs"] == 3
     assert table.loc["no synthetic images", "test-macro-f1-mean"] == pytest.approx(0.5833, 1e-3)
+    # q: every difference of the table is one family, 3 compared numbers + the one
+    # against no synthetic images at budgets 8 and 1, that one alone at no DP: 9
+    p_values = table[[c for c in table if c.endswith("-diff-p")]].stack().dropna()
+    assert len(p_values) == 9
+    assert tight["test-macro-f1-diff-p"] == pytest.approx(claims.p_value([-0.2, -0.25, -0.15]))
+    q = claims.false_discovery_q(p_values)
+    assert tight["test-macro-f1-diff-q"] == pytest.approx(q[("1", "test-macro-f1-diff-p")])
+    assert table.loc["∞ (no DP)", "test-macro-f1-vs-none-diff-q"] == pytest.approx(
+        q[("∞ (no DP)", "test-macro-f1-vs-none-diff-p")]
+    )
     text = tradeoff.tradeoff_markdown(write_tables(tmp_path).final_runs)
-    assert f"-0.200 [{-0.2 - half:+.3f}, {-0.2 + half:+.3f}], n=3: lower" in text
+    tight_q = claims.q_text(tight["test-macro-f1-diff-q"])
+    assert f"-0.200 [{-0.2 - half:+.3f}, {-0.2 + half:+.3f}], n=3, q {tight_q}: lower" in text
     # budget 8: -0.02, -0.01, -0.03: the interval [-0.045, +0.005] covers zero
-    assert "-0.020 [-0.045, +0.005], n=3: inconclusive" in text
+    assert "-0.020 [-0.045, +0.005], n=3, q " in text and ": inconclusive" in text
     assert "| ∞ (no DP) | 3 | – |" in text and "0.050 ± 0.000 (0.050)" in text
     assert "| no synthetic images | 3 | – | – |" in text
-    assert "-0.083 [-0.155, -0.012], n=3: lower |" in text  # budget 1 against none
+    assert "-0.083 [-0.155, -0.012], n=3, q " in text  # budget 1 against none
 
 
 def test_privacy_tradeoff_is_drawn_for_a_budget_sweep_only(tmp_path, capsys):
@@ -624,7 +635,7 @@ def test_privacy_tradeoff_is_drawn_for_a_budget_sweep_only(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "skipped macro_f1_vs_k_minority: test-macro-f1 vs k: 3 cells at beta=" in stdout
     assert "skipped macro_f1_vs_k_averaged: average over beta: 3 cells" in stdout
-    assert "n=3: lower" in (tmp_path / "privacy" / "figures" / "privacy_tradeoff.md").read_text()
+    assert ": lower" in (tmp_path / "privacy" / "figures" / "privacy_tradeoff.md").read_text()
     imputation_sweep(tmp_path / "plain")
     with pytest.raises(tradeoff.FigureError, match="needs a sweep over cvae-dp-epsilon"):
         tradeoff.tradeoff_table(write_tables(tmp_path / "plain").final_runs)

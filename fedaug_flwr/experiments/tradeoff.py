@@ -9,7 +9,9 @@ the same classifier trained on real images), the memorization audit's flagged sh
 (beside its chance level), the membership attacks' AUC (0.5 = nothing learned) and the
 clients' final macro-F1. The table adds each budget's paired difference from the no-DP
 runs of the same seed (same partition, same initial models) with a 95 % t interval; an
-interval that covers zero is reported as inconclusive. Runs of the sweep without
+interval that covers zero is reported as inconclusive, and each difference carries the
+q value of its paired t test, adjusted over all of the table's differences
+(:func:`fedaug_flwr.experiments.claims.false_discovery_q`). Runs of the sweep without
 synthetic images (``imputation = "none"`` or k = 0: no CVAE) are the reference: every
 budget's macro-F1 is also compared with theirs, seed by seed, and the figure draws their
 mean.
@@ -24,7 +26,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from fedaug_flwr.experiments.aggregate import F1, MODE, FigureError, K, is_baseline
-from fedaug_flwr.experiments.claims import direction, interval
+from fedaug_flwr.experiments.claims import direction, false_discovery_q, interval, p_value, q_text
 
 BUDGET = "budget"
 NO_SYNTHETIC = "no synthetic images"
@@ -118,7 +120,21 @@ def tradeoff_table(final_runs: pd.DataFrame) -> pd.DataFrame:
         reference = {BUDGET: NO_SYNTHETIC, "runs": len(none), f"{F1}-mean": none[F1].mean()}
         reference[f"{F1}-std"] = float(none[F1].std()) if len(none) > 1 else math.nan
         rows.append(reference)
-    return pd.DataFrame(rows)
+    return _with_q(pd.DataFrame(rows))
+
+
+def _with_q(table: pd.DataFrame) -> pd.DataFrame:
+    """Each ``<name>-diff-p`` column's q value (``<name>-diff-q``), adjusted over every
+    difference of the table: all budgets and all compared numbers are one family."""
+    p_columns = [c for c in table if c.endswith("-diff-p")]
+    if not p_columns:
+        return table
+    stacked = table[p_columns].stack()  # NaN where a row has no such difference: no test
+    q = false_discovery_q(stacked).unstack()
+    for column in p_columns:
+        q_column = column.removesuffix("-p") + "-q"
+        table[q_column] = q[column] if column in q else math.nan
+    return table
 
 
 def _paired_into(row: dict, name: str, pairs: pd.Series) -> None:
@@ -128,6 +144,7 @@ def _paired_into(row: dict, name: str, pairs: pd.Series) -> None:
     row[f"{name}-diff-mean"] = float(differences.mean()) if len(differences) else math.nan
     row[f"{name}-diff-low"], row[f"{name}-diff-high"] = low, high
     row[f"{name}-diff-n"] = len(differences)
+    row[f"{name}-diff-p"] = p_value(differences.to_list())
 
 
 def tradeoff_markdown(final_runs: pd.DataFrame) -> str:
@@ -169,7 +186,8 @@ def tradeoff_markdown(final_runs: pd.DataFrame) -> str:
         "",
         "Paired differences (same seed), mean and 95 % t interval: from the runs without DP"
         + (f"; in the last column from the runs with {NO_SYNTHETIC}" if VS_NONE in compared else "")
-        + ":",
+        + "; q: the paired t test's p value adjusted over every difference of this table "
+        "(Benjamini-Hochberg):",
         "",
         "| budget epsilon | " + " | ".join(compared.values()) + " |",
         "| --- | " + " | ".join("---" for _ in compared) + " |",
@@ -188,7 +206,9 @@ def _difference(row: pd.Series, name: str) -> str:
         return "–"
     low, high = row[f"{name}-diff-low"], row[f"{name}-diff-high"]
     span = "" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"
-    return f"{mean:+.3f}{span}, n={int(row[f'{name}-diff-n'])}: {direction(low, high)}"
+    q = row.get(f"{name}-diff-q", math.nan)
+    adjusted = "" if pd.isna(q) else f", q {q_text(q)}"
+    return f"{mean:+.3f}{span}, n={int(row[f'{name}-diff-n'])}{adjusted}: {direction(low, high)}"
 
 
 def plot_privacy_tradeoff(final_runs: pd.DataFrame) -> Figure:
