@@ -544,6 +544,34 @@ def test_claims_forest_plot_draws_each_interval_in_the_colour_of_what_it_support
         claims.plot_claims({"a": table, "b": table.iloc[:3]}, "Imputation")
 
 
+def test_every_metrics_claims_table_has_the_same_rows_for_the_forest_plots_labels(
+    imputation_tables,
+):
+    """A metric missing at one k (e.g. an older run without it) leaves that k's rows
+    empty (n = 0) instead of dropping them: the forest plot labels every panel's rows with
+    the first table's, so the rows must be the same comparisons in the same order."""
+    final_runs = imputation_tables.final_runs
+    more = final_runs[final_runs["num-synthetic"] == 100].copy()
+    more["num-synthetic"] = 1000
+    more["cell"] = more["cell"].str.replace("100", "1000")
+    final_runs = pd.concat([final_runs, more], ignore_index=True)
+    final_runs.loc[final_runs["num-synthetic"] == 100, "test-macro-f1"] = np.nan
+    final_runs.loc[final_runs["num-synthetic"] == 1000, "global-test-accuracy"] = np.nan
+    tables = claims.claim_tables(final_runs)["Imputation"]
+    f1, accuracy = tables["test-macro-f1"], tables["global-test-accuracy"]
+    keys = ["comparison", "betas"]
+    assert f1[keys].equals(accuracy[keys])
+    # on accuracy every comparison with k = 1000 (also the mean over every k > 0) is empty
+    with_1000 = accuracy["comparison"].str.contains("1000|k > 0")
+    assert with_1000.any() and (accuracy.loc[with_1000, "n"] == 0).all()
+    assert (accuracy.loc[~with_1000, "n"] == 3).all()
+    claims.plot_claims(tables, "Imputation")
+    # tables of the same length whose rows differ would be drawn under the wrong labels
+    other = f1.assign(comparison=f1["comparison"].str.replace("1000", "500"))
+    with pytest.raises(claims.FigureError, match="different rows"):
+        claims.plot_claims({"a": f1, "b": other}, "Imputation")
+
+
 def test_averages_over_beta_count_only_seeds_that_have_every_beta(tmp_path):
     spec = imputation_sweep(tmp_path)
     missing = next(

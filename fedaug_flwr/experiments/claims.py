@@ -225,9 +225,10 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
     if any(not (table.columns.get_level_values(K) > 0).any() for table in tables.values()):
         raise FigureError("imputation claims need runs of both uniform and minority imputation")
     betas = sorted(final_runs[BETA].unique())
-    ks = sorted(
-        {k for table in tables.values() for k in table.columns.get_level_values(K) if k > 0}
-    )
+    # every k that has runs, also where this metric has no value (n = 0 there): each
+    # metric's table then has the same rows, which the forest plot's labels rely on
+    curves = (imputation_curve(final_runs, mode) for mode in IMPUTATION_MODES)
+    ks = sorted({int(k) for curve in curves for k in curve[K] if k > 0})
     share = final_runs.groupby(K)["synthetic-fraction"].mean()
 
     def study(comparison: str, beta_set: Sequence[float]) -> tuple[float, str] | None:
@@ -511,8 +512,9 @@ def plot_claims(tables: dict[str, pd.DataFrame], title: str) -> Figure:
         figsize=(3.2 * len(tables) + 5.0, 0.26 * len(labels) + 2.0), layout="constrained"
     )
     axes = figure.subplots(1, len(tables), sharey=True, squeeze=False)[0]
+    keys = ["comparison", "betas"]
     for axis, (metric, table) in zip(axes, tables.items(), strict=True):
-        if len(table) != len(labels):
+        if not table[keys].reset_index(drop=True).equals(first[keys].reset_index(drop=True)):
             raise FigureError(f"{title} claims: the metrics' tables have different rows")
         axis.axvline(0.0, color="black", linewidth=0.8)
         for i, row in enumerate(table.to_dict("records")):
