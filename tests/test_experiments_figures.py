@@ -506,6 +506,19 @@ def test_p_values_follow_the_interval_and_q_values_adjust_them_for_their_number(
     assert claims.q_text(0.0004) == "< 0.001" and claims.q_text(np.nan) == "-"
 
 
+def test_the_declared_scipy_has_the_false_discovery_control_that_q_values_use():
+    """scipy.stats.false_discovery_control came with scipy 1.11: an older scipy that the
+    project's dependencies admit would fail at the first claims table."""
+    import re
+    import tomllib
+
+    with open(Path(__file__).parents[1] / "pyproject.toml", "rb") as handle:
+        dependencies = tomllib.load(handle)["project"]["dependencies"]
+    (scipy,) = [d for d in dependencies if re.match(r"scipy\b", d)]
+    lowest = tuple(int(n) for n in re.search(r">=\s*([\d.]+)", scipy).group(1).split("."))
+    assert lowest >= (1, 11), scipy
+
+
 def test_claims_forest_plot_draws_each_interval_in_the_colour_of_what_it_supports(
     imputation_tables,
 ):
