@@ -13,8 +13,10 @@ Each table tests many comparisons at once, so some intervals exclude zero by cha
 alone (about 1 in 20 where nothing differs). Every row also carries its paired t
 test's p value and a q value: Benjamini-Hochberg's adjustment over the table's
 comparisons (``scipy.stats.false_discovery_control``), which keeps the expected share
-of chance findings among those with q < 0.05 at 5 %. A verdict stays with the interval;
-q says whether it survives the table's multiplicity.
+of chance findings among those with q < 0.05 at 5 % for independent or positively
+dependent tests (a table's comparisons share seeds and runs, so it is a guide, not a
+guarantee). A verdict stays with the interval; q says whether it survives the table's
+multiplicity.
 
 Where the study gives a number for a claim, on the metric it measured, the table
 shows it beside ours (``STUDY_NUMBERS``), and :func:`study_levels` sets its final
