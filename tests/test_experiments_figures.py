@@ -316,6 +316,10 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
             assert_png(tmp_path / name / "figures" / png)
         for figure in skipped:
             assert f"skipped {figure}:" in stdout
+        if name == "sweep":  # a skipped forest plot says why its claims cannot be computed
+            assert "skipped claims_finetuning: finetune claims need column(s)" in stdout
+        else:
+            assert "skipped claims_imputation: imputation claims need" in stdout
         assert (tmp_path / name / "tables" / "final_cells.csv").is_file()
 
 

@@ -430,17 +430,24 @@ CLAIM_SETS = (
 )
 
 
-def claim_tables(final_runs: pd.DataFrame) -> dict[str, dict[str, pd.DataFrame]]:
+def claim_tables(
+    final_runs: pd.DataFrame, why_not: dict[str, str] | None = None
+) -> dict[str, dict[str, pd.DataFrame]]:
     """Every claims table the runs support: ``{"Imputation": {metric: table}, ...}``, a set
-    or metric left out where its runs or columns are missing."""
+    or metric left out where its runs or columns are missing; ``why_not`` (if given)
+    gets, per set without any table, the reason its first metric gave."""
     found: dict[str, dict[str, pd.DataFrame]] = {}
     for title, build, metrics in CLAIM_SETS:
         for metric in metrics:
             try:
                 table = build(final_runs, metric)
-            except (FigureError, KeyError):
+            except (FigureError, KeyError) as error:
+                if why_not is not None and title not in found:
+                    why_not.setdefault(title, str(error).strip("'\""))
                 continue
             found.setdefault(title, {})[metric] = table
+            if why_not is not None:
+                why_not.pop(title, None)
     return found
 
 

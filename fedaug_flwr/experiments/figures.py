@@ -595,13 +595,14 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
         return write_atomic(out / "claims.md", lambda tmp: tmp.write_text(text))
 
     attempt("claims", claims)
-    claim_sets = claim_tables(tables.final_runs)
+    why_not: dict[str, str] = {}
+    claim_sets = claim_tables(tables.final_runs, why_not)
     for title, _, _ in CLAIM_SETS:
         name = f"claims_{title.lower().replace('-', '')}"
 
         def forest(title: str = title, name: str = name) -> Path:
             if title not in claim_sets:
-                raise FigureError(f"{title.lower()} claims: no comparison from these runs")
+                raise FigureError(why_not.get(title, f"{title.lower()} claims: no comparison"))
             return save_figure(plot_claims(claim_sets[title], title), out / f"{name}.png")
 
         attempt(name, forest)
