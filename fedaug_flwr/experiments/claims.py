@@ -480,7 +480,9 @@ def claims_report(final_runs: pd.DataFrame) -> str:
         "(differs, where the study found no difference) only when the interval excludes "
         "zero; otherwise inconclusive. q: the paired t test's p value adjusted over the "
         "table's comparisons (Benjamini-Hochberg); an interval that excludes zero with "
-        "q >= 0.05 may be one of the chance findings expected among so many comparisons.\n\n"
+        "q >= 0.05 may be one of the chance findings expected among so many comparisons. "
+        "Comparisons without an interval yet (n < 2) are not in the family, so the family "
+        "and with it q change as seeds arrive.\n\n"
     )
     return legend + "\n".join(sections)
 
