@@ -320,6 +320,10 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
             assert "skipped claims_finetuning: finetune claims need column(s)" in stdout
         else:
             assert "skipped claims_imputation: imputation claims need" in stdout
+            # each k figure names the metric it draws
+            assert "skipped global_accuracy_vs_k_uniform: global-test-accuracy vs k: no runs" in (
+                stdout
+            )
         assert (tmp_path / name / "tables" / "final_cells.csv").is_file()
 
 

@@ -254,10 +254,10 @@ def _k_ticks(axis, positions: dict[int, int], share: dict[int, float]) -> None:
 
 def plot_macro_f1_vs_k(final_cells: pd.DataFrame, path: Path, mode: str, metric: str = F1) -> Path:
     """A final metric (client macro-F1 by default) against k, one line per beta, +-1 std."""
-    _require(final_cells, [BETA, MODE, K, f"{metric}-mean", f"{metric}-std", "n"], "F1 vs k")
+    _require(final_cells, [BETA, MODE, K, f"{metric}-mean", f"{metric}-std", "n"], f"{metric} vs k")
     curve = imputation_curve(final_cells, mode)
     if (curve[K] > 0).sum() == 0:
-        raise FigureError(f"macro-F1 vs k: no runs with {mode} imputation")
+        raise FigureError(f"{metric} vs k: no runs with {mode} imputation")
     require_one_cell_per_point(curve, f"{metric} vs k")
     positions = _k_positions(curve[K].unique())
     figure = Figure(figsize=(6.5, 4.2))
