@@ -438,16 +438,16 @@ def claim_tables(
     gets, per set without any table, the reason its first metric gave."""
     found: dict[str, dict[str, pd.DataFrame]] = {}
     for title, build, metrics in CLAIM_SETS:
+        tables, reasons = {}, []
         for metric in metrics:
             try:
-                table = build(final_runs, metric)
+                tables[metric] = build(final_runs, metric)
             except (FigureError, KeyError) as error:
-                if why_not is not None and title not in found:
-                    why_not.setdefault(title, str(error).strip("'\""))
-                continue
-            found.setdefault(title, {})[metric] = table
-            if why_not is not None:
-                why_not.pop(title, None)
+                reasons.append(str(error).strip("'\""))
+        if tables:
+            found[title] = tables
+        elif why_not is not None:
+            why_not[title] = reasons[0]
     return found
 
 
