@@ -24,7 +24,7 @@ and ``.gpu-carry``) against the 64 MiB and exits non-zero when it is over.
 On the GPU machine (docs/performance.md, "Prepared: a whole run on a lent GPU")::
 
     python3 -m tarfile -e .gpu-carry/site.tar.xz /tmp
-    PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH python3 -m bench.gpu_session ...
+    PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH python3 -m bench.gpu_check ...
 """
 
 from __future__ import annotations

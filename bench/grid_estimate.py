@@ -18,7 +18,7 @@ rounds each. From the measurements at 100 clients on full MNIST:
 
 From whole runs instead (``--whole-runs``): the ``summary.json`` of completed runs
 (a run folder's, or a campaign's compact one), e.g. a paper-scale run made on a GPU
-by ``bench.gpu_session``. A grid k that was measured takes the mean total of its
+by ``bench.gpu_check``. A grid k that was measured takes the mean total of its
 runs (``timing-s.total``). Any other k is scaled from the measured run with the
 nearest k (one with a CVAE, k > 0, for a k > 0): its classifier rounds' ``train``
 part scales with the training images per round (real training images + clients x k),

@@ -1,8 +1,8 @@
-"""bench.gpu_session: the one command prepared for a lent GPU machine, checked here on the CPU.
+"""bench.gpu_check: the one command prepared for a lent GPU machine, checked here on the CPU.
 
 ``--tiny`` runs every part through the same code (a real ``fedaug_flwr.launch`` run of 4
 clients, the server's pretraining in its own process, bench.local_epoch, the grid
-estimate) at toy size; the JSON it leaves must have the shape a GPU session relies on.
+estimate) at toy size; the JSON it leaves must have the shape a GPU measurement relies on.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 
-from bench import gpu_session
+from bench import gpu_check
 from tests.data_files import real_digits, write_idx_folder
 
 
@@ -22,9 +22,9 @@ def small_mnist(folder):
     return folder
 
 
-def test_tiny_session_runs_every_part_and_writes_their_results(tmp_path):
+def test_tiny_check_runs_every_part_and_writes_their_results(tmp_path):
     out = tmp_path / "out"
-    code = gpu_session.main(
+    code = gpu_check.main(
         [
             "--tiny",
             "--data-dir",
@@ -37,12 +37,12 @@ def test_tiny_session_runs_every_part_and_writes_their_results(tmp_path):
             "abc123",
         ]
     )
-    result = json.loads((out / gpu_session.RESULT).read_text())
+    result = json.loads((out / gpu_check.RESULT).read_text())
     parts = result["parts"]
     assert code == 0, json.dumps(parts, indent=1)[-4000:]
-    assert list(parts) == list(gpu_session.PARTS)
+    assert list(parts) == list(gpu_check.PARTS)
     assert {name: part["status"] for name, part in parts.items()} == dict.fromkeys(
-        gpu_session.PARTS, "done"
+        gpu_check.PARTS, "done"
     )
     assert result["machine"]["flwr"] and "elapsed-s" in result
 
@@ -88,14 +88,14 @@ def test_tiny_session_runs_every_part_and_writes_their_results(tmp_path):
 
 
 def test_a_failed_part_keeps_the_others_and_skips_are_recorded(tmp_path):
-    session = gpu_session.Session(tmp_path, budget_s=100.0, settings={})
-    session.part("run", False, lambda seconds: {"wall-s": 1.0})
-    session.part("pretrain", False, lambda seconds: 1 / 0)
-    session.part("local-epoch", True, lambda seconds: {"never": "called"})
-    session.budget_s = 0.0  # the budget is spent: a measuring part is skipped
-    session.part("grid", False, lambda seconds: {"rows": []})
-    session.part("later", False, lambda seconds: {"never": "called"})
-    parts = json.loads((tmp_path / gpu_session.RESULT).read_text())["parts"]
+    check = gpu_check.GpuCheck(tmp_path, budget_s=100.0, settings={})
+    check.part("run", False, lambda seconds: {"wall-s": 1.0})
+    check.part("pretrain", False, lambda seconds: 1 / 0)
+    check.part("local-epoch", True, lambda seconds: {"never": "called"})
+    check.budget_s = 0.0  # the budget is spent: a measuring part is skipped
+    check.part("grid", False, lambda seconds: {"rows": []})
+    check.part("later", False, lambda seconds: {"never": "called"})
+    parts = json.loads((tmp_path / gpu_check.RESULT).read_text())["parts"]
     assert parts["run"] == {"status": "done", "wall-s": 1.0, "part-s": parts["run"]["part-s"]}
     assert parts["pretrain"]["status"] == "failed"
     assert "ZeroDivisionError" in parts["pretrain"]["error"]

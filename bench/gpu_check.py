@@ -24,11 +24,11 @@ that a later part's failure, or the budget running out, loses nothing measured b
 4. ``grid``: the study's grid estimate redone from part 1's whole run
    (``bench.grid_estimate --whole-runs``).
 
-    python -m bench.gpu_session --data-dir <MNIST IDX folder> --out <folder>
-    python -m bench.gpu_session --tiny --data-dir <small IDX folder> --out <folder>  # CPU check
+    python -m bench.gpu_check --data-dir <MNIST IDX folder> --out <folder>
+    python -m bench.gpu_check --tiny --data-dir <small IDX folder> --out <folder>  # CPU check
 
 ``--tiny`` runs the same code path on the CPU at toy size (4 clients, 1 + 1 rounds, a
-short local-epoch list), which is how it is tested. Results: ``<out>/gpu-session.json``
+short local-epoch list), which is how it is tested. Results: ``<out>/gpu-check.json``
 and the logs beside it; the run's own folder (weights, checkpoint) stays in ``--scratch``.
 """
 
@@ -50,7 +50,7 @@ from bench import grid_estimate
 from bench.common import REPO_ROOT, gpu_names, machine_info, read_json, run_child
 from fedaug_flwr.results import read_summary, write_json
 
-RESULT = "gpu-session.json"
+RESULT = "gpu-check.json"
 PARTS = ("run", "pretrain", "local-epoch", "grid")
 DEFAULT_BUDGET_S = 510.0  # 8.5 min: the device tool's 10-min command, less installs and margin
 RESERVE_S = 10.0  # kept back for the grid estimate and the last write
@@ -71,7 +71,7 @@ EPOCH_LINE = re.compile(r"pretraining epoch (\d+)/(\d+)")
 PROGRESS_LINE = re.compile(r"fedaug-flwr progress: (\w[\w-]*) round")
 
 
-class Session:
+class GpuCheck:
     """The budget's clock and the one results file, rewritten after every part."""
 
     def __init__(self, out: Path, budget_s: float, settings: dict) -> None:
@@ -79,7 +79,7 @@ class Session:
         self.start = time.monotonic()
         self.budget_s = budget_s
         self.results: dict = {
-            "benchmark": "gpu-session",
+            "benchmark": "gpu-check",
             "settings": settings,
             "budget-s": budget_s,
             "parts": {},
@@ -101,7 +101,7 @@ class Session:
         elif name != "grid" and left < MIN_PART_S:
             entry = {"status": "skipped", "reason": f"budget: {left:.0f} s left"}
         else:
-            print(f"[gpu-session] {name}: up to {left:.0f} s", flush=True)
+            print(f"[gpu-check] {name}: up to {left:.0f} s", flush=True)
             try:
                 entry = {"status": "done", **work(left)}
             except Exception as error:  # noqa: BLE001 - a part's failure must not lose the others
@@ -113,7 +113,7 @@ class Session:
         entry["part-s"] = round(time.monotonic() - started, 1)
         self.results["parts"][name] = entry
         self.save()
-        print(f"[gpu-session] {name}: {entry['status']} in {entry['part-s']} s", flush=True)
+        print(f"[gpu-check] {name}: {entry['status']} in {entry['part-s']} s", flush=True)
         return entry
 
 
@@ -164,7 +164,7 @@ def campaign_run(beta: float, imputation: str, k: int, pretrain: str, seed: int)
     raise ValueError(f"{CAMPAIGN_FILE.name} has no run {wanted} seed {seed}")
 
 
-def whole_run(session: Session, args: argparse.Namespace, seconds: float) -> dict:
+def whole_run(check: GpuCheck, args: argparse.Namespace, seconds: float) -> dict:
     from fedaug_flwr.experiments.campaign import code_version, publish
     from fedaug_flwr.processes import to_overrides
 
@@ -193,7 +193,7 @@ def whole_run(session: Session, args: argparse.Namespace, seconds: float) -> dic
         "fedaug_flwr.launch",
         command,
         timeout_s=max(seconds - STOP_GRACE_S, 1.0),
-        log_path=session.out / "whole-run.log",
+        log_path=check.out / "whole-run.log",
         on_line=on_line,
         grace_s=STOP_GRACE_S,
     )
@@ -223,12 +223,12 @@ def whole_run(session: Session, args: argparse.Namespace, seconds: float) -> dic
             "data": summary.get("data"),
         }
     )
-    machine = session.results.get("machine", {})
+    machine = check.results.get("machine", {})
     made_on = {"made-on": {key: machine.get(key) for key in ("gpus", "cpu", "logical-cpus")}}
     code = code_version(REPO_ROOT)
     if code["code-commit"] == "unknown" and args.code_commit:  # a copy of the tree, not a clone
         code = {"code-commit": args.code_commit, "code-changed": "unknown (a copy of the tree)"}
-    publish(folder, session.out / "campaign", {**code, **made_on})
+    publish(folder, check.out / "campaign", {**code, **made_on})
     entry["published"] = ["campaign/summary.json", "campaign/clients.csv"]
     return entry
 
@@ -236,7 +236,7 @@ def whole_run(session: Session, args: argparse.Namespace, seconds: float) -> dic
 # ----------------------------------------------------------------------------- 2. pretraining
 
 
-def pretraining(session: Session, args: argparse.Namespace, seconds: float) -> dict:
+def pretraining(check: GpuCheck, args: argparse.Namespace, seconds: float) -> dict:
     output = args.scratch / "pretrain.json"
     cvae = args.scratch / "run" / "cvae.pt"
     start = time.monotonic()
@@ -251,10 +251,10 @@ def pretraining(session: Session, args: argparse.Namespace, seconds: float) -> d
     child_args = ["pretrain-child", "--data-dir", str(args.data_dir), "--seed", str(args.seed)]
     child_args += ["--beta", str(args.beta), "--cvae", str(cvae), "--output", str(output)]
     child = run_child(
-        "bench.gpu_session",
+        "bench.gpu_check",
         [*child_args, *(["--tiny"] if args.tiny else [])],
         timeout_s=seconds,
-        log_path=session.out / "pretrain.log",
+        log_path=check.out / "pretrain.log",
         on_line=on_line,
     )
     measured = read_json(output) if output.is_file() else {}
@@ -272,7 +272,7 @@ def pretraining(session: Session, args: argparse.Namespace, seconds: float) -> d
 
 def pretrain_child(argv: Sequence[str]) -> int:
     """In its own process (so the budget can stop it): the server's pretraining, timed."""
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_session pretrain-child")
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check pretrain-child")
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--beta", type=float, required=True)
@@ -334,10 +334,10 @@ def pretrain_child(argv: Sequence[str]) -> int:
 # ----------------------------------------------------------------------------- 3. local epoch
 
 
-def local_epochs(session: Session, args: argparse.Namespace, seconds: float) -> dict:
+def local_epochs(check: GpuCheck, args: argparse.Namespace, seconds: float) -> dict:
     """bench.local_epoch per optimiser (SGD first), each in its own process and time limit."""
     deadline = time.monotonic() + seconds
-    run = session.results["parts"].get("run", {})
+    run = check.results["parts"].get("run", {})
     timing = run.get("timing-s") or {}
     train = sum(r.get("train", 0.0) for r in run.get("classifier-round-timing-s") or [])
     rows, by_optimiser = [], {}
@@ -353,7 +353,7 @@ def local_epochs(session: Session, args: argparse.Namespace, seconds: float) -> 
         if timing.get("total") and train:  # the whole run's own numbers for its estimate
             child_args += ["--run-seconds", str(timing["total"])]
             child_args += ["--share", f"{train / timing['total']:.3f}"]
-        log_path = session.out / "local-epoch.log"
+        log_path = check.out / "local-epoch.log"
         child = run_child("bench.local_epoch", child_args, timeout_s=left, log_path=log_path)
         if output.is_file():
             measured = read_json(output)
@@ -370,16 +370,16 @@ def local_epochs(session: Session, args: argparse.Namespace, seconds: float) -> 
                 "wall-s": child.wall_s,
                 "output-tail": child.output_tail[-3000:],
             }
-        session.results["parts"]["local-epoch"] = {"status": "running", "variants": rows}
-        session.save()
+        check.results["parts"]["local-epoch"] = {"status": "running", "variants": rows}
+        check.save()
     return {"variants": rows, "optimisers": by_optimiser}
 
 
 # ----------------------------------------------------------------------------- 4. grid
 
 
-def grid(session: Session, args: argparse.Namespace, seconds: float) -> dict:
-    published = session.out / "campaign" / "summary.json"
+def grid(check: GpuCheck, args: argparse.Namespace, seconds: float) -> dict:
+    published = check.out / "campaign" / "summary.json"
     if not published.is_file():
         return {"estimate": None, "reason": "no completed whole run to estimate from"}
     runs = [grid_estimate.whole_run(read_json(published), "campaign/summary.json")]
@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["pretrain-child"]:
         return pretrain_child(argv[1:])
     parser = argparse.ArgumentParser(
-        prog="python -m bench.gpu_session",
+        prog="python -m bench.gpu_check",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -437,7 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     owned_scratch = args.scratch is None
     args.scratch = (
-        Path(tempfile.mkdtemp(prefix="fedaug-gpu-session-")) if owned_scratch else args.scratch
+        Path(tempfile.mkdtemp(prefix="fedaug-gpu-check-")) if owned_scratch else args.scratch
     )
     args.scratch.mkdir(parents=True, exist_ok=True)
     settings = {
@@ -445,32 +445,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key, value in vars(args).items()
         if key not in ("data_dir", "out", "scratch")  # this machine's folders
     }
-    session = Session(args.out, args.budget_s, settings)
-    session.results["machine"] = describe_machine()
-    session.save()
+    check = GpuCheck(args.out, args.budget_s, settings)
+    check.results["machine"] = describe_machine()
+    check.save()
     if not tiny and not gpu_names():
-        session.results["error"] = "torch sees no CUDA device (use --tiny for a CPU check)"
-        session.save()
-        print(f"bench.gpu_session: {session.results['error']}", file=sys.stderr)
+        check.results["error"] = "torch sees no CUDA device (use --tiny for a CPU check)"
+        check.save()
+        print(f"bench.gpu_check: {check.results['error']}", file=sys.stderr)
         return 2
-    print(f"[gpu-session] GPU: {', '.join(gpu_names()) or 'none (tiny, CPU)'}", flush=True)
-    parts: dict[str, Callable[[Session, argparse.Namespace, float], dict]] = {
+    print(f"[gpu-check] GPU: {', '.join(gpu_names()) or 'none (tiny, CPU)'}", flush=True)
+    parts: dict[str, Callable[[GpuCheck, argparse.Namespace, float], dict]] = {
         "run": whole_run,
         "pretrain": pretraining,
         "local-epoch": local_epochs,
         "grid": grid,
     }
     for name, work in parts.items():
-        session.part(
+        check.part(
             name,
             getattr(args, f"skip_{name.replace('-', '_')}"),
-            lambda s, w=work: w(session, args, s),
+            lambda s, w=work: w(check, args, s),
         )
     if owned_scratch:
         shutil.rmtree(args.scratch, ignore_errors=True)
-    print(json.dumps({n: p["status"] for n, p in session.results["parts"].items()}))
-    print(f"[gpu-session] results in {args.out / RESULT} ({session.results['elapsed-s']} s)")
-    failed = [n for n, p in session.results["parts"].items() if p["status"] == "failed"]
+    print(json.dumps({n: p["status"] for n, p in check.results["parts"].items()}))
+    print(f"[gpu-check] results in {args.out / RESULT} ({check.results['elapsed-s']} s)")
+    failed = [n for n, p in check.results["parts"].items() if p["status"] == "failed"]
     return 1 if failed else 0
 
 
