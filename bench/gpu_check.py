@@ -12,7 +12,8 @@ that a later part's failure, or the budget running out, loses nothing measured b
    when it completed, its compact results as the campaign publishes them
    (``campaign/summary.json``, ``campaign/clients.csv``, made-on naming the GPU), to be
    copied to ``docs/results/paper-scale/<cell>/seed-<s>/``. A run stopped by the budget
-   keeps its launcher log and last progress line per phase.
+   (status ``stopped``) keeps its launcher log and its timeline: start-up, phase and
+   round times, saved as their lines arrive, and the classifier phase's projected end.
 2. ``pretrain``: the finetune variant's server pretraining (``pretrain = federated``) at
    paper scale, alone (70,000 synthetic images, 15 epochs, batch 32), on the run's CVAE
    (a fresh one if the run made none: the same work). A whole finetune run would not fit
@@ -68,7 +69,8 @@ TINY_RUN = {
     "pretrain-epochs": 1,
 }
 EPOCH_LINE = re.compile(r"pretraining epoch (\d+)/(\d+)")
-PROGRESS_LINE = re.compile(r"fedaug-flwr progress: (\w[\w-]*) round")
+PROGRESS_LINE = re.compile(r"fedaug-flwr progress: (\w[\w-]*) round (\d+)/(\d+)")
+PHASE_LINE = re.compile(r"\[fedaug\] phase '([\w-]+)' (starts|took ([\d.]+) s)")
 
 
 class GpuCheck:
@@ -151,6 +153,59 @@ def describe_machine() -> dict:
 # ----------------------------------------------------------------------------- 1. whole run
 
 
+class RunTimeline:
+    """When the launcher's phase and round lines arrived: the timings of a run the budget
+    stopped, which writes no ``summary.json`` (the log itself carries no clock)."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.phase_starts: dict[str, float] = {}
+        self.phase_s: dict[str, float] = {}
+        self.rounds: dict[str, list[tuple[int, int, float]]] = {}  # phase: (round, of, at)
+        self.last: dict[str, str] = {}
+
+    def see(self, line: str, at: float | None = None) -> bool:
+        """Note ``line`` if it is a phase or round line (then True), arriving ``at`` s."""
+        at = time.monotonic() - self.start if at is None else at
+        if match := PROGRESS_LINE.search(line):
+            phase, number, of = match.group(1), int(match.group(2)), int(match.group(3))
+            self.last[phase] = line.strip()
+            seen = self.rounds.setdefault(phase, [])
+            if all(r[0] != number for r in seen):
+                seen.append((number, of, at))
+        elif match := PHASE_LINE.search(line):
+            if match.group(3) is None:
+                self.phase_starts.setdefault(match.group(1), at)
+            else:
+                self.phase_s[match.group(1)] = float(match.group(3))
+        else:
+            return False
+        return True
+
+    def report(self) -> dict:
+        """Startup, each finished phase's own time, each phase's round times, and, for a
+        run stopped in its classifier phase, when that phase would have ended."""
+        out: dict = {
+            "startup-s": round(min(self.phase_starts.values()), 1) if self.phase_starts else None,
+            "phase-s": self.phase_s,
+            "round-s": {},
+        }
+        for phase, seen in self.rounds.items():
+            gaps = [b[2] - a[2] for a, b in zip(seen, seen[1:], strict=False)]
+            out["round-s"][phase] = [round(gap, 1) for gap in gaps]
+        rounds = self.rounds.get("classifier", [])
+        gaps = sorted(out["round-s"].get("classifier", []))
+        if "classifier" not in self.phase_s and len(gaps) >= 2:
+            number, of, at = rounds[-1]
+            median = gaps[len(gaps) // 2]
+            out["projected"] = {
+                "classifier-end-s": round(at + (of - number + 1) * median, 1),
+                "basis": f"round {number}/{of} began at {at:.0f} s; the rest at the median "
+                f"round ({median:.1f} s); final evaluation and writing not included",
+            }
+        return out
+
+
 def campaign_run(beta: float, imputation: str, k: int, pretrain: str, seed: int):
     """The paper-scale campaign's run of this cell and seed (its exact run config)."""
     from fedaug_flwr.experiments.campaign import ordered_runs
@@ -173,11 +228,16 @@ def whole_run(check: GpuCheck, args: argparse.Namespace, seconds: float) -> dict
     run_config = {**run.run_config, "data-dir": str(args.data_dir), "output-dir": str(folder)}
     if args.tiny:
         run_config.update({**TINY_RUN, "dirichlet-beta": 0.5, "num-synthetic": 40})
-    progress: dict[str, str] = {}
+    timeline = RunTimeline()
+    # the grace lets a stopped run free the GPU for the parts after it; with none after
+    # it, the run may take the whole budget
+    later = not (args.skip_pretrain and args.skip_local_epoch)
+    limit_s = max(seconds - (STOP_GRACE_S if later else 5.0), 1.0)
 
-    def on_line(line: str) -> None:
-        if match := PROGRESS_LINE.search(line):
-            progress[match.group(1)] = line.strip()
+    def on_line(line: str) -> None:  # saved as it goes: a command killed still tells
+        if timeline.see(line):
+            check.results["parts"]["run"] = {"status": "running", "timeline": timeline.report()}
+            check.save()
 
     command = [
         "--num-supernodes",
@@ -192,13 +252,15 @@ def whole_run(check: GpuCheck, args: argparse.Namespace, seconds: float) -> dict
     child = run_child(
         "fedaug_flwr.launch",
         command,
-        timeout_s=max(seconds - STOP_GRACE_S, 1.0),
+        timeout_s=limit_s,
         log_path=check.out / "whole-run.log",
         on_line=on_line,
         grace_s=STOP_GRACE_S,
     )
     summary = read_summary(folder)
+    stopped = child.wall_s >= limit_s  # by the budget: no failure, its timeline has its times
     entry: dict = {
+        **({} if summary else {"status": "stopped" if stopped else "failed"}),
         "campaign-cell": str(run.relative_dir),
         "campaign-result": not args.tiny and summary is not None,
         "launcher": ["python", "-m", "fedaug_flwr.launch", *command],
@@ -208,7 +270,8 @@ def whole_run(check: GpuCheck, args: argparse.Namespace, seconds: float) -> dict
         "wall-s": child.wall_s,
         "memory": child.memory,
         "completed": summary is not None,
-        "last-progress": progress,
+        "last-progress": timeline.last,
+        "timeline": timeline.report(),
     }
     if summary is None:
         entry["output-tail"] = child.output_tail[-3000:]

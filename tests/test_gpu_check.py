@@ -102,3 +102,30 @@ def test_a_failed_part_keeps_the_others_and_skips_are_recorded(tmp_path):
     assert parts["local-epoch"]["status"] == "skipped"
     assert parts["grid"]["status"] == "done"  # computed from what is there, needs no time
     assert parts["later"]["status"] == "skipped" and "budget" in parts["later"]["reason"]
+
+
+def test_a_stopped_runs_timeline_gives_its_phases_rounds_and_projected_end():
+    timeline = gpu_check.RunTimeline()
+    lines = [  # (arrival s, launcher line), as a run stopped in round 4 of 5 prints them
+        (30.0, "INFO :      [fedaug] phase 'data' starts"),
+        (32.0, "INFO :      [fedaug] phase 'data' took 2.1 s"),
+        (32.5, "INFO :      [fedaug] phase 'cvae' starts"),
+        (33.0, "fedaug-flwr progress: cvae round 1/2"),
+        (60.0, "fedaug-flwr progress: cvae round 2/2; 1 done in 27 s"),
+        (62.0, "INFO :      [fedaug] phase 'cvae' took 30.0 s"),
+        (63.0, "INFO :      [fedaug] phase 'classifier' starts"),
+        (64.0, "fedaug-flwr progress: classifier round 1/5"),
+        (90.0, "fedaug-flwr progress: classifier round 2/5; 1 done in 26 s"),
+        (115.0, "fedaug-flwr progress: classifier round 3/5; 2 done in 51 s"),
+        (142.0, "fedaug-flwr progress: classifier round 4/5; 3 done in 1 min 18 s"),
+        (150.0, "INFO :      aggregate_train: Received 100 results"),
+    ]
+    assert [timeline.see(line, at) for at, line in lines][-1] is False  # not a timing line
+    report = timeline.report()
+    assert report["startup-s"] == 30.0
+    assert report["phase-s"] == {"data": 2.1, "cvae": 30.0}
+    assert report["round-s"] == {"cvae": [27.0], "classifier": [26.0, 25.0, 27.0]}
+    # round 4 began at 142 s; rounds 4 and 5 at the median round, 26 s
+    assert report["projected"]["classifier-end-s"] == 194.0
+    timeline.see("INFO :      [fedaug] phase 'classifier' took 130.0 s", 194.0)
+    assert "projected" not in timeline.report()  # a finished phase needs no projection
