@@ -21,7 +21,7 @@ and ``.gpu-carry``) against the 64 MiB and exits non-zero when it is over.
 
     python -m bench.gpu_carry --data-dir <MNIST IDX folder>      # or: make gpu-carry
 
-On the GPU machine (docs/performance.md, "Prepared: a whole run on a lent GPU")::
+On the GPU machine (docs/performance.md, "The prepared command")::
 
     python3 -m tarfile -e .gpu-carry/site.tar.xz /tmp
     PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH python3 -m bench.gpu_check ...
