@@ -200,6 +200,7 @@ class ChildResult:
     wall_s: float
     memory: dict
     output_tail: str
+    timed_out: bool = False  # stopped at ``timeout_s``, not ended by itself
 
 
 def run_child(
@@ -247,9 +248,11 @@ def run_child(
         target=_collect, args=(process, lines, echo, log, on_line), daemon=True
     )
     reader.start()
+    timed_out = False
     try:
         process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        timed_out = True
         lines.append(f"[bench] {module} ran past {timeout_s} s and was stopped")
     finally:
         memory.stop()
@@ -263,6 +266,7 @@ def run_child(
         round(wall, 3),
         memory.report(),
         "".join(lines[-60:]),
+        timed_out,
     )
 
 

@@ -42,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -230,14 +231,20 @@ def whole_run(check: GpuCheck, args: argparse.Namespace, seconds: float) -> dict
         run_config.update({**TINY_RUN, "dirichlet-beta": 0.5, "num-synthetic": 40})
     timeline = RunTimeline()
     # the grace lets a stopped run free the GPU for the parts after it; with none after
-    # it, the run may take the whole budget
+    # it, the run may take the whole budget but 5 s to stop it (then SIGKILL)
     later = not (args.skip_pretrain and args.skip_local_epoch)
-    limit_s = max(seconds - (STOP_GRACE_S if later else 5.0), 1.0)
+    grace_s = STOP_GRACE_S if later else 5.0
+    limit_s = max(seconds - grace_s, 1.0)
+    # Lines are read in a thread of their own that may outlive run_child (a process
+    # outside the launcher's group still holding its output): once the run's entry is
+    # made, a late line must not put the "running" one back over it.
+    saving, ended = threading.Lock(), threading.Event()
 
     def on_line(line: str) -> None:  # saved as it goes: a command killed still tells
-        if timeline.see(line):
-            check.results["parts"]["run"] = {"status": "running", "timeline": timeline.report()}
-            check.save()
+        with saving:
+            if not ended.is_set() and timeline.see(line):
+                check.results["parts"]["run"] = {"status": "running", "timeline": timeline.report()}
+                check.save()
 
     command = [
         "--num-supernodes",
@@ -255,12 +262,14 @@ def whole_run(check: GpuCheck, args: argparse.Namespace, seconds: float) -> dict
         timeout_s=limit_s,
         log_path=check.out / "whole-run.log",
         on_line=on_line,
-        grace_s=STOP_GRACE_S,
+        grace_s=grace_s,
     )
+    with saving:
+        ended.set()
     summary = read_summary(folder)
-    stopped = child.wall_s >= limit_s  # by the budget: no failure, its timeline has its times
+    # stopped by the budget: no failure, its timeline has its times
     entry: dict = {
-        **({} if summary else {"status": "stopped" if stopped else "failed"}),
+        **({} if summary else {"status": "stopped" if child.timed_out else "failed"}),
         "campaign-cell": str(run.relative_dir),
         "campaign-result": not args.tiny and summary is not None,
         "launcher": ["python", "-m", "fedaug_flwr.launch", *command],

@@ -7,8 +7,10 @@ estimate) at toy size; the JSON it leaves must have the shape a GPU measurement 
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import time
 
 from bench import gpu_check
 from tests.data_files import real_digits, write_idx_folder
@@ -129,3 +131,92 @@ def test_a_stopped_runs_timeline_gives_its_phases_rounds_and_projected_end():
     assert report["projected"]["classifier-end-s"] == 194.0
     timeline.see("INFO :      [fedaug] phase 'classifier' took 130.0 s", 194.0)
     assert "projected" not in timeline.report()  # a finished phase needs no projection
+
+
+# A stand-in for fedaug_flwr.launch, run as a real child process by the real run_child:
+# it prints the launcher's phase and round lines, then does what the test asks.
+FAKE_LAUNCHER = """
+import os, signal, subprocess, sys, time
+print("INFO :      [fedaug] phase 'data' starts", flush=True)
+print("INFO :      [fedaug] phase 'data' took 0.1 s", flush=True)
+print("INFO :      [fedaug] phase 'classifier' starts", flush=True)
+for number in (1, 2, 3):
+    print(f"fedaug-flwr progress: classifier round {number}/5", flush=True)
+    time.sleep(0.3)
+if os.environ["FAKE_LAUNCH"] == "hang":  # a run the budget stops, deaf to SIGTERM
+    time.sleep(0.5)  # what the results file holds by now
+    results = os.path.join(os.environ["FAKE_OUT"], "gpu-check.json")
+    with open(results) as saved, open(results + ".mid-run", "w") as copy:
+        copy.write(saved.read())
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(120)
+# a run that fails, leaving a process of its own session on its output that prints
+# one more round line after the launcher's end
+late = "import time; time.sleep(7); print('fedaug-flwr progress: classifier round 4/5', flush=True)"
+subprocess.Popen([sys.executable, "-c", late], start_new_session=True)
+sys.exit(1)
+"""
+
+
+def fake_whole_run(tmp_path, monkeypatch, behaviour, seconds):
+    """bench.gpu_check's whole-run part with nothing after it, on the fake launcher."""
+    (tmp_path / "fake_launch.py").write_text(FAKE_LAUNCHER)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("FAKE_LAUNCH", behaviour)
+    monkeypatch.setenv("FAKE_OUT", str(out))
+    real_run_child = gpu_check.run_child
+
+    def run_fake(module, *args, **kwargs):
+        assert module == "fedaug_flwr.launch"
+        return real_run_child("fake_launch", *args, **kwargs)
+
+    monkeypatch.setattr(gpu_check, "run_child", run_fake)
+    monkeypatch.setattr(gpu_check, "MIN_PART_S", 1.0)  # a part of seconds, not minutes
+    args = argparse.Namespace(
+        beta=0.1,
+        imputation="minority",
+        k=100,
+        seed=1,
+        data_dir=tmp_path,
+        scratch=tmp_path / "scratch",
+        tiny=True,
+        clients=4,
+        gpus_per_client=0.0,
+        skip_pretrain=True,
+        skip_local_epoch=True,
+        code_commit=None,
+    )
+    check = gpu_check.GpuCheck(out, budget_s=seconds + gpu_check.RESERVE_S, settings={})
+    check.part("run", False, lambda left: gpu_check.whole_run(check, args, left))
+    return check
+
+
+def test_a_run_the_budget_stops_is_stopped_within_the_budget_and_keeps_its_timeline(
+    tmp_path, monkeypatch
+):
+    started = time.monotonic()
+    check = fake_whole_run(tmp_path, monkeypatch, "hang", seconds=8.0)
+    # nothing after the run: it is stopped at the budget's end, not 40 s later
+    assert time.monotonic() - started < 8.0 + 3.0
+    run = json.loads((check.out / gpu_check.RESULT).read_text())["parts"]["run"]
+    assert run["status"] == "stopped" and run["completed"] is False
+    assert run["timeline"]["phase-s"] == {"data": 0.1}
+    assert len(run["timeline"]["round-s"]["classifier"]) == 2
+    assert "projected" in run["timeline"]
+    # saved as the lines arrived, while the launcher still ran
+    mid_run = json.loads((check.out / (gpu_check.RESULT + ".mid-run")).read_text())
+    assert mid_run["parts"]["run"]["status"] == "running"
+    assert len(mid_run["parts"]["run"]["timeline"]["round-s"]["classifier"]) == 2
+
+
+def test_a_failed_run_is_failed_and_a_late_line_does_not_overwrite_its_entry(tmp_path, monkeypatch):
+    # the launcher fails at once; a process of its own holds its output past the time
+    # limit (3 s), so the command's wall time exceeds it: a failure all the same
+    check = fake_whole_run(tmp_path, monkeypatch, "fail", seconds=8.0)
+    run = check.results["parts"]["run"]
+    assert run["status"] == "failed" and run["returncode"] == 1
+    time.sleep(4.0)  # the late round line arrives after the part's entry was written
+    saved = json.loads((check.out / gpu_check.RESULT).read_text())["parts"]["run"]
+    assert saved["status"] == "failed" and "part-s" in saved
