@@ -249,6 +249,9 @@ def test_table1_markdown(finetune_tables):
     # seeds 0, 1: train loss 0.01, 0.02; real test loss 1.5, 2.5
     assert lines[2] == ("| 0.1 | 0.0150 +- 0.0071 | 0.0300 +- 0.0141 | 2.0000 +- 0.7071 | 2 |")
     assert len(lines) == 2 + 2  # header, rule, two betas
+    # one seed has no std: its mean alone, not "+- nan"
+    single = figures.table1_markdown(finetune_tables.final_runs.query("seed == 0"))
+    assert single.splitlines()[2] == "| 0.1 | 0.0100 | 0.0200 | 1.5000 | 1 |"
 
 
 def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):

@@ -372,7 +372,8 @@ def finetune_comparison(
 def plot_finetune_comparison(
     final_cells: pd.DataFrame, path: Path, pretrain_mode: str = "federated", metric: str = F1
 ) -> Path:
-    """Grouped bars per beta: vanilla / pretrained / fine-tuned ``metric``, +-1 std."""
+    """Grouped bars per beta: vanilla / pretrained / fine-tuned ``metric``, +-1 std where a
+    bar has 2 seeds or more, each bar's number of seeds written on it."""
     table = finetune_comparison(final_cells, pretrain_mode, metric)
     betas = sorted(table[BETA].unique())
     models = [m for m in ("vanilla", "pretrained", "finetuned") if m in set(table["model"])]
@@ -382,18 +383,19 @@ def plot_finetune_comparison(
     positions = np.arange(len(betas))
     for i, model in enumerate(models):
         rows = table[table["model"] == model].set_index(BETA).reindex(betas)
-        axis.bar(
-            positions + (i - (len(models) - 1) / 2) * width,
-            rows["mean"],
-            width,
-            yerr=np.nan_to_num(rows["std"].to_numpy(float)),
-            capsize=3,
-            label=f"{model} (n={int(rows['n'].min())})",
-        )
+        offsets = positions + (i - (len(models) - 1) / 2) * width
+        # a single seed has no std: no error bar rather than one of length zero
+        bars = axis.bar(offsets, rows["mean"], width, yerr=rows["std"], capsize=3, label=model)
+        counts = ["" if pd.isna(n) else f"n={int(n)}" for n in rows["n"]]
+        axis.bar_label(bars, counts, label_type="center", fontsize=8, color="white")
     axis.set_xticks(positions, [_fmt_beta(b) for b in betas])
     axis.set_xlabel("dirichlet beta (smaller = more skewed)")
     axis.set_ylabel(metric_label(metric))
-    axis.set_title(f"Vanilla FedAvg vs {pretrain_mode} pretraining on synthetic data (+-1 std)")
+    title = f"Vanilla FedAvg vs {pretrain_mode} pretraining on synthetic data (+-1 std)"
+    if (table.groupby(BETA)["n"].nunique() > 1).any():
+        # bars over different seeds mix the seeds' differences into the models'
+        title += "\nunequal seeds: bars not paired (claims.md pairs them)"
+    axis.set_title(title)
     axis.legend()
     return save_figure(figure, path)
 
@@ -416,13 +418,16 @@ def table1_markdown(final_runs: pd.DataFrame, pretrain_mode: str = "federated") 
         "|---:|" + "---:|" * len(columns) + "---:|",
     ]
     for beta, group in runs.groupby(BETA):
-        cells = [f"{group[c].mean():.4f} +- {_std(group[c]):.4f}" for c, _ in columns]
+        cells = [_mean_std(group[c]) for c, _ in columns]
         lines.append(f"| {_fmt_beta(beta)} | " + " | ".join(cells) + f" | {len(group)} |")
     return "\n".join(lines) + "\n"
 
 
-def _std(values: pd.Series) -> float:
-    return float(values.std()) if len(values) > 1 else float("nan")
+def _mean_std(values: pd.Series) -> str:
+    """ "mean +- std", or the mean alone for one value (no std)."""
+    if len(values) < 2:
+        return f"{values.mean():.4f}"
+    return f"{values.mean():.4f} +- {values.std():.4f}"
 
 
 # (column, header) of the per-cell table: the clients' numbers, then the global model's.
