@@ -13,10 +13,12 @@ import pytest
 from fedaug_flwr.experiments import __main__ as cli
 from fedaug_flwr.experiments.campaign import (
     CLIENTS_TABLE,
+    CampaignReport,
     campaign_progress,
     compact_summary,
     ordered_runs,
     run_campaign,
+    runs_of_stages,
 )
 from fedaug_flwr.experiments.grid import SweepError, parse_spec
 from fedaug_flwr.experiments.runner import (
@@ -133,6 +135,42 @@ def test_progress_counts_published_runs_per_stage_and_estimates_the_rest_by_kind
 
 def timing_s_total(minutes: float) -> dict:
     return {"timing-s": {"total": minutes * 60.0}}
+
+
+def test_stages_select_part_of_a_campaign_in_its_order(tmp_path, monkeypatch):
+    spec = parse_spec(SPEC)
+    labels = [run.label for run in runs_of_stages(spec, [1, 3])]
+    assert labels == [
+        "dirichlet-beta=0.1__num-synthetic=0 seed=0",
+        "dirichlet-beta=0.1__num-synthetic=100 seed=0",
+        "dirichlet-beta=0.1__num-synthetic=0 seed=1",
+        "dirichlet-beta=0.1__num-synthetic=100 seed=1",
+        "dirichlet-beta=0.1__num-synthetic=0 seed=2",
+        "dirichlet-beta=0.1__num-synthetic=100 seed=2",
+        "dirichlet-beta=100.0__num-synthetic=0 seed=2",
+        "dirichlet-beta=100.0__num-synthetic=100 seed=2",
+    ]
+    with pytest.raises(SweepError, match="stages 1 to 3; no stage 4"):
+        runs_of_stages(spec, [2, 4])
+    # the command line hands the campaign only stage 2's runs
+    experiment = tmp_path / "campaign.yaml"
+    experiment.write_text(json.dumps(SPEC))  # JSON is YAML
+    given = []
+
+    def record(spec, scratch, publish, runs, **_) -> CampaignReport:
+        given.extend(runs)
+        return CampaignReport()
+
+    monkeypatch.setattr(cli.campaign, "run_campaign", record)
+    assert cli.main(["campaign", str(experiment), "--stages", "2", "--no-commit"]) == 0
+    assert [run.label for run in given] == [
+        "dirichlet-beta=100.0__num-synthetic=0 seed=0",
+        "dirichlet-beta=100.0__num-synthetic=100 seed=0",
+        "dirichlet-beta=100.0__num-synthetic=0 seed=1",
+        "dirichlet-beta=100.0__num-synthetic=100 seed=1",
+    ]
+    with pytest.raises(SystemExit):
+        cli.main(["campaign", str(experiment), "--stages", "one"])
 
 
 def test_stage_naming_a_value_outside_the_grid_is_refused():

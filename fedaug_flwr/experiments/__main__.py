@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     long.add_argument("--publish", help="published results folder (default: the file's 'publish')")
     long.add_argument("--max-runs", type=int, help="stop after this many runs")
     long.add_argument(
+        "--stages",
+        type=_stage_numbers,
+        help="run only these stages of the file's 'stages' (e.g. 1,2; 1 = the first)",
+    )
+    long.add_argument(
         "--no-commit", action="store_true", help="publish the results but do not git-commit them"
     )
     long.add_argument(
@@ -113,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("sweep_dir", help="a sweep folder (holds sweep.yaml)")
     return parser
+
+
+def _stage_numbers(text: str) -> list[int]:
+    """``--stages 1,2`` as [1, 2]."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"stages are numbers separated by commas (e.g. 1,2), got {text!r}"
+        ) from None
 
 
 def _stop_cleanly_on_signals() -> None:
@@ -147,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             spec = _spec(args)
             publish_dir = Path(args.publish or spec.publish or f"results/published/{spec.name}")
             runs = campaign.ordered_runs(spec)
+            if args.stages:
+                runs = campaign.runs_of_stages(spec, args.stages)
             if args.only:
                 chosen = set(select(spec, parse_filters(args.only)))
                 runs = [r for r in runs if r in chosen]

@@ -129,6 +129,20 @@ def ordered_runs(spec: SweepSpec) -> list[Run]:
     return [run for stage in staged_runs(spec) for run in stage]
 
 
+def runs_of_stages(spec: SweepSpec, stages: Sequence[int]) -> list[Run]:
+    """The runs of the numbered stages (1 = the first), in campaign order; lets one command
+    run part of a campaign (say stages 1 and 2) and hand over to another campaign."""
+    staged = staged_runs(spec)
+    wrong = sorted({number for number in stages if not 1 <= number <= len(staged)})
+    if wrong:
+        raise SweepError(
+            f"campaign '{spec.name}' has stages 1 to {len(staged)}; no stage {wrong[0]}"
+        )
+    return [
+        run for number, stage in enumerate(staged, start=1) if number in stages for run in stage
+    ]
+
+
 def _kind(run: Run) -> tuple[int, str]:
     """What a run's cost depends on: its synthetic images per client and its pretraining."""
     config = run.run_config
