@@ -424,7 +424,7 @@ def table1_markdown(final_runs: pd.DataFrame, pretrain_mode: str = "federated") 
 
 
 def _mean_std(values: pd.Series) -> str:
-    """ "mean +- std", or the mean alone for one value (no std)."""
+    """The values' mean and std as "mean +- std", or the mean alone for one value."""
     if len(values) < 2:
         return f"{values.mean():.4f}"
     return f"{values.mean():.4f} +- {values.std():.4f}"
