@@ -6,9 +6,9 @@ each in a process group of its own, with a private ``FLWR_HOME``
 (:func:`flwr_env`) and its log in that home. Flower starts its SuperExec, and
 with it ``flwr-simulation``, Ray and the ClientApps, in sessions of their own,
 out of reach of the group; every one of them inherits ``FLWR_HOME``, so
-:func:`processes_with_home` (which reads ``/proc``) finds all of them, and
-:func:`stop_process_tree` stops the group and all of them: SIGTERM first, then
-SIGKILL what is left.
+:func:`processes_with_home` (which reads ``/proc``) finds all of them and their
+descendants, and :func:`stop_process_tree` stops the group and all of them:
+SIGTERM first, then SIGKILL what is left.
 
 :mod:`fedaug_flwr.launch` (``flwr run`` on a private SuperLink),
 :mod:`fedaug_flwr.deploy` (a real deployment on loopback) and
@@ -380,14 +380,30 @@ def flwr_home_of(pid: int) -> str | None:
 
 
 def processes_with_home(flwr_home: Path | str) -> list[int]:
-    """Every live process (but this one) started with ``FLWR_HOME=flwr_home``.
+    """Every live process (but this one) started with ``FLWR_HOME=flwr_home``, and every live
+    descendant of one.
 
     Each SuperLink, SuperNode and launch gets a private home, and every process
     Flower and Ray start below it inherits it, whatever process group or
     session they put themselves in: this finds all of one run's processes.
+    Descendants count too because Ray's agents (``ray::DashboardAgent``,
+    ``ray::RuntimeEnvAgent``) write their process title over their environment,
+    where ``/proc`` no longer shows the home they inherited.
     """
     home = str(flwr_home)
-    return [pid for pid in _live_pids() if pid != os.getpid() and flwr_home_of(pid) == home]
+    parents = {pid: parent_pid(pid) for pid in _live_pids() if pid != os.getpid()}
+    found = {pid for pid in parents if flwr_home_of(pid) == home}
+    return sorted(found | descendants(found, parents))
+
+
+def descendants(roots: set[int], parents: Mapping[int, int | None]) -> set[int]:
+    """The pids of ``parents`` (pid -> its parent) that descend from one of ``roots``."""
+    found: set[int] = set()
+    frontier = set(roots)
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found - roots
 
 
 # ------------------------------------------------------------------------- stopping
@@ -400,22 +416,34 @@ def stop_processes(
     ``ours()`` names, wait up to ``grace_s`` for them to go, then SIGKILL what is left.
 
     Only processes of ours are signalled: ``leader_alive`` must say False once the
-    leader is gone (its pid, and so the group id, may then be reused).
+    leader is gone (its pid, and so the group id, may then be reused). A process
+    ``ours()`` named once is stopped too even when ``ours()`` no longer names it.
     """
+    seen: dict[int, int] = {}  # pid -> start time: each process ours() ever named
+
+    def ours_and_seen() -> list[int]:
+        # A process named once stays ours while it lives (same pid and start time): one whose
+        # parent died first is reparented, and ours() may no longer find it by its parent.
+        found = set(ours()) | {pid for pid, ticks in seen.items() if start_ticks(pid) == ticks}
+        for pid in found:
+            if pid not in seen and (ticks := start_ticks(pid)) is not None:
+                seen[pid] = ticks
+        return sorted(pid for pid in found if pid in seen)
+
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         if leader_alive():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(group, sig)
-        for pid in ours():  # also those outside the group, and leftovers
+        for pid in ours_and_seen():  # also those outside the group, and leftovers
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             leader_alive()  # a leader of ours is reaped as soon as it exits
-            if not ours():
+            if not ours_and_seen():
                 break
             time.sleep(0.2)
-        if not ours():
+        if not ours_and_seen():
             break
 
 

@@ -18,6 +18,7 @@ from fedaug_flwr.data import IDX_FILES
 from fedaug_flwr.experiments.grid import SweepError, parse_spec
 from fedaug_flwr.experiments.runner import RUN_LOG, run_dir, run_status, run_sweep
 from fedaug_flwr.launch import RunOutcome
+from fedaug_flwr.processes import flwr_home_of
 from fedaug_flwr.results import FAILURE, SUMMARY, folder_lock, read_summary, write_json
 from tests.sweep_fixtures import fake_summary, write_failure
 
@@ -297,6 +298,19 @@ def tagged_processes(tag: str) -> list[int]:
     return found
 
 
+def describe(pids: list[int]) -> str:
+    """Each process's state line and command line (why it was left)."""
+    lines = []
+    for pid in pids:
+        try:
+            status = (Path(f"/proc/{pid}/stat").read_text().split(") ")[1]).split()[:4]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            lines.append(f"{pid}: {status} {cmdline[:300]} home={flwr_home_of(pid)}")
+        except OSError:
+            lines.append(f"{pid}: gone")
+    return "\n".join(lines)
+
+
 @pytest.mark.simulation
 def test_sigterm_stops_every_process_of_the_running_simulation(tmp_path):
     """SIGTERM mid-run: the sweep exits 130 only once flwr-simulation, Ray and the SuperLink
@@ -330,11 +344,12 @@ def test_sigterm_stops_every_process_of_the_running_simulation(tmp_path):
         if sweep.poll() is None:
             sweep.kill()
         leftovers = tagged_processes(tag)
+        left_described = describe(leftovers)
         for pid in leftovers:
             os.kill(pid, signal.SIGKILL)
     assert sweep.returncode == 130, rest[-3000:]
     assert "interrupted" in rest
-    assert leftovers == []
+    assert leftovers == [], left_described
     run = parse_spec(yaml_safe_load(experiment)).runs()[0]
     time.sleep(5)  # a run left going would still be training now
     assert not (run_dir(tmp_path / "sweep", run) / SUMMARY).exists()

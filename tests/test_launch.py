@@ -8,12 +8,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from fedaug_flwr import launch
 from fedaug_flwr.config import ConfigError
-from fedaug_flwr.launch import group_members, processes_with_home, stop_process_tree
+from fedaug_flwr.launch import _live_pids, group_members, processes_with_home, stop_process_tree
 from fedaug_flwr.results import OutputFolderError, folder_lock
 
 # ---------------------------------------------------------------- stopping a run
@@ -40,6 +41,44 @@ def test_stopping_takes_processes_that_left_the_process_group(tmp_path):
         for pid in processes_with_home(home):
             os.kill(pid, 9)
         leader.wait(timeout=10)
+
+
+def test_stopping_takes_a_descendant_whose_environment_no_longer_shows_the_home(tmp_path):
+    """Ray's agents overwrite their environment with their process title, so FLWR_HOME does
+    not find them; stopping still takes them by their parent, and still SIGKILLs one that
+    ignores SIGTERM after that parent has gone."""
+    home, marker = tmp_path / "home", f"FEDAUG_AGENT={os.getpid()}-{time.time_ns()}"
+    agent = "trap '' TERM; exec sleep 300"  # outlives its parent: it ignores SIGTERM
+    raylet = tmp_path / "raylet.sh"
+    raylet.write_text(f'env -i {marker} /bin/sh -c "{agent}" &\nwait\n')
+    leader = subprocess.Popen(
+        ["sh", "-c", f"setsid sh {raylet} & wait"],
+        env={**os.environ, "FLWR_HOME": str(home)},
+        start_new_session=True,
+    )
+
+    def agents() -> list[int]:
+        return [pid for pid in _live_pids() if marker.encode() in _environ(pid)]
+
+    deadline = time.monotonic() + 10
+    while not agents() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert agents() and not set(agents()) & {*group_members(leader.pid)}
+    try:
+        stop_process_tree(leader, home, grace_s=2)
+        time.sleep(0.5)
+        assert agents() == []
+    finally:
+        for pid in agents():
+            os.kill(pid, 9)
+        leader.wait(timeout=10)
+
+
+def _environ(pid: int) -> bytes:
+    try:
+        return (Path("/proc") / str(pid) / "environ").read_bytes()
+    except OSError:
+        return b""
 
 
 # ------------------------------------------------------------- a hung flwr run
