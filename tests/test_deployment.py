@@ -49,6 +49,8 @@ pytestmark = pytest.mark.deployment
 
 RUN_TIMEOUT_S = 480
 # Small but complete; generous round-timeout: honest clients on a busy 2-core box can be slow.
+# No generator-quality check or privacy audit: each spawns ClientApp processes for nothing this
+# file tests (about 45 s a run); tests/test_privacy_wiring.py and test_quality.py cover them.
 TINY_RUN = {
     "cvae-rounds": 1,
     "clf-rounds": 1,
@@ -56,6 +58,8 @@ TINY_RUN = {
     "fraction-evaluate": 0.0,  # clients are still evaluated once, at the end
     "eval-batch-size": 500,
     "round-timeout": 300.0,
+    "quality-samples": 0,
+    "privacy-audit": False,
 }
 
 

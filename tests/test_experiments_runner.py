@@ -250,7 +250,8 @@ def test_a_real_sweep_runs_through_flower_and_resumes(tmp_path):
     experiment = tmp_path / "tiny.yaml"
     experiment.write_text(
         "federation: {num-supernodes: 3}\n"
-        f"base: {{cvae-rounds: 1, clf-rounds: 1, imputation: none, data-dir: '{broken}'}}\n"
+        "base: {cvae-rounds: 1, clf-rounds: 1, imputation: none, quality-samples: 0,\n"
+        f"       privacy-audit: false, data-dir: '{broken}'}}\n"
         "axes: {dataset: [mnist-5k, mnist]}\n"
         "seeds: [0]\n"
     )
@@ -394,7 +395,8 @@ def test_a_real_run_stopped_mid_phase_resumes_with_the_same_command_and_results(
     experiment = tmp_path / "resume.yaml"
     experiment.write_text(
         "federation: {num-supernodes: 2}\n"
-        "base: {cvae-rounds: 2, clf-rounds: 4, num-synthetic: 20, quality-samples: 0}\n"
+        "base: {cvae-rounds: 2, clf-rounds: 4, num-synthetic: 20, quality-samples: 0,\n"
+        "       privacy-audit: false}\n"
         "seeds: [0]\n"
     )
     run = parse_spec(yaml_safe_load(experiment)).runs()[0]
