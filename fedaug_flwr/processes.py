@@ -353,30 +353,42 @@ def command_line(pid: int) -> list[bytes] | None:
         return None
 
 
-def _live_pids() -> Iterator[int]:
+def _live_stats() -> Iterator[tuple[int, list[str]]]:
+    """Each live process (not a zombie) with its :func:`stat_fields`, read once."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             pid = int(entry.name)
             fields = stat_fields(pid)
             if fields is not None and fields[0] not in ("Z", "X"):
-                yield pid
+                yield pid, fields
+
+
+def _live_pids() -> Iterator[int]:
+    return (pid for pid, _ in _live_stats())
 
 
 def group_members(group: int) -> list[int]:
     """Live processes in process group ``group``."""
-    return [pid for pid in _live_pids() if int((stat_fields(pid) or ["", "", "0"])[2]) == group]
+    return [pid for pid, fields in _live_stats() if int(fields[2]) == group]
 
 
-def flwr_home_of(pid: int) -> str | None:
-    """The ``FLWR_HOME`` a process was started with (None if unreadable or unset)."""
+def environ_value(pid: int, name: str) -> str | None:
+    """The value of ``name`` in the environment ``pid`` was started with (None if unreadable
+    or unset)."""
     try:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return None
+    prefix = f"{name}=".encode()
     for entry in environ:
-        if entry.startswith(b"FLWR_HOME="):
-            return entry[len(b"FLWR_HOME=") :].decode(errors="replace")
+        if entry.startswith(prefix):
+            return entry[len(prefix) :].decode(errors="replace")
     return None
+
+
+def flwr_home_of(pid: int) -> str | None:
+    """The ``FLWR_HOME`` a process was started with (None if unreadable or unset)."""
+    return environ_value(pid, "FLWR_HOME")
 
 
 def processes_with_home(flwr_home: Path | str) -> list[int]:
@@ -391,7 +403,7 @@ def processes_with_home(flwr_home: Path | str) -> list[int]:
     where ``/proc`` no longer shows the home they inherited.
     """
     home = str(flwr_home)
-    parents = {pid: parent_pid(pid) for pid in _live_pids() if pid != os.getpid()}
+    parents = {pid: int(fields[1]) for pid, fields in _live_stats() if pid != os.getpid()}
     found = {pid for pid in parents if flwr_home_of(pid) == home}
     return sorted(found | descendants(found, parents))
 
@@ -424,11 +436,10 @@ def stop_processes(
     def ours_and_seen() -> list[int]:
         # A process named once stays ours while it lives (same pid and start time): one whose
         # parent died first is reparented, and ours() may no longer find it by its parent.
-        found = set(ours()) | {pid for pid, ticks in seen.items() if start_ticks(pid) == ticks}
-        for pid in found:
+        for pid in ours():
             if pid not in seen and (ticks := start_ticks(pid)) is not None:
                 seen[pid] = ticks
-        return sorted(pid for pid in found if pid in seen)
+        return sorted(pid for pid, ticks in seen.items() if start_ticks(pid) == ticks)
 
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         if leader_alive():

@@ -18,7 +18,13 @@ from fedaug_flwr.data import IDX_FILES
 from fedaug_flwr.experiments.grid import SweepError, parse_spec
 from fedaug_flwr.experiments.runner import RUN_LOG, run_dir, run_status, run_sweep
 from fedaug_flwr.launch import RunOutcome
-from fedaug_flwr.processes import flwr_home_of
+from fedaug_flwr.processes import (
+    _live_pids,
+    command_line,
+    environ_value,
+    flwr_home_of,
+    stat_fields,
+)
 from fedaug_flwr.results import FAILURE, SUMMARY, folder_lock, read_summary, write_json
 from tests.sweep_fixtures import fake_summary, write_failure
 
@@ -287,28 +293,19 @@ def test_a_real_sweep_runs_through_flower_and_resumes(tmp_path):
 
 def tagged_processes(tag: str) -> list[int]:
     """Live processes whose environment holds ``FEDAUG_TEST_TAG=tag`` (all a sweep started)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and f"FEDAUG_TEST_TAG={tag}".encode() in (
-                (entry / "environ").read_bytes().split(b"\0")
-            ):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    return [pid for pid in _live_pids() if environ_value(pid, "FEDAUG_TEST_TAG") == tag]
 
 
 def describe(pids: list[int]) -> str:
-    """Each process's state line and command line (why it was left)."""
+    """Each process's state, parent, group and command line (why it was left)."""
     lines = []
     for pid in pids:
-        try:
-            status = (Path(f"/proc/{pid}/stat").read_text().split(") ")[1]).split()[:4]
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            lines.append(f"{pid}: {status} {cmdline[:300]} home={flwr_home_of(pid)}")
-        except OSError:
+        fields, arguments = stat_fields(pid), command_line(pid)
+        if fields is None or arguments is None:
             lines.append(f"{pid}: gone")
+        else:
+            command = b" ".join(arguments).decode(errors="replace")[:300]
+            lines.append(f"{pid}: {fields[:3]} {command} home={flwr_home_of(pid)}")
     return "\n".join(lines)
 
 

@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from fedaug_flwr import launch
 from fedaug_flwr.config import ConfigError
 from fedaug_flwr.launch import _live_pids, group_members, processes_with_home, stop_process_tree
+from fedaug_flwr.processes import environ_value
 from fedaug_flwr.results import OutputFolderError, folder_lock
 
 # ---------------------------------------------------------------- stopping a run
@@ -47,10 +47,10 @@ def test_stopping_takes_a_descendant_whose_environment_no_longer_shows_the_home(
     """Ray's agents overwrite their environment with their process title, so FLWR_HOME does
     not find them; stopping still takes them by their parent, and still SIGKILLs one that
     ignores SIGTERM after that parent has gone."""
-    home, marker = tmp_path / "home", f"FEDAUG_AGENT={os.getpid()}-{time.time_ns()}"
+    home, marker = tmp_path / "home", f"{os.getpid()}-{time.time_ns()}"
     agent = "trap '' TERM; exec sleep 300"  # outlives its parent: it ignores SIGTERM
     raylet = tmp_path / "raylet.sh"
-    raylet.write_text(f'env -i {marker} /bin/sh -c "{agent}" &\nwait\n')
+    raylet.write_text(f'env -i FEDAUG_AGENT={marker} /bin/sh -c "{agent}" &\nwait\n')
     leader = subprocess.Popen(
         ["sh", "-c", f"setsid sh {raylet} & wait"],
         env={**os.environ, "FLWR_HOME": str(home)},
@@ -58,7 +58,7 @@ def test_stopping_takes_a_descendant_whose_environment_no_longer_shows_the_home(
     )
 
     def agents() -> list[int]:
-        return [pid for pid in _live_pids() if marker.encode() in _environ(pid)]
+        return [pid for pid in _live_pids() if environ_value(pid, "FEDAUG_AGENT") == marker]
 
     deadline = time.monotonic() + 10
     while not agents() and time.monotonic() < deadline:
@@ -72,13 +72,6 @@ def test_stopping_takes_a_descendant_whose_environment_no_longer_shows_the_home(
         for pid in agents():
             os.kill(pid, 9)
         leader.wait(timeout=10)
-
-
-def _environ(pid: int) -> bytes:
-    try:
-        return (Path("/proc") / str(pid) / "environ").read_bytes()
-    except OSError:
-        return b""
 
 
 # ------------------------------------------------------------- a hung flwr run
