@@ -21,7 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 FIRST_NODE_ID = 1000
 
 # A run small enough for seconds in one process: one round per phase, 10 images imputed, no
-# generator-quality check (its default 6,000 synthetic images took 30 s of a 35 s test).
+# generator-quality check (its default 6,000 synthetic images took most of each fault test).
 SMALL_RUN = {
     "cvae-rounds": 1,
     "clf-rounds": 1,

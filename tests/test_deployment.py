@@ -50,7 +50,8 @@ pytestmark = pytest.mark.deployment
 RUN_TIMEOUT_S = 480
 # Small but complete; generous round-timeout: honest clients on a busy 2-core box can be slow.
 # No generator-quality check or privacy audit: each spawns ClientApp processes for nothing this
-# file tests (about 45 s a run); tests/test_privacy_wiring.py and test_quality.py cover them.
+# file tests (together 49 s of a 177 s run once measured); test_privacy_wiring.py and
+# test_quality.py cover them.
 TINY_RUN = {
     "cvae-rounds": 1,
     "clf-rounds": 1,
