@@ -57,15 +57,19 @@ campaign: setup
 	$(BIN)/python -m fedaug_flwr.experiments campaign $(CAMPAIGN) $(CAMPAIGN_ARGS)
 
 # Every campaign of this project in the order its issues need them: the study's claims
-# (paper-scale stages 1-2), the strategies on MNIST then Fashion-MNIST (baselines), the
-# other preset, the rest of the paper-scale grid. Each line runs only what is not yet
-# published, so the same command continues them all; a failed or stopped line stops here.
+# (paper-scale stages 1-2), how much of a run's swing is in its BatchNorm statistics
+# (batchnorm-statistics stage 1), the strategies on MNIST then Fashion-MNIST (baselines),
+# the minority k = 100 runs of batchnorm-statistics, the other preset, the rest of the
+# paper-scale grid. Each line runs only what is not yet published, so the same command
+# continues them all; a failed or stopped line stops here.
 # Needs FEDAUG_DATA_DIR (MNIST) and, from the Fashion-MNIST stage on, FEDAUG_FASHION_DATA_DIR.
 CAMPAIGN_RUN = $(BIN)/python -m fedaug_flwr.experiments campaign
 campaign-queue: setup
 	$(CAMPAIGN_RUN) conf/paper-scale.yaml --stages 1,2 $(CAMPAIGN_ARGS)
+	$(CAMPAIGN_RUN) conf/batchnorm-statistics.yaml --stages 1 $(CAMPAIGN_ARGS)
 	$(CAMPAIGN_RUN) conf/baselines.yaml --stages 1 $(CAMPAIGN_ARGS)
 	$(CAMPAIGN_RUN) conf/baselines.yaml --stages 2 $(CAMPAIGN_ARGS)
+	$(CAMPAIGN_RUN) conf/batchnorm-statistics.yaml --stages 2 $(CAMPAIGN_ARGS)
 	$(CAMPAIGN_RUN) conf/paper-scale-as-written.yaml $(CAMPAIGN_ARGS)
 	$(CAMPAIGN_RUN) conf/paper-scale.yaml --stages 3,4 $(CAMPAIGN_ARGS)
 

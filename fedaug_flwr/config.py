@@ -108,6 +108,7 @@ class AppConfig:
     clf_fedadam_beta1: float
     clf_fedadam_beta2: float
     eval_batch_size: int
+    bn_recalibration_images: int
     pretrain: str
     pretrain_samples: int
     pretrain_epochs: int
@@ -359,6 +360,11 @@ _RULES: dict[str, _Rule] = {
     "clf-fedadam-beta1": (float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "clf-fedadam-beta2": (float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
     "eval-batch-size": (int, _positive, "an integer >= 1"),
+    "bn-recalibration-images": (
+        int,
+        _non_negative,
+        "an integer >= 0 (0: off; else real training images to re-measure BatchNorm on)",
+    ),
     "pretrain": (str, PRETRAIN_MODES.__contains__, f"one of {list(PRETRAIN_MODES)}"),
     "pretrain-samples": (int, lambda v: v >= 20, "an integer >= 20"),
     "pretrain-epochs": (int, _positive, "an integer >= 1"),

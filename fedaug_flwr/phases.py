@@ -79,7 +79,12 @@ from fedaug_flwr.strategies import (
     routed_strategy,
     sender_of,
 )
-from fedaug_flwr.training import TensorData, evaluate_classifier, seeded
+from fedaug_flwr.training import (
+    TensorData,
+    evaluate_classifier,
+    seeded,
+    with_recalibrated_batchnorm,
+)
 from fedaug_flwr.transport import to_state_dict
 
 NODE_ID = "node-id"  # the Flower node id of a SuperNode, as the server saw it
@@ -167,11 +172,14 @@ def train_classifier(
     initial: dict | None = None,
     sizes: dict[int, NodeSizes] | None = None,
     hooks: RoundHooks | None = None,
+    calibration: TensorData | None = None,
 ) -> Trained:
     """Phase 3: FedAvg of ExquisiteNet (from ``initial`` weights, e.g. pretrained, or fresh),
     evaluated on the clients' real test splits every round and on the global test set.
     ``sizes`` (from the imputation) bound what each client may claim in its replies;
-    ``hooks``: the run's checkpoint, as for :func:`train_cvae`."""
+    ``hooks``: the run's checkpoint, as for :func:`train_cvae`; ``calibration``: images
+    to score each global model again with BatchNorm statistics measured on them
+    (``bn-recalibration-images``)."""
     config = task.app
     hooks = hooks or RoundHooks()
     initial = initial if initial is not None else seeded(config.seed, 2, ExquisiteNetV1)
@@ -183,38 +191,65 @@ def train_classifier(
         timeout=config.round_timeout,
         train_config=task.to_record(),
         evaluate_config=task.to_record(),
-        evaluate_fn=global_evaluator(global_test, config.eval_batch_size),
+        evaluate_fn=global_evaluator(global_test, config.eval_batch_size, calibration),
         resume=hooks.resume,
         after_round=hooks.after_round,
     )
     weights = to_state_dict(_require_model(result, "classifier"))
     server_metrics = result.evaluate_metrics_serverapp
 
-    def global_test_of(server_round: int) -> dict:
-        return {"global-test": metric_dict(server_metrics[server_round])}
+    def global_test_of(server_round: int, name: str = "global-test") -> dict:
+        return split_recalibrated(metric_dict(server_metrics[server_round]), name)
 
     section = {
         "parameters": count_parameters(ExquisiteNetV1()),
         "local-epochs": config.classifier_local_epochs,
         "initial-weights-sha256": weights_digest(initial),
-        "initial-global-test": metric_dict(server_metrics[0]),
+        **global_test_of(0, "initial-global-test"),
         "federated-evaluation": strategy.federated_evaluation,
         "aggregation": strategy.aggregation,
         "strategy": {"name": strategy.strategy, **strategy.parameters()},
         "rounds": _rounds(strategy, result, global_test_of),
         "round-timing-s": strategy.timing_table(),
     }
+    if calibration is not None:
+        section["bn-recalibration"] = {
+            "images": len(calibration),
+            "from": "a seeded sample of the data set's training images (labels unused)",
+        }
     return Trained(weights, section)
 
 
-def global_evaluator(test: TensorData, batch_size: int):
-    """Server-side evaluation of the global classifier on the global MNIST test set."""
+# The server's global-test metrics of the model with re-measured BatchNorm statistics carry
+# this prefix in its MetricRecord (one record per round), and their own entry in the summary.
+RECALIBRATED = "recalibrated-"
+
+
+def global_evaluator(test: TensorData, batch_size: int, calibration: TensorData | None = None):
+    """Server-side evaluation of the global classifier on the global test set; with
+    ``calibration``, also of a copy whose BatchNorm statistics are measured on it
+    (:func:`~fedaug_flwr.training.with_recalibrated_batchnorm`)."""
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model = load_classifier(to_state_dict(arrays))
-        return MetricRecord(evaluate_classifier(model, test, batch_size))
+        metrics = evaluate_classifier(model, test, batch_size)
+        if calibration is not None:
+            recalibrated = with_recalibrated_batchnorm(model, calibration, batch_size)
+            scores = evaluate_classifier(recalibrated, test, batch_size)
+            metrics.update({f"{RECALIBRATED}{key}": value for key, value in scores.items()})
+        return MetricRecord(metrics)
 
     return evaluate
+
+
+def split_recalibrated(metrics: dict, name: str = "global-test") -> dict:
+    """``{name: the model's own scores}``, and ``{name}-recalibrated`` where the round also
+    scored the model with re-measured BatchNorm statistics."""
+    own = {k: v for k, v in metrics.items() if not k.startswith(RECALIBRATED)}
+    recalibrated = {
+        k.removeprefix(RECALIBRATED): v for k, v in metrics.items() if k.startswith(RECALIBRATED)
+    }
+    return {name: own, **({f"{name}-recalibrated": recalibrated} if recalibrated else {})}
 
 
 def _strategy(

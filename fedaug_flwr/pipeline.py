@@ -31,6 +31,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 from flwr.serverapp import Grid
 
 from fedaug_flwr import phases, privacy_server, server_work
@@ -45,9 +46,11 @@ from fedaug_flwr.replies import sizes_by_node
 from fedaug_flwr.run_record import RunRecord
 from fedaug_flwr.server_work import ServerWork
 from fedaug_flwr.tracking import RunLog
-from fedaug_flwr.training import TensorData, evaluate_classifier
+from fedaug_flwr.training import TensorData, evaluate_classifier, seed_for
 
 FINAL_MODEL = {"off": "federated", "federated": "finetuned", "local": "finetuned-locally"}
+# The random stream (of the run seed) that picks the bn-recalibration-images sample.
+BATCHNORM_SAMPLE_STREAM = 16
 
 
 def run(grid: Grid, config: AppConfig, run_id: int) -> Path:
@@ -89,6 +92,7 @@ def run_phases(grid: Grid, record: RunRecord) -> None:
     task = TaskConfig(config, data.source, location)
     node_ids = phases.wait_for_nodes(grid, config.min_clients)
     global_test = TensorData.from_digits(data.test)
+    calibration = batchnorm_calibration(data, config)  # None unless bn-recalibration-images
 
     # 1. the generator, and what the server makes of it on its own
     cvae = pretrained = None
@@ -166,7 +170,13 @@ def run_phases(grid: Grid, record: RunRecord) -> None:
             trained = record.timed(
                 "classifier",
                 lambda: phases.train_classifier(
-                    grid, task, global_test, initial, sizes, record.rounds("classifier")
+                    grid,
+                    task,
+                    global_test,
+                    initial,
+                    sizes,
+                    record.rounds("classifier"),
+                    calibration,
                 ),
             )
             record.add("classifier", trained.section)
@@ -214,6 +224,19 @@ def data_section(
     }
 
 
+def batchnorm_calibration(data: MnistData, config: AppConfig) -> TensorData | None:
+    """The real images the ``bn-recalibration-images`` diagnostic measures BatchNorm
+    statistics on: a seeded sample of the client pool (all of it if it is smaller);
+    ``None`` when the diagnostic is off."""
+    size = min(config.bn_recalibration_images, len(data.pool))
+    if size == 0:
+        return None
+    rng = np.random.default_rng(seed_for(config.seed, BATCHNORM_SAMPLE_STREAM))
+    return TensorData.from_digits(
+        data.pool.subset(np.sort(rng.choice(len(data.pool), size, False)))
+    )
+
+
 def client_rows(imputation: Imputation, final: PerClient) -> list[dict]:
     """Per client: what the imputation reported, and its final test metrics."""
     rows = {pid: dict(row) for pid, row in imputation.clients.items()}
@@ -237,10 +260,13 @@ def pretraining_section(
 
 def final_section(config: AppConfig, final: PerClient, classifier: Trained | None) -> dict:
     """The final model's metrics over the clients and on the global test set."""
-    global_test = None if classifier is None else classifier.section["rounds"][-1]["global-test"]
-    return {
+    last = {} if classifier is None else classifier.section["rounds"][-1]
+    section = {
         "model": FINAL_MODEL[config.pretrain],
         "clients": aggregate_clients(final.metrics.values()),
-        "global-test": global_test,
+        "global-test": last.get("global-test"),
         "failures": final.failures,
     }
+    if "global-test-recalibrated" in last:  # the bn-recalibration-images diagnostic
+        section["global-test-recalibrated"] = last["global-test-recalibrated"]
+    return section

@@ -8,6 +8,7 @@ the same loop. Nothing here knows about Flower.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Callable, Iterator, Mapping
@@ -184,6 +185,21 @@ def evaluate_classifier(model: nn.Module, data: TensorData, batch_size: int) -> 
     probabilities, mean_loss = predict(model, data, batch_size)
     predictions = probabilities.argmax(dim=1).cpu().numpy()
     return classification_metrics(data.labels.cpu().numpy(), predictions, mean_loss)
+
+
+def with_recalibrated_batchnorm(model: nn.Module, data: TensorData, batch_size: int) -> nn.Module:
+    """A copy of ``model`` (same weights) whose BatchNorm running statistics are measured
+    anew on ``data``, in eval mode. FedAvg averages each client's running statistics, which
+    were measured under that client's own weights, not under the averaged ones; this copy
+    shows what the averaged weights are worth with statistics that match them.
+
+    PyTorch's ``update_bn`` (built for SWA's averaged weights, the same mismatch) does the
+    measuring: it resets the statistics and averages them over the minibatches, each batch
+    weighing the same."""
+    recalibrated = copy.deepcopy(model)
+    with torch.no_grad():
+        torch.optim.swa_utils.update_bn(minibatches(data, batch_size), recalibrated)
+    return recalibrated.eval()
 
 
 @torch.no_grad()

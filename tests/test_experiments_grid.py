@@ -237,3 +237,22 @@ def test_the_paper_scale_campaigns_pair_their_beta_01_runs_across_presets():
         other = counterparts[key(run)]
         assert {k: run.run_config[k] for k in split} == {k: other.run_config[k] for k in split}
     assert as_written.num_supernodes == as_run.num_supernodes == 100
+
+
+def test_the_batchnorm_statistics_runs_repeat_paper_scale_runs_with_the_diagnostic_on():
+    """conf/batchnorm-statistics.yaml: each run is a paper-scale run (same cell, seed,
+    preset, data, clients, rounds) with only bn-recalibration-images added, so its
+    training, and every number but the added score, is that run's."""
+    paper = load_spec(CONF / "paper-scale.yaml")
+    diagnostic = load_spec(CONF / "batchnorm-statistics.yaml")
+    validate(diagnostic)
+    assert diagnostic.preset == paper.preset == "as-run"
+    assert diagnostic.num_supernodes == paper.num_supernodes == 100
+    counterparts = {(tuple(sorted(run.run_config.items())), run.seed) for run in paper.runs()}
+    runs = diagnostic.runs()
+    assert len(runs) == 12
+    for run in runs:
+        config = dict(run.run_config)
+        assert config.pop("bn-recalibration-images") == 10_000
+        config["pretrain"] = "off"  # the paper-scale file's own axis
+        assert (tuple(sorted(config.items())), run.seed) in counterparts

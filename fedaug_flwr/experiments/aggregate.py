@@ -111,6 +111,7 @@ def final_row(summary: Mapping[str, Any]) -> dict[str, Any]:
         "synthetic-fraction": synthetic / (real + synthetic) if real + synthetic else float("nan"),
         **_metrics("test-", summary["final"]["clients"], weighted=True),
         **_metrics("global-test-", summary["final"].get("global-test")),
+        **_metrics("global-test-recalibrated-", summary["final"].get("global-test-recalibrated")),
     }
     row.update(last_rounds_columns(summary))
     row.update(quality_columns(summary))
@@ -223,6 +224,7 @@ def round_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
             row["train-loss"] = float(train["train-loss"])
         row.update(_metrics("test-", entry.get("evaluate"), weighted=True))
         row.update(_metrics("global-test-", entry.get("global-test")))
+        row.update(_metrics("global-test-recalibrated-", entry.get("global-test-recalibrated")))
         rows.append(row)
     return rows
 
