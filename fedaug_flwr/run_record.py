@@ -18,12 +18,15 @@ them from there.
 
 from __future__ import annotations
 
+import os
+import platform
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib.metadata import version
 from pathlib import Path
 from typing import TypeVar
 
@@ -216,6 +219,7 @@ class RunRecord:
             "status": "completed",
             "run-id": self.run_id,
             "fedaug-flwr-version": __version__,
+            "machine": describe_machine(),
             "started-at": _iso(self.started),
             "finished-at": _iso(time.time()),
             "output-dir": str(self.output_dir),
@@ -282,3 +286,27 @@ def _added(now: dict, before: dict) -> dict:
 
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=UTC).isoformat(timespec="seconds")
+
+
+def describe_machine() -> dict[str, str | int | None]:
+    """The machine that wrote the summary: its CPU model and cores, Python, torch and Flower.
+    A seed fixes a run's numbers bit for bit only on the same kind of CPU (with the same
+    torch and thread count): float rounding in torch's kernels differs between CPU models."""
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": version("flwr"),
+    }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -7,6 +7,7 @@ The real pipeline and the real ClientApp run in this process (``LocalGrid``).
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -88,6 +89,9 @@ def test_every_round_records_the_recalibrated_score_of_the_global_model(tmp_path
         assert set(own) == set(recalibrated)
         assert 0.0 <= recalibrated["accuracy"] <= 1.0
         assert recalibrated["loss"] != own["loss"]  # other statistics, other outputs
+    # the summary names the machine: a seed fixes the numbers only on the same kind of CPU
+    assert summary["machine"]["cores"] == os.cpu_count()
+    assert summary["machine"]["torch"] == torch.__version__ and summary["machine"]["cpu"]
     final = summary["final"]
     assert final["global-test-recalibrated"] == classifier["rounds"][-1]["global-test-recalibrated"]
 
