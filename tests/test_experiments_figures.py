@@ -766,3 +766,27 @@ def test_imputation_claims_are_checked_on_the_last_rounds_mean(imputation_tables
         "| [+0.0302, +0.0798] | " in section
     )
     assert "| + |  |  | agrees |" in section
+
+
+def test_runs_of_one_imputation_mode_get_its_claims_and_the_recalibrated_table(imputation_tables):
+    """conf/batchnorm-statistics.yaml has minority imputation only, and the
+    bn-recalibration-images score: its claims are minority - none, also on that score."""
+    runs = imputation_tables.final_runs
+    minority_only = runs[runs["imputation"] != "uniform"].copy()
+    # the recalibrated score: the global accuracy plus 0.1 where minority images were added
+    minority_only[claims.RECALIBRATED_METRIC] = minority_only["global-test-accuracy"] + 0.1 * (
+        minority_only["num-synthetic"] > 0
+    )
+    table = claims.imputation_claims(minority_only, claims.RECALIBRATED_METRIC)
+    assert not table["comparison"].str.contains("uniform").any()
+    plain = claims.imputation_claims(minority_only, claims.IMPUTATION_FIGURE_METRIC)
+    shifted = table.set_index(["comparison", "betas"])["mean"]
+    expected = plain.set_index(["comparison", "betas"])["mean"] + 0.1
+    assert shifted.to_dict() == pytest.approx(expected.to_dict())
+    report = claims.claims_report(minority_only)
+    assert f"## Imputation: {claims.RECALIBRATED_METRIC}" in report
+    assert "measured anew" in report
+    # runs without the score (every campaign so far) have no such table
+    assert claims.RECALIBRATED_METRIC not in claims.claims_report(runs)
+    with pytest.raises(figures.FigureError, match="uniform or minority"):
+        claims.imputation_claims(runs[runs["num-synthetic"] == 0])

@@ -52,6 +52,7 @@ METRIC_LABELS = {
     F1: "client test macro-F1 (mean over clients)",
     "global-test-accuracy": "global test accuracy (= micro-F1; the study's Figures 9-12)",
     "global-test-macro-f1": "global test macro-F1 (the study's Figure 15)",
+    "global-test-recalibrated-accuracy": "global test accuracy, BatchNorm statistics measured anew",
 }
 
 
