@@ -23,6 +23,7 @@ from pathlib import Path
 import psutil
 
 from fedaug_flwr.results import write_json
+from fedaug_flwr.run_record import cpu_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -37,16 +38,6 @@ def default_data_dir() -> str:
 
 def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def gpu_names() -> list[str]:
