@@ -277,6 +277,7 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "global_accuracy_vs_k_averaged.png",
                 "claims.md",
                 "claims_imputation.png",
+                "claims_test_loss.png",
             },
             [
                 "claims_finetuning",
@@ -307,6 +308,7 @@ def test_plot_command_draws_everything_a_sweep_supports(tmp_path, capsys):
                 "global_accuracy_vs_k_uniform",
                 "global_accuracy_per_round",
                 "claims_imputation",
+                "claims_test_loss",
                 "progress",
             ],
         ),
@@ -766,6 +768,32 @@ def test_imputation_claims_are_checked_on_the_last_rounds_mean(imputation_tables
         "| [+0.0302, +0.0798] | " in section
     )
     assert "| + |  |  | agrees |" in section
+
+
+def test_test_loss_claims_say_where_synthetic_images_change_the_loss(imputation_tables):
+    """The study: test losses "do not seem to be affected by the number of imputed data
+    points" (Figure 8). Where an interval of ours excludes zero, the verdict is "differs"."""
+    runs = imputation_tables.final_runs.copy()
+    # no synthetic images: loss 1.0; with them: 0.3, 0.31, 0.32 lower (seeds 0-2) at
+    # beta 0.1 and unchanged at beta 10
+    lower = np.isclose(runs["dirichlet-beta"], 0.1) & (runs["num-synthetic"] > 0)
+    runs["test-loss"] = 1.0 - lower * (0.3 + runs["seed"] / 100)
+    table = claims.test_loss_claims(runs).set_index(["comparison", "betas"])
+    at_01 = table.loc[("minority k = 100 (50%) - no synthetic", "0.1")]
+    assert at_01["mean"] == pytest.approx(-0.31)
+    assert (at_01["study"], at_01["verdict"]) == ("0", "differs")
+    assert table.loc[("uniform k = 100 (50%) - no synthetic", "0.1"), "verdict"] == "differs"
+    unchanged = table.loc[("minority k = 100 (50%) - no synthetic", "10")]
+    assert unchanged["mean"] == pytest.approx(0.0) and unchanged["verdict"] == "inconclusive"
+    # pooled over both betas: -0.155 per seed on average, no spread to speak of
+    both = table.loc[("uniform k = 100 (50%) - no synthetic", "0.1, 10")]
+    assert both["mean"] == pytest.approx(-0.155)
+    # no minority - uniform row: the study says nothing of the modes' losses
+    assert not any(name.startswith("minority - uniform") for name, _ in table.index)
+    report = claims.claims_report(runs)
+    section = report.split("## Test loss: test-loss")[1].split("## ")[0]
+    assert "Figure 8" in section and "| 0 |  |  | differs |" in section
+    assert "## Test loss: global-test-loss" in report
 
 
 def test_runs_of_one_imputation_mode_get_its_claims_and_the_recalibrated_table(imputation_tables):

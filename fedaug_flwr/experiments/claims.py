@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -75,7 +75,22 @@ RECALIBRATED_NOTE = (
     "not repeated here.\n\n"
 )
 
-METRIC_NOTES = {LAST_ROUNDS_METRIC: LAST_ROUNDS_NOTE, RECALIBRATED_METRIC: RECALIBRATED_NOTE}
+# The study's Figure 8 metric: the clients' test loss, averaged over clients (the
+# study's code sums it over batches, ours is per image; docs/study.md).
+TEST_LOSS_METRIC = "test-loss"
+TEST_LOSS_NOTE = (
+    'The study: "the mean test losses and their variances do not seem to be affected by '
+    "the number of imputed data points\" (section 4.1, its Figure 8: the clients' test loss "
+    'per round). So its sign here is 0, and an interval that excludes zero "differs"; a '
+    "negative difference is a lower loss. On the final round's loss, the clients' mean "
+    "(the study's Figure 8 metric) and the global model's on the test set.\n\n"
+)
+
+METRIC_NOTES = {
+    LAST_ROUNDS_METRIC: LAST_ROUNDS_NOTE,
+    RECALIBRATED_METRIC: RECALIBRATED_NOTE,
+    TEST_LOSS_METRIC: TEST_LOSS_NOTE,
+}
 
 # The study's number for a comparison, on the metric above (what its text or its authors'
 # saved outputs state; docs/study.md). Keys: (comparison, beta); beta None for an average
@@ -231,8 +246,11 @@ def _study_sign_against_none(mode: str, k: int, betas: Sequence[float]) -> int |
     return None
 
 
-def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
-    """Differences in ``metric`` that the study's claims are about, per seed then over seeds."""
+def _imputation_grid(
+    final_runs: pd.DataFrame, metric: str
+) -> tuple[dict[str, pd.DataFrame], list[float], list[int], pd.Series]:
+    """Per imputation mode with runs of its own, ``metric`` per seed and (beta, k); the
+    betas, the k > 0 and each k's synthetic share of the training images."""
     for column in (BETA, K, "imputation", "seed", metric):
         if column not in final_runs:
             raise FigureError(f"imputation claims need column '{column}'")
@@ -247,6 +265,51 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
     curves = (imputation_curve(final_runs, mode) for mode in IMPUTATION_MODES)
     ks = sorted({int(k) for curve in curves for k in curve[K] if k > 0})
     share = final_runs.groupby(K)["synthetic-fraction"].mean()
+    return tables, betas, ks, share
+
+
+def _more_synthetic_rows(
+    tables: dict[str, pd.DataFrame],
+    betas: Sequence[float],
+    ks: Sequence[int],
+    share: pd.Series,
+    sign_against_none: Callable[[str, int, Sequence[float]], int | None],
+    sign_more: Callable[[str], int | None],
+    study: Callable[[str, Sequence[float]], tuple[float, str] | None],
+) -> list[dict]:
+    """Per mode, for both betas together and each alone: every k against no synthetic
+    images, and the largest k against the smallest; the study's sign of each from the
+    two functions given."""
+    rows = []
+    beta_sets = [betas, *([b] for b in betas)] if len(betas) > 1 else [betas]
+    for mode, table in tables.items():
+        for beta_set in beta_sets:
+            for k in ks:
+                rows.append(
+                    _summary(
+                        f"{mode} k = {k} ({100 * share[k]:.0f}%) - no synthetic",
+                        beta_set,
+                        _mean_over(table, beta_set, [k]) - _mean_over(table, beta_set, [0]),
+                        sign_against_none(mode, k, beta_set),
+                        study(f"{mode} k = {k} - no synthetic", beta_set),
+                    )
+                )
+            if len(ks) > 1:
+                rows.append(
+                    _summary(
+                        f"{mode} k = {ks[-1]} - {mode} k = {ks[0]} (more synthetic)",
+                        beta_set,
+                        _mean_over(table, beta_set, [ks[-1]])
+                        - _mean_over(table, beta_set, [ks[0]]),
+                        sign_more(mode),
+                    )
+                )
+    return rows
+
+
+def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
+    """Differences in ``metric`` that the study's claims are about, per seed then over seeds."""
+    tables, betas, ks, share = _imputation_grid(final_runs, metric)
 
     def study(comparison: str, beta_set: Sequence[float]) -> tuple[float, str] | None:
         if metric != IMPUTATION_FIGURE_METRIC:
@@ -276,30 +339,32 @@ def imputation_claims(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFram
                     +1 if k in STUDY_KS and k != 100 else None,  # "at every k except 100"
                 )
             )
-    beta_sets = [betas, *([b] for b in betas)] if len(betas) > 1 else [betas]
-    for mode, table in tables.items():
-        for beta_set in beta_sets:
-            for k in ks:
-                rows.append(
-                    _summary(
-                        f"{mode} k = {k} ({100 * share[k]:.0f}%) - no synthetic",
-                        beta_set,
-                        _mean_over(table, beta_set, [k]) - _mean_over(table, beta_set, [0]),
-                        _study_sign_against_none(mode, k, beta_set),
-                        study(f"{mode} k = {k} - no synthetic", beta_set),
-                    )
-                )
-            if len(ks) > 1:
-                rows.append(
-                    _summary(
-                        f"{mode} k = {ks[-1]} - {mode} k = {ks[0]} (more synthetic)",
-                        beta_set,
-                        _mean_over(table, beta_set, [ks[-1]])
-                        - _mean_over(table, beta_set, [ks[0]]),
-                        # uniform degrades past ~45 % synthetic; minority keeps improving
-                        -1 if mode == "uniform" else +1,
-                    )
-                )
+    rows += _more_synthetic_rows(
+        tables,
+        betas,
+        ks,
+        share,
+        _study_sign_against_none,
+        # uniform degrades past ~45 % synthetic; minority keeps improving
+        lambda mode: -1 if mode == "uniform" else +1,
+        study,
+    )
+    return with_q(pd.DataFrame(rows))
+
+
+def test_loss_claims(final_runs: pd.DataFrame, metric: str = TEST_LOSS_METRIC) -> pd.DataFrame:
+    """The study's "mean test losses ... do not seem to be affected by the number of
+    imputed data points" (section 4.1, Figure 8) as differences in ``metric``: each k
+    against none and more against fewer synthetic images, where the study found no
+    difference, so an interval that excludes zero "differs"."""
+    tables, betas, ks, share = _imputation_grid(final_runs, metric)
+
+    def no_difference(*_: object) -> int:
+        return 0
+
+    rows = _more_synthetic_rows(
+        tables, betas, ks, share, no_difference, no_difference, lambda *_: None
+    )
     return with_q(pd.DataFrame(rows))
 
 
@@ -447,6 +512,7 @@ CLAIM_SETS = (
         imputation_claims,
         (F1, IMPUTATION_FIGURE_METRIC, LAST_ROUNDS_METRIC, RECALIBRATED_METRIC),
     ),
+    ("Test loss", test_loss_claims, (TEST_LOSS_METRIC, "global-test-loss")),
     ("Fine-tuning", finetune_claims, (F1, FINETUNE_FIGURE_METRIC)),
 )
 

@@ -604,7 +604,7 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
     why_not: dict[str, str] = {}
     claim_sets = claim_tables(tables.final_runs, why_not)
     for title, _, _ in CLAIM_SETS:
-        name = f"claims_{title.lower().replace('-', '')}"
+        name = f"claims_{title.lower().replace('-', '').replace(' ', '_')}"
 
         def forest(title: str = title, name: str = name) -> Path:
             if title not in claim_sets:
