@@ -48,6 +48,28 @@ def test_the_eta_is_the_mean_round_so_far_times_the_rounds_left():
     )
 
 
+def test_server_epochs_give_the_time_left_from_their_mean_time():
+    """Pretraining runs on the server without rounds: its epoch lines are the progress."""
+    epoch = "INFO :      [fedaug] pretraining epoch {}/15: train loss 0.1039, real-test acc 0.5\n"
+    lines = [
+        "[fedaug] phase 'cvae' starts\n",
+        "INFO : [ROUND 1/15]\n",
+        "[fedaug] phase 'pretraining' starts\n",
+        epoch.format(1),
+        epoch.format(2),
+        epoch.format(2),  # printed twice: counts once
+        epoch.format(3),
+    ]
+    assert replay(lines, [0.0, 500.0, 650.0, 800.0]) == [
+        f"{PREFIX} cvae round 1/15",
+        f"{PREFIX} pretraining epoch 1/15 done",
+        f"{PREFIX} pretraining epoch 2/15 done (2 min 30 s an epoch), about 32 min 30 s left "
+        "in this phase",
+        f"{PREFIX} pretraining epoch 3/15 done (2 min 30 s an epoch), about 30 min 00 s left "
+        "in this phase",
+    ]
+
+
 def test_rounds_without_a_phase_line_and_other_lines():
     progress = Progress(clock=lambda: 0.0)
     assert progress.feed("(ClientAppActor pid=7) training\n") is None
