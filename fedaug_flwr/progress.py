@@ -11,8 +11,7 @@ it also starts the client actors. A phase that trains on the server without
 rounds (pretraining) logs ``[fedaug] <phase> epoch e/n`` after each epoch instead:
 the same estimate, from the epochs' mean time since the first one ended.
 :class:`Progress` turns those lines into one compact line per round or epoch; the
-launcher prints it under Flower's. (The pipeline
-module named above is being reorganized; the log line's text is what counts.)
+launcher prints it under Flower's.
 """
 
 from __future__ import annotations
