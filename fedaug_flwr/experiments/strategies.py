@@ -39,8 +39,11 @@ AUGMENTED = "augmented"
 GLOBAL_ACCURACY = "global-test-accuracy"
 # What a comparison is made on, and how its section is headed
 REPORTED = {
-    F1: "The clients' macro-F1 on their own test splits (the app's headline metric)",
-    GLOBAL_ACCURACY: "The global model's accuracy on the global test set (the study's metric)",
+    F1: f"The clients' macro-F1 on their own test splits (`{F1}`, the app's headline metric)",
+    GLOBAL_ACCURACY: (
+        f"The global model's accuracy on the global test set (`{GLOBAL_ACCURACY}`, the study's"
+        " metric)"
+    ),
 }
 
 
@@ -146,10 +149,11 @@ def comparison_markdown(final_runs: pd.DataFrame, metric: str = F1) -> str:
     for dataset, beta in _groups(table):
         at = table[(table[DATASET] == dataset) & np.isclose(table[BETA], beta)]
         ks = sorted(int(k) for k in at.loc[at[AUGMENTED], K].unique())
+        synthetic = f"synthetic (k = {', '.join(map(str, ks))})" if ks else "synthetic"
         lines += [
             f"**{dataset or 'data'}, beta = {beta:g}**",
             "",
-            f"| strategy | no synthetic | synthetic (k = {', '.join(map(str, ks))}) |",
+            f"| strategy | no synthetic | {synthetic} |",
             "| --- | ---: | ---: |",
         ]
         for strategy in _order(at[STRATEGY]):
@@ -188,7 +192,7 @@ def comparison_report(final_runs: pd.DataFrame) -> str:
     """:func:`comparison_markdown` for every metric of :data:`REPORTED` the runs have, one
     section each; the q values are adjusted within each section's table."""
     sections = [
-        f"## {heading} (`{metric}`)\n\n{comparison_markdown(final_runs, metric)}"
+        f"## {heading}\n\n{comparison_markdown(final_runs, metric)}"
         for metric, heading in REPORTED.items()
         if metric in final_runs and final_runs[metric].notna().any()
     ]
