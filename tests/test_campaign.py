@@ -133,6 +133,25 @@ def test_progress_counts_published_runs_per_stage_and_estimates_the_rest_by_kind
     assert row in text
 
 
+def test_progress_names_the_variable_of_each_data_set_its_runs_read(tmp_path):
+    """The command that continues a campaign needs every data set's folder, not only those
+    of the runs published so far."""
+    both = {**SPEC, "axes": {**SPEC["axes"], "dataset": ["mnist", "fashion-mnist"]}}
+    text = campaign_progress(parse_spec(both), tmp_path)
+    assert (
+        "with the data its runs read: `FEDAUG_DATA_DIR=<MNIST IDX folder>` "
+        "`FEDAUG_FASHION_DATA_DIR=<Fashion-MNIST IDX folder>`." in text
+    )
+    clothing = {**SPEC, "base": {**SPEC["base"], "dataset": "fashion-mnist"}}
+    text = campaign_progress(parse_spec(clothing), tmp_path)
+    assert "read: `FEDAUG_FASHION_DATA_DIR=<Fashion-MNIST IDX folder>`." in text
+    # runs that name their folder, or read the bundled digits, need no variable
+    named = {**clothing, "base": {**clothing["base"], "data-dir": "/data/fashion"}}
+    for spec in (named, SPEC):
+        text = campaign_progress(parse_spec(spec), tmp_path)
+        assert "with nothing to set (its runs use the bundled digits" in text
+
+
 def timing_s_total(minutes: float) -> dict:
     return {"timing-s": {"total": minutes * 60.0}}
 

@@ -741,8 +741,37 @@ def test_strategy_comparison_pairs_by_seed_and_asks_whether_the_fixes_add_up(tmp
         "| fedprox: interaction (do they add up?) | -0.0200 | 0.0100 | 3 | [-0.0448, +0.0048] "
         f"| {interaction['q']:.3f} | inconclusive |" in text
     )
+    # the same comparisons on the global model's test accuracy (the fixture: client F1 + 0.15)
+    clients_part, global_part = text.split("## The global model's accuracy")
+    assert "| fedprox | 0.650 ± 0.100 (3) |" in clients_part
+    assert "| fedprox | 0.800 ± 0.100 (3) | 0.880 ± 0.105 (3) |" in global_part
+    assert "| fedprox: interaction (do they add up?) | -0.0200 | 0.0100 | 3 |" in global_part
+    assert_png(tmp_path / "figures" / "strategy_comparison_global.png")
+    assert_png(tmp_path / "figures" / "strategy_rounds.png")
     # FedAvg and FedProx share (beta, k): the study's figures are skipped, saying why
     assert "skipped macro_f1_vs_k_minority: test-macro-f1 vs k: 2 cells" in capsys.readouterr().out
+
+
+def test_strategies_per_round_draw_a_line_per_strategy_and_synthetic_images(tmp_path):
+    strategies_sweep(tmp_path)
+    tables = write_tables(tmp_path)
+    figure = strategies.plot_strategy_rounds(tables.rounds_cells)
+    (axis,) = figure.axes
+    lines = {line.get_label(): line for line in axis.get_lines()}
+    assert set(lines) == {
+        "fedavg (n=3)",
+        "fedavg + synthetic (n=3)",
+        "fedprox (n=3)",
+        "fedprox + synthetic (n=3)",
+    }
+    # every round's global test accuracy is the run's F1 + 0.1: FedProx without synthetic
+    # images 0.55, 0.65, 0.75 over the seeds, so 0.75 in both rounds; dashed with them
+    assert list(lines["fedprox (n=3)"].get_xdata()) == [1, 2]
+    assert lines["fedprox (n=3)"].get_ydata() == pytest.approx([0.75, 0.75])
+    assert lines["fedprox + synthetic (n=3)"].get_linestyle() == "--"
+    assert lines["fedavg + synthetic (n=3)"].get_ydata() == pytest.approx([0.8, 0.8])
+    with pytest.raises(strategies.FigureError, match="needs classifier rounds"):
+        strategies.plot_strategy_rounds(tables.rounds_cells.drop(columns=["clf-strategy"]))
 
 
 def test_strategy_comparison_needs_fedavg_with_and_without_synthetic_images(tmp_path):

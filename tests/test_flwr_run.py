@@ -5,12 +5,29 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
 
 import pytest
+from flwr.cli.build import build_fab_from_disk
+from flwr.common.constant import FAB_MAX_SIZE
 
 from fedaug_flwr import launch
+from fedaug_flwr.processes import APP_DIR
 from fedaug_flwr.results import FAILURE, SUMMARY
 from tests.conftest import TINY
+
+
+def test_the_app_bundle_holds_the_code_and_not_the_published_results():
+    """`flwr run` packs the app with Flower's builder, which takes every .md, .json and
+    .yaml by default: the results published under docs/ would grow the bundle past
+    Flower's 10 MB limit, and every run of a campaign would then fail to start."""
+    bundle = build_fab_from_disk(APP_DIR)
+    names = zipfile.ZipFile(io.BytesIO(bundle)).namelist()
+    code = {"server_app.py", "client_app.py", "fedaug_flwr/node.py", "fedaug_flwr/phases.py"}
+    assert code | {"pyproject.toml", "fedaug_flwr/experiments/campaign.py"} <= set(names)
+    others = [n for n in names if not n.endswith(".py") and n not in {"pyproject.toml"}]
+    assert others == [".info/CONTENT"]
+    assert len(bundle) < FAB_MAX_SIZE / 4
 
 
 def group_alive(pgid: int) -> bool:

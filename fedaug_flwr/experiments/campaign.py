@@ -32,6 +32,7 @@ from typing import Any, TextIO
 
 import pandas as pd
 
+from fedaug_flwr.data import IDX_DATASETS
 from fedaug_flwr.experiments.aggregate import client_rows
 from fedaug_flwr.experiments.grid import Run, SweepError, SweepSpec, select
 from fedaug_flwr.experiments.runner import (
@@ -164,6 +165,23 @@ def _cost(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _data_note(runs: Sequence[Run]) -> str:
+    """Where the campaign's runs read their data: the variable of each IDX data set that a
+    run without a ``data-dir`` of its own asks for, in the spec's order."""
+    from_variables = dict.fromkeys(
+        str(run.run_config.get("dataset"))
+        for run in runs
+        if not run.run_config.get("data-dir") and str(run.run_config.get("dataset")) in IDX_DATASETS
+    )
+    if not from_variables:
+        return "with nothing to set (its runs use the bundled digits or name their folders)"
+    folders = " ".join(
+        f"`{IDX_DATASETS[name].env_var}=<{IDX_DATASETS[name].title} IDX folder>`"
+        for name in from_variables
+    )
+    return f"with the data its runs read: {folders}"
+
+
 def campaign_progress(spec: SweepSpec, folder: Path) -> str:
     """Markdown: what the campaign in ``folder`` has published and what it cost, what is
     still to run stage by stage with an estimate, and the runs that come next.
@@ -218,7 +236,7 @@ def campaign_progress(spec: SweepSpec, folder: Path) -> str:
         "Continue it from the repository's root (it runs what is not published yet, in "
         "this order; the experiment file is kept with the results): `python -m "
         f"fedaug_flwr.experiments campaign {spec.publish or '<this folder>'}/{SPEC_FILE}`, "
-        "with the data its runs read (`FEDAUG_DATA_DIR=<MNIST IDX folder>` for MNIST).",
+        f"{_data_note([run for stage in stages for run in stage])}.",
         "",
         "## Next runs, in order",
         "",

@@ -39,7 +39,13 @@ from fedaug_flwr.experiments.campaign import campaign_progress
 from fedaug_flwr.experiments.claims import CLAIM_SETS, claim_tables, claims_report, plot_claims
 from fedaug_flwr.experiments.generators import generator_quality_markdown, plot_generator_quality
 from fedaug_flwr.experiments.runner import read_spec, run_dir
-from fedaug_flwr.experiments.strategies import comparison_markdown, plot_strategy_comparison
+from fedaug_flwr.experiments.strategies import (
+    GLOBAL_ACCURACY,
+    comparison_report,
+    labelled,
+    plot_strategy_comparison,
+    plot_strategy_rounds,
+)
 from fedaug_flwr.experiments.tradeoff import plot_privacy_tradeoff, tradeoff_markdown
 from fedaug_flwr.results import read_summary, write_atomic
 
@@ -629,12 +635,26 @@ def draw_all(sweep_dir: Path, label_seed: int | None = None) -> Drawn:
     attempt("privacy_tradeoff", privacy_tradeoff)
 
     def strategy_comparison() -> Path:
-        text = comparison_markdown(tables.final_runs)  # raises first without the strategies
+        text = comparison_report(tables.final_runs)  # raises first without the strategies
         write_atomic(out / "strategy_comparison.md", lambda tmp: tmp.write_text(text))
         figure = plot_strategy_comparison(tables.final_runs)
         return save_figure(figure, out / "strategy_comparison.png")
 
     attempt("strategy_comparison", strategy_comparison)
+    attempt(
+        "strategy_comparison_global",
+        lambda: save_figure(
+            plot_strategy_comparison(tables.final_runs, GLOBAL_ACCURACY),
+            out / "strategy_comparison_global.png",
+        ),
+    )
+
+    def strategy_rounds() -> Path:
+        labelled(tables.final_runs)  # the same sweeps as the comparison, or a reason why not
+        figure = plot_strategy_rounds(tables.rounds_cells)
+        return save_figure(figure, out / "strategy_rounds.png")
+
+    attempt("strategy_rounds", strategy_rounds)
 
     def progress() -> Path:
         if not spec.stages:

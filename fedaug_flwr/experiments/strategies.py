@@ -15,6 +15,10 @@ summarized over seeds with a 95 % t interval (:func:`fedaug_flwr.experiments.cla
 An interval that covers zero is reported as inconclusive. Every row also carries the
 q value of its paired t test, adjusted over all of the table's comparisons
 (:func:`fedaug_flwr.experiments.claims.with_q`).
+
+The comparisons are made on the clients' macro-F1 and, separately, on the global model's
+test accuracy (the study's metric for imputation); a per-round figure shows how each
+strategy got to its final number.
 """
 
 from __future__ import annotations
@@ -32,6 +36,15 @@ STRATEGY = "clf-strategy"
 DATASET = "dataset"
 REFERENCE = "fedavg"
 AUGMENTED = "augmented"
+GLOBAL_ACCURACY = "global-test-accuracy"
+# What a comparison is made on, and how its section is headed
+REPORTED = {
+    F1: f"The clients' macro-F1 on their own test splits (`{F1}`, the app's headline metric)",
+    GLOBAL_ACCURACY: (
+        f"The global model's accuracy on the global test set (`{GLOBAL_ACCURACY}`, the study's"
+        " metric)"
+    ),
+}
 
 
 def labelled(final_runs: pd.DataFrame) -> pd.DataFrame:
@@ -136,10 +149,11 @@ def comparison_markdown(final_runs: pd.DataFrame, metric: str = F1) -> str:
     for dataset, beta in _groups(table):
         at = table[(table[DATASET] == dataset) & np.isclose(table[BETA], beta)]
         ks = sorted(int(k) for k in at.loc[at[AUGMENTED], K].unique())
+        synthetic = f"synthetic (k = {', '.join(map(str, ks))})" if ks else "synthetic"
         lines += [
             f"**{dataset or 'data'}, beta = {beta:g}**",
             "",
-            f"| strategy | no synthetic | synthetic (k = {', '.join(map(str, ks))}) |",
+            f"| strategy | no synthetic | {synthetic} |",
             "| --- | ---: | ---: |",
         ]
         for strategy in _order(at[STRATEGY]):
@@ -172,6 +186,17 @@ def comparison_markdown(final_runs: pd.DataFrame, metric: str = F1) -> str:
             f"{std} | {row['n']} | {span} | {q_text(row['q'])} | {row['verdict']} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def comparison_report(final_runs: pd.DataFrame) -> str:
+    """:func:`comparison_markdown` for every metric of :data:`REPORTED` the runs have, one
+    section each; the q values are adjusted within each section's table."""
+    sections = [
+        f"## {heading}\n\n{comparison_markdown(final_runs, metric)}"
+        for metric, heading in REPORTED.items()
+        if metric in final_runs and final_runs[metric].notna().any()
+    ]
+    return "\n".join(sections)
 
 
 def plot_strategy_comparison(final_runs: pd.DataFrame, metric: str = F1) -> Figure:
@@ -215,4 +240,47 @@ def plot_strategy_comparison(final_runs: pd.DataFrame, metric: str = F1) -> Figu
     axes[0].set_ylabel(f"final {metric} (mean over seeds, ± 1 std)")
     axes[0].legend(fontsize=8)
     figure.suptitle("Server strategies with and without synthetic images; dots: seeds")
+    return figure
+
+
+def plot_strategy_rounds(rounds_cells: pd.DataFrame, metric: str = GLOBAL_ACCURACY) -> Figure:
+    """One panel per data set and beta: ``metric`` after every classifier round, a line per
+    strategy (solid without synthetic images, dashed with), the mean over seeds with a
+    ± 1 std band. Where the final numbers hide a model that swings from round to round,
+    this shows it."""
+    mean_column, std_column = f"{metric}-mean", f"{metric}-std"
+    needed = [STRATEGY, BETA, K, "imputation", "phase", "round", "n", mean_column]
+    missing = [c for c in needed if c not in rounds_cells]
+    table = rounds_cells[rounds_cells["phase"] == "classifier"] if not missing else rounds_cells
+    if missing or table.empty:
+        raise FigureError(
+            f"strategies per round: needs classifier rounds with columns {needed} "
+            f"(missing {missing})"
+        )
+    table = table.copy()
+    table[AUGMENTED] = ~is_baseline(table)
+    if DATASET not in table:
+        table[DATASET] = ""
+    groups = _groups(table)
+    figure = Figure(figsize=(4.2 * len(groups) + 1.0, 4.0))
+    axes = figure.subplots(1, len(groups), squeeze=False, sharey=True)[0]
+    for axis, (dataset, beta) in zip(axes, groups, strict=True):
+        at = table[(table[DATASET] == dataset) & np.isclose(table[BETA], beta)]
+        for i, strategy in enumerate(_order(at[STRATEGY])):
+            for augmented, style in ((False, "-"), (True, "--")):
+                line = at[(at[STRATEGY] == strategy) & (at[AUGMENTED] == augmented)]
+                if line.empty:
+                    continue
+                line = line.sort_values("round")
+                mean = line[mean_column].to_numpy(float)
+                std = np.nan_to_num(line[std_column].to_numpy(float))
+                label = f"{strategy}{' + synthetic' if augmented else ''} (n={line['n'].min()})"
+                axis.plot(line["round"], mean, style, color=f"C{i}", marker=".", label=label)
+                axis.fill_between(line["round"], mean - std, mean + std, color=f"C{i}", alpha=0.15)
+        axis.set_title(f"{dataset + ', ' if dataset else ''}beta = {beta:g}", fontsize=10)
+        axis.set_xlabel("classifier round")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    axes[0].set_ylabel(f"{metric} (mean over seeds, ± 1 std)")
+    figure.suptitle("Server strategies per round; solid: no synthetic images, dashed: synthetic")
     return figure
