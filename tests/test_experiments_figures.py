@@ -720,6 +720,9 @@ def test_strategy_comparison_pairs_by_seed_and_asks_whether_the_fixes_add_up(tmp
     alone = table.loc["fedprox - fedavg, no synthetic"]
     assert alone["mean"] == pytest.approx(0.05) and alone["verdict"] == "higher"
     assert table.loc["fedavg: synthetic - none", "mean"] == pytest.approx(0.1)
+    # augmentation against the fix: FedAvg + synthetic (0.6, 0.7, 0.8) - FedProx (0.55, ...)
+    against = table.loc["fedavg + synthetic - fedprox, no synthetic"]
+    assert against["mean"] == pytest.approx(0.05) and against["n"] == 3
     assert table.loc["fedprox: synthetic - none", "mean"] == pytest.approx(0.08)
     both = table.loc["fedprox + synthetic - fedavg, no synthetic"]
     assert both["mean"] == pytest.approx(0.13) and both["n"] == 3

@@ -5,7 +5,8 @@ and summarized in one table per data set and beta.
 Every comparison is paired by seed (a seed fixes the partition and the initial models), then
 summarized over seeds with a 95 % t interval (:func:`fedaug_flwr.experiments.claims.interval`):
 
-- each strategy against FedAvg, both without synthetic images (the algorithmic fix alone);
+- each strategy against FedAvg, both without synthetic images (the algorithmic fix alone),
+  and FedAvg with synthetic images against the strategy without (augmentation against the fix);
 - synthetic images against none, under each strategy (augmentation alone);
 - each strategy with synthetic images against FedAvg without (both fixes together);
 - whether they add up: (strategy + synthetic - strategy) - (FedAvg + synthetic - FedAvg),
@@ -125,6 +126,8 @@ def comparisons(final_runs: pd.DataFrame, metric: str = F1) -> pd.DataFrame:
         for strategy in strategies[1:]:
             plain = _seed_values(per_seed, strategy, False)
             pairs.append((f"{strategy} - fedavg, no synthetic", plain - fedavg))
+            against = f"fedavg + synthetic - {strategy}, no synthetic"
+            pairs.append((against, fedavg_synthetic - plain))
         for strategy in strategies:
             plain, synthetic = (_seed_values(per_seed, strategy, a) for a in (False, True))
             pairs.append((f"{strategy}: synthetic - none", synthetic - plain))
