@@ -58,10 +58,7 @@ def labelled(final_runs: pd.DataFrame) -> pd.DataFrame:
         raise FigureError(
             f"strategy comparison: needs complete runs with columns {needed} (missing {missing})"
         )
-    table = final_runs.copy()
-    table[AUGMENTED] = ~is_baseline(table)
-    if DATASET not in table:
-        table[DATASET] = ""
+    table = _marked(final_runs)
     strategies = set(table[STRATEGY])
     if REFERENCE not in strategies or len(strategies) < 2 or table[AUGMENTED].nunique() < 2:
         raise FigureError(
@@ -76,6 +73,15 @@ def labelled(final_runs: pd.DataFrame) -> pd.DataFrame:
             f"strategy comparison: {cells[point]} cells at {dict(zip(keys, point, strict=True))};"
             " the sweep varies more than data set, beta, strategy and synthetic images"
         )
+    return table
+
+
+def _marked(table: pd.DataFrame) -> pd.DataFrame:
+    """A copy with the ``augmented`` column, and an empty ``dataset`` where there is none."""
+    table = table.copy()
+    table[AUGMENTED] = ~is_baseline(table)
+    if DATASET not in table:
+        table[DATASET] = ""
     return table
 
 
@@ -254,16 +260,12 @@ def plot_strategy_rounds(rounds_cells: pd.DataFrame, metric: str = GLOBAL_ACCURA
     mean_column, std_column = f"{metric}-mean", f"{metric}-std"
     needed = [STRATEGY, BETA, K, "imputation", "phase", "round", "n", mean_column]
     missing = [c for c in needed if c not in rounds_cells]
-    table = rounds_cells[rounds_cells["phase"] == "classifier"] if not missing else rounds_cells
-    if missing or table.empty:
+    if missing or not (rounds_cells["phase"] == "classifier").any():
         raise FigureError(
             f"strategies per round: needs classifier rounds with columns {needed} "
             f"(missing {missing})"
         )
-    table = table.copy()
-    table[AUGMENTED] = ~is_baseline(table)
-    if DATASET not in table:
-        table[DATASET] = ""
+    table = _marked(rounds_cells[rounds_cells["phase"] == "classifier"])
     groups = _groups(table)
     figure = Figure(figsize=(4.2 * len(groups) + 1.0, 4.0))
     axes = figure.subplots(1, len(groups), squeeze=False, sharey=True)[0]
