@@ -755,6 +755,20 @@ def test_strategy_comparison_pairs_by_seed_and_asks_whether_the_fixes_add_up(tmp
     assert "skipped macro_f1_vs_k_minority: test-macro-f1 vs k: 2 cells" in capsys.readouterr().out
 
 
+def test_strategy_comparison_is_checked_on_the_last_rounds_mean(tmp_path):
+    strategies_sweep(tmp_path)
+    final_runs = write_tables(tmp_path).final_runs
+    assert "global-test-accuracy-last3" not in strategies.comparison_report(final_runs)
+    # the fixture's runs have 2 rounds; give them a last-3 mean 0.3 below the final number
+    final_runs["global-test-accuracy-last3"] = final_runs["global-test-accuracy"] - 0.3
+    report = strategies.comparison_report(final_runs)
+    section = report.split("(`global-test-accuracy-last3`): a check against one round's swing")
+    assert len(section) == 2 and "## The global model's accuracy on" in section[0]
+    # the means shift by 0.3, the paired differences stay those of the last round
+    assert "| fedprox | 0.500 ± 0.100 (3) | 0.580 ± 0.105 (3) |" in section[1]
+    assert "| fedprox: interaction (do they add up?) | -0.0200 | 0.0100 | 3 |" in section[1]
+
+
 def test_strategies_per_round_draw_a_line_per_strategy_and_synthetic_images(tmp_path):
     strategies_sweep(tmp_path)
     tables = write_tables(tmp_path)
