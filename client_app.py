@@ -28,6 +28,7 @@ from fedaug_flwr.protocol import (
     ImputationAnswer,
     LocalFinetuneAnswer,
     PrivacyAnswer,
+    RosterAnswer,
     TaskConfig,
     TrainAnswer,
     message_round,
@@ -40,6 +41,14 @@ from fedaug_flwr.transport import to_state_dict
 
 # The mod is a no-op unless a test sets FEDAUG_TEST_FAULTS (see fedaug_flwr.faults).
 app = ClientApp(mods=[fault_injection_mod])
+
+
+@app.query("roster")
+def report_partition(msg: Message, context: Context) -> Message:
+    """Before the first round, when rounds draw some of the nodes: the partition this node
+    holds, by which the server lists the nodes it draws from."""
+    node_config = node.parse_node_config(context.node_config)
+    return reply(msg, RosterAnswer(node_config.partition_id).to_metrics())
 
 
 @app.train("cvae")

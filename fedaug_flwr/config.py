@@ -178,6 +178,12 @@ class AppConfig:
         return self.synthetic_per_client > 0 or self.pretrain != "off"
 
     @property
+    def samples_nodes(self) -> bool:
+        """Rounds draw some of the nodes (a training or evaluation fraction below 1), so
+        which partitions a round trains depends on how the nodes are listed."""
+        return self.fraction_train < 1.0 or 0.0 < self.fraction_evaluate < 1.0
+
+    @property
     def classifier_local_epochs(self) -> int:
         """Local epochs per classifier round: fine-tuning uses its own count."""
         return self.finetune_local_epochs if self.pretrain != "off" else self.clf_local_epochs

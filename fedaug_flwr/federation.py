@@ -1,22 +1,37 @@
-"""Waiting for the SuperNodes a run needs (``min-clients``), server side.
+"""The SuperNodes of a run, server side: waiting for those it needs (``min-clients``)
+and listing them in partition order.
 
 In a simulation every SuperNode registers at once when the run starts, so the
 number of nodes is known as soon as it stops changing: fewer than
 ``min-clients`` can never become enough, and the run fails at once. In a
 deployment SuperNodes may connect later: the server waits up to a timeout and
 says in the log how many are connected and how long it will still wait.
+
+Flower's strategies draw each round's nodes with ``random.sample(grid.get_node_ids(), n)``
+(``flwr.serverapp.strategy.strategy_utils.sample_nodes``, a module function the
+strategies call, with no hook for the order). Node ids are random numbers the SuperLink
+gives each SuperNode when it registers, listed in set order, so a seeded ``random`` drew
+other partitions in every run of one config: at 100 clients and 10 a round, two runs of
+one seed trained their CVAEs on different clients. :class:`PartitionOrderedGrid` lists
+the nodes by the partition each holds (asked once, ``query.roster``), which makes the
+seed fix the draw, in a simulation, in a deployment and after a resume (new node ids).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.superlink.grid import InMemoryGrid
 
 from fedaug_flwr.strategies import PhaseError
+
+if TYPE_CHECKING:
+    from flwr.supercore.run import Run  # the type Grid.run has; Flower exports it nowhere else
 
 log = logging.getLogger("flwr.fedaug")  # printed by Flower's own log handler
 
@@ -67,3 +82,47 @@ def wait_for_nodes(
             next_notice = clock() + NOTICE_EVERY_S
         previous = count
         sleep(poll_s)
+
+
+class PartitionOrderedGrid(Grid):
+    """``grid`` listing its nodes in the order of the partitions they hold (``partitions``:
+    partition id by node id); nodes it does not know (a SuperNode that joined later) come
+    last, by node id. Everything else is ``grid``'s own."""
+
+    def __init__(self, grid: Grid, partitions: Mapping[int, int]) -> None:
+        self.grid = grid
+        self.partitions = dict(partitions)
+
+    def get_node_ids(self) -> list[int]:
+        def key(node_id: int) -> tuple[bool, int, int]:
+            return (node_id not in self.partitions, self.partitions.get(node_id, 0), node_id)
+
+        return sorted(self.grid.get_node_ids(), key=key)
+
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)

@@ -8,7 +8,9 @@ returns what it made with its section of ``summary.json``.
 - :func:`impute_on_clients` (phase 2): one ``query.impute`` message per client;
 - :func:`evaluate_on_clients` and :func:`finetune_locally`: a model sent once to
   every client, outside any round;
-- :func:`send_to_all`, the one-message-per-client exchange under the last three.
+- :func:`listed_by_partition` (before phase 1, when rounds draw some of the nodes): one
+  ``query.roster`` message per client, its partition id back;
+- :func:`send_to_all`, the one-message-per-client exchange under the last four.
 
 Clients may fail (an exception, missing data, a dead SuperNode): each failure is
 logged and recorded, with the Flower node id, in the phase's ``failures``. A
@@ -52,11 +54,13 @@ from fedaug_flwr.protocol import (
     PARTITION_ID,
     PRIVACY_AUDIT,
     REAL_TRAIN,
+    ROSTER,
     SYNTHETIC_TRAIN,
     TEST,
     VAL,
     ImputationAnswer,
     PrivacyAnswer,
+    RosterAnswer,
     TaskConfig,
 )
 from fedaug_flwr.replies import (
@@ -65,6 +69,7 @@ from fedaug_flwr.replies import (
     imputation_check,
     partition_count_problem,
     privacy_check,
+    roster_check,
     screen,
 )
 from fedaug_flwr.server_work import ServerWork
@@ -135,6 +140,26 @@ class PerClient:
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float | None = None) -> list[int]:
     """Node ids once at least ``minimum`` nodes are connected (see :mod:`federation`)."""
     return federation.wait_for_nodes(grid, minimum, NODE_WAIT_S if timeout is None else timeout)
+
+
+def listed_by_partition(grid: Grid, config: AppConfig, node_ids: list[int]) -> Grid:
+    """``grid`` listing its nodes by the partition each holds, asked once (``query.roster``),
+    so that a seed draws the same partitions every round whatever ids the nodes got (see
+    :mod:`federation`). Nodes that do not answer are listed last; fewer than
+    ``min-clients`` answers raise :class:`PhaseError`."""
+    answers, _ = send_to_all(
+        grid, node_ids, ROSTER, RecordDict, config.round_timeout, config.min_clients, roster_check
+    )
+    partitions = {
+        answer[NODE_ID]: RosterAnswer.from_metrics(answer).partition_id for answer in answers
+    }
+    log.info(
+        "[fedaug] rounds draw some of the %d nodes: listed by partition (%s: %d answered)",
+        len(node_ids),
+        ROSTER,
+        len(partitions),
+    )
+    return federation.PartitionOrderedGrid(grid, partitions)
 
 
 # ------------------------------------------------------------------ FedAvg phases

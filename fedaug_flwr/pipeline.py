@@ -91,6 +91,8 @@ def run_phases(grid: Grid, record: RunRecord) -> None:
     data = record.timed("data", lambda: load_source(source, location, config.binarized))
     task = TaskConfig(config, data.source, location)
     node_ids = phases.wait_for_nodes(grid, config.min_clients)
+    if config.samples_nodes:  # rounds draw some nodes: the seed must fix which partitions
+        grid = phases.listed_by_partition(grid, config, node_ids)
     global_test = TensorData.from_digits(data.test)
     calibration = batchnorm_calibration(data, config)  # None unless bn-recalibration-images
 

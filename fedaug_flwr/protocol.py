@@ -4,10 +4,10 @@ One definition for both sides (and the benchmarks' ClientApps):
 
 - the message types, which route to the ClientApp handler of that name;
 - the record keys of a message and of its reply;
-- one small dataclass per kind of reply (:class:`TrainAnswer`, :class:`ImputationAnswer`,
-  :class:`EvaluationAnswer`, :class:`LocalFinetuneAnswer`, :class:`PrivacyAnswer`), which
-  turns into the
-  reply's ``metrics`` record (and the server's reading of it back);
+- one small dataclass per kind of reply (:class:`TrainAnswer`, :class:`RosterAnswer`,
+  :class:`ImputationAnswer`, :class:`EvaluationAnswer`, :class:`LocalFinetuneAnswer`,
+  :class:`PrivacyAnswer`), which turns into the reply's ``metrics`` record (and the
+  server's reading of it back);
 - helpers that read a message (:func:`read_task`, :func:`message_round`,
   :func:`wants_received_evaluation`) and build a reply (:func:`reply`).
 
@@ -34,6 +34,7 @@ TRAIN_CLASSIFIER = "train.clf"
 EVALUATE_CLASSIFIER = "evaluate.clf"
 FINETUNE_LOCALLY = "train.local"  # fine-tune a copy, evaluate it, send back only metrics
 PRIVACY_AUDIT = "query.privacy"  # audit the global CVAE on the client; statistics only
+ROSTER = "query.roster"  # the node's partition id: the order rounds draw nodes in
 
 # Records of a message and of its reply.
 ARRAYS = "arrays"  # the model being trained / evaluated
@@ -153,6 +154,20 @@ class TrainAnswer:
 
     def to_metrics(self) -> dict:
         return {**self.losses, NUM_EXAMPLES: self.num_examples, PARTITION_ID: self.partition_id}
+
+
+@dataclass(frozen=True)
+class RosterAnswer:
+    """Reply to ``query.roster``: the partition the node holds (its ``partition-id``)."""
+
+    partition_id: int
+
+    def to_metrics(self) -> dict:
+        return {PARTITION_ID: self.partition_id}
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, object]) -> RosterAnswer:
+        return cls(partition_id=int(metrics[PARTITION_ID]))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ A good reply holds exactly the records its message kind answers with:
   lying client honest (the robust ``clf-aggregation`` rules are for that);
 - ``partition-id`` the one it reported at the imputation.
 
-The imputation reply itself (:func:`imputation_problem`) must hold every size,
+A roster reply (:func:`roster_check`) holds the node's ``partition-id`` only. The
+imputation reply itself (:func:`imputation_problem`) must hold every size,
 as non-negative integers whose label counts add up. A privacy reply
 (:func:`privacy_problem`) must hold statistics only: counts, short lists of
 distances, fixed-length histograms, AUCs in [0, 1].
@@ -53,6 +54,7 @@ from fedaug_flwr.protocol import (
     NUM_EXAMPLES,
     NUM_PARTITIONS,
     PARTITION_ID,
+    ROSTER,
     TRAIN_CLASSIFIER,
     TRAIN_CVAE,
     PrivacyAnswer,
@@ -80,6 +82,7 @@ REPLY_METRICS: dict[str, frozenset[str]] = {
     EVALUATE_CLASSIFIER: frozenset(_TEST_METRICS),
     FINETUNE_LOCALLY: frozenset({*_TEST_METRICS, "train-loss", "train-examples"}),
     IMPUTE: frozenset(IMPUTE_METRICS),
+    ROSTER: frozenset({PARTITION_ID}),
 }
 # A train.cvae reply under sample-level DP-SGD (cvae-dp = "sample") adds the client's epsilon.
 CVAE_DP_SAMPLE_METRICS = REPLY_METRICS[TRAIN_CVAE] | frozenset(DP_METRICS)
@@ -288,6 +291,21 @@ def imputation_check(synthetic_per_client: int) -> Callable[[Message, int], str 
         return imputation_problem(content[METRICS], synthetic_per_client)
 
     return problem
+
+
+def roster_check(reply: Message, node_id: int) -> str | None:
+    """Why a roster reply cannot count, or ``None``: one MetricRecord holding the node's
+    partition id, an integer >= 0."""
+    content = reply.content
+    if set(content.keys()) != {METRICS} or not isinstance(content[METRICS], MetricRecord):
+        return f"records {sorted(content.keys())}, expected one MetricRecord {[METRICS]}"
+    problem = metrics_problem(content[METRICS], REPLY_METRICS[ROSTER])
+    if problem is not None:
+        return problem
+    partition_id = content[METRICS][PARTITION_ID]
+    if isinstance(partition_id, list) or not float(partition_id).is_integer() or partition_id < 0:
+        return f"'{PARTITION_ID}' must be an integer >= 0; got {partition_id!r}"
+    return None
 
 
 # The length each list of a privacy reply must have (closest distances and quantiles: at

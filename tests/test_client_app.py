@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from client_app import app as client_app
 from fedaug_flwr.config import AppConfig
@@ -13,6 +13,7 @@ from fedaug_flwr.data import load_source
 from fedaug_flwr.models import CVAE, ExquisiteNetV1, load_classifier
 from fedaug_flwr.partition import client_split
 from fedaug_flwr.protocol import TaskConfig
+from fedaug_flwr.replies import roster_check
 from fedaug_flwr.training import TensorData, evaluate_classifier
 from tests.conftest import TINY, make_context, make_message
 
@@ -44,6 +45,29 @@ def impute(context, **overrides):
         {"generator": ArrayRecord(CVAE().state_dict()), "config": task_record(**overrides)}
     )
     return client_app(make_message(content, "query.impute"), context)
+
+
+@pytest.mark.parametrize("partition_id", [0, 3])
+def test_roster_answers_the_nodes_partition_id_and_passes_the_servers_check(partition_id):
+    reply = client_app(make_message(RecordDict(), "query.roster"), make_context(partition_id, 4))
+    assert not reply.has_error()
+    assert dict(reply.content["metrics"]) == {"partition-id": partition_id}
+    assert roster_check(reply, 7) is None
+
+
+@pytest.mark.parametrize(
+    ("metrics", "reason"),
+    [
+        ({"partition-id": -1}, "'partition-id' must be an integer >= 0; got -1"),
+        ({"partition-id": 1.5}, "'partition-id' must be an integer >= 0; got 1.5"),
+        ({"partition-id": 1, "extra": 2}, "unexpected ['extra']"),
+        ({}, "metrics missing ['partition-id']"),
+    ],
+)
+def test_a_malformed_roster_reply_is_refused_with_the_reason(metrics, reason):
+    sent = make_message(RecordDict(), "query.roster")
+    reply = Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=sent)
+    assert reason in roster_check(reply, 7)
 
 
 def test_train_cvae_returns_one_model_and_weighting_metrics():

@@ -248,7 +248,8 @@ def test_an_invalid_grid_runs_nothing_not_even_its_valid_cells(tmp_path):
 
 @pytest.mark.simulation
 def test_a_real_sweep_runs_through_flower_and_resumes(tmp_path):
-    """Two real runs: one completes, one fails in its ServerApp (unreadable MNIST files)."""
+    """Two real runs: one completes, one fails in its ServerApp (unreadable MNIST files).
+    Rounds draw 2 of the 3 nodes: the nodes are listed by partition (``query.roster``)."""
     broken = tmp_path / "broken-mnist"
     broken.mkdir()
     for name in IDX_FILES.values():
@@ -257,6 +258,7 @@ def test_a_real_sweep_runs_through_flower_and_resumes(tmp_path):
     experiment.write_text(
         "federation: {num-supernodes: 3}\n"
         "base: {cvae-rounds: 1, clf-rounds: 1, imputation: none, quality-samples: 0,\n"
+        "       fraction-train: 0.67,\n"
         f"       privacy-audit: false, data-dir: '{broken}'}}\n"
         "axes: {dataset: [mnist-5k, mnist]}\n"
         "seeds: [0]\n"
@@ -270,6 +272,8 @@ def test_a_real_sweep_runs_through_flower_and_resumes(tmp_path):
     good, bad = sweep / "dataset=mnist-5k/seed-0", sweep / "dataset=mnist/seed-0"
     summary = read_summary(good)
     assert summary is not None and summary["data"]["num-clients"] == 3
+    assert [len(r["train-per-client"]) for r in summary["classifier"]["rounds"]] == [2]
+    assert "query.roster" in (good / "flwr.log").read_text()
     assert summary["config"]["output-dir"] == str(good)
     assert not (bad / SUMMARY).exists()
     assert "not an IDX file" in json.loads((bad / FAILURE).read_text())["error"]

@@ -97,13 +97,17 @@ def test_synthetic_counts_follow_the_mode_and_tests_stay_real(simulated_run):
 
 
 class InProcessGrid:
-    """Delivers messages to the real ClientApp in this process (no Ray, no SuperLink)."""
+    """Delivers messages to the real ClientApp in this process (no Ray, no SuperLink).
 
-    def __init__(self, run_config: dict, num_nodes: int) -> None:
+    ``node_ids``: the id of each partition's node (a SuperLink's are random numbers); the
+    grid lists them in ascending order, as a set of small ints iterates."""
+
+    def __init__(self, run_config: dict, num_nodes: int, node_ids: list[int] | None = None):
+        node_ids = node_ids or [100 + i for i in range(num_nodes)]
         self.contexts = {
-            100 + i: Context(
+            node_ids[i]: Context(
                 1,
-                100 + i,
+                node_ids[i],
                 {"partition-id": i, "num-partitions": num_nodes},
                 RecordDict(),
                 run_config,
@@ -112,7 +116,7 @@ class InProcessGrid:
         }
 
     def get_node_ids(self):
-        return list(self.contexts)
+        return sorted(self.contexts)
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
@@ -125,14 +129,40 @@ class InProcessGrid:
         return replies
 
 
-def run_in_process(tmp_path, name: str, seed: int, **overrides) -> dict:
+def run_in_process(
+    tmp_path, name: str, seed: int, node_ids: list[int] | None = None, **overrides
+) -> dict:
     from flwr.supercore.task_identity import TaskIdentity  # internal; see facts sheet §8
 
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
     config = {**TINY, "num-synthetic": 20, "seed": seed, "output-dir": str(tmp_path / name)}
     config.update(overrides)
-    build_server_app(config)(InProcessGrid(config, 2), Context(1, 1, {}, RecordDict(), {}))
+    grid = InProcessGrid(config, len(node_ids) if node_ids else 2, node_ids)
+    build_server_app(config)(grid, Context(1, 1, {}, RecordDict(), {}))
     return json.loads((tmp_path / name / "summary.json").read_text())
+
+
+def drawn_partitions(summary: dict, phase: str) -> list[list[int]]:
+    """The partitions that trained in each round of ``phase``."""
+    return [
+        sorted(client["partition-id"] for client in round_["train-per-client"])
+        for round_ in summary[phase]["rounds"]
+    ]
+
+
+@pytest.mark.usefixtures("in_process_run")
+def test_same_seed_draws_the_same_partitions_whatever_ids_the_nodes_get(tmp_path):
+    """Flower's strategies draw each round's nodes from the grid's list of node ids, and a
+    SuperLink gives the nodes random ids: two runs of one seed must still train the same
+    partitions in every round (here the second run lists partition 0's node last)."""
+    sampled = {"fraction-train": 0.5, "cvae-rounds": 2, "clf-rounds": 2, "quality-samples": 0}
+    first = run_in_process(tmp_path, "a", 5, [10, 20, 30, 40], **sampled)
+    second = run_in_process(tmp_path, "b", 5, [40, 10, 20, 30], **sampled)
+    for phase in ("cvae", "classifier"):
+        assert drawn_partitions(first, phase) == drawn_partitions(second, phase)
+        assert all(len(partitions) == 2 for partitions in drawn_partitions(first, phase))
+    assert first["cvae"]["rounds"] == second["cvae"]["rounds"]
+    assert first["final"] == second["final"]
 
 
 @pytest.mark.usefixtures("in_process_run")
