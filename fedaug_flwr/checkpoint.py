@@ -10,8 +10,7 @@ rest of the run needs:
   ``classifier.pt``) and that file's SHA-256, never a second copy;
 - the phase in progress (:class:`~fedaug_flwr.strategies.PhaseProgress`): its global
   model after the last completed round (the only weights in the file), its round logs
-  and metrics, the per-round timings and the state of the server's random generators
-  (Flower samples each round's nodes with ``random``);
+  and metrics, the per-round timings and the state of the server's random generators;
 - the run config it belongs to.
 
 The same run started again on the same folder (the same command) resumes

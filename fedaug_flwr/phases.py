@@ -313,6 +313,7 @@ def _strategy(
         min_train_nodes=config.min_clients,
         min_evaluate_nodes=config.min_clients if evaluate else 0,
         min_available_nodes=config.min_clients,
+        draw_seed=config.seed,  # with the round, fixes which nodes a round draws
     )
     if evaluate:
         return build()

@@ -86,7 +86,9 @@ def log_to_board(board: RunLog, record: RunRecord) -> None:
 def run_phases(grid: Grid, record: RunRecord) -> None:
     """The phases, top to bottom; each returns its section of the summary."""
     config, folder = record.config, record.output_dir
-    random.seed(config.seed)  # Flower strategies sample nodes with `random`
+    # What draws from `random` on the server starts from the seed (the rounds' draws of
+    # nodes are seeded per round: strategies.seeded_draw).
+    random.seed(config.seed)
     source, location, fallback = resolve_source(config.dataset, config.data_dir)
     data = record.timed("data", lambda: load_source(source, location, config.binarized))
     task = TaskConfig(config, data.source, location)

@@ -27,6 +27,17 @@ aggregation. The classifier may be aggregated by Flower's robust rules
 It also times every round (send and train, aggregation, federated and
 server-side evaluation), which ``summary.json`` reports and ``bench/`` reads.
 
+With a ``draw_seed`` (the run's seed) each round's draw of nodes, when a round takes
+some of them (``fraction-train`` or ``fraction-evaluate`` below 1), depends on the seed,
+the phase, the round and the kind of message only (:func:`seeded_draw`). Flower draws
+with the process's shared ``random``, which other code draws from too: in a simulation
+Flower's heartbeat thread takes a number from it every 17.5 to 22.5 s, so a generator
+seeded once at the start drew other nodes depending on timing; and a classifier phase
+after 15 CVAE rounds would draw other clients than one with no CVAE before it, which
+would unpair the cells with and without synthetic images. Together with nodes listed in
+partition order (:class:`~fedaug_flwr.federation.PartitionOrderedGrid`), a seed fixes
+which partitions every round trains and evaluates.
+
 After every round it can hand its whole state to a callback (:class:`PhaseProgress`:
 the global model, the round logs and metrics so far, the server's random generators),
 and it can start from such a state instead of round 1: the run's checkpoint
@@ -35,9 +46,12 @@ and it can start from such a state instead of round 1: the run's checkpoint
 
 from __future__ import annotations
 
+import random
 import re
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+import zlib
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,7 +80,7 @@ from fedaug_flwr.protocol import (
     VAL_LOSS,
 )
 from fedaug_flwr.replies import TEST, NodeSizes, ReplyRules, screen
-from fedaug_flwr.training import rng_state, set_rng_state
+from fedaug_flwr.training import rng_state, seed_for, set_rng_state
 from fedaug_flwr.transport import from_array, to_array, weighted_mean
 
 
@@ -205,6 +219,25 @@ def in_partition_order(replies: Iterable[Message]) -> list[Message]:
     return sorted(replies, key=key)
 
 
+@contextmanager
+def seeded_draw(seed: int | None, message_type: str, server_round: int) -> Iterator[None]:
+    """Flower's draw of a round's nodes (``random.sample`` in ``sample_nodes``), made with
+    ``random`` seeded by the run's seed, the message type and the round only; the shared
+    generator's state is put back afterwards. ``None``: Flower's draw as it is.
+
+    Flower offers no generator of its own to pass in (``sample_nodes`` uses the module
+    ``random``), hence seeding the shared one around the call."""
+    if seed is None:
+        yield
+        return
+    state = random.getstate()
+    random.seed(seed_for(seed, zlib.crc32(message_type.encode()), server_round))
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
 class RoutedFedAvg(FedAvg):
     """FedAvg whose messages go to ``train.<action>`` / ``evaluate.<action>``."""
 
@@ -218,13 +251,17 @@ class RoutedFedAvg(FedAvg):
         evaluate_on_receipt: bool = False,
         sizes: Mapping[int, NodeSizes] | None = None,
         averaged: Collection[str] = (),
+        draw_seed: int | None = None,
         **kwargs,
     ) -> None:
         """``sizes``: what each node (by node id) reported owning at the imputation, which
         bounds the example counts of its replies (``None``: before the imputation).
         ``averaged``: arrays that a server optimizer (FedAvgM, FedAdam) must not step,
-        e.g. BatchNorm's running statistics; they take FedAvg's mean."""
+        e.g. BatchNorm's running statistics; they take FedAvg's mean. ``draw_seed``: the
+        run's seed, which with the round fixes each round's draw of nodes
+        (:func:`seeded_draw`)."""
         self.averaged = frozenset(averaged)
+        self.draw_seed = draw_seed
         kwargs.setdefault("train_metrics_aggr_fn", _aggregate)
         kwargs.setdefault("evaluate_metrics_aggr_fn", _aggregate)
         super().__init__(**kwargs)
@@ -396,7 +433,7 @@ class RoutedFedAvg(FedAvg):
 
     def _restore(self, resume: PhaseProgress) -> Result:
         """Take up ``resume``'s state: logs, received evaluations, timings, random
-        generators (Flower samples the nodes of the next round with ``random``)."""
+        generators."""
         self.train_log = dict(resume.train_log)
         self.evaluate_log = dict(resume.evaluate_log)
         self._received_evaluations = dict(resume.received_evaluations)
@@ -465,7 +502,8 @@ class RoutedFedAvg(FedAvg):
         if self.evaluate_on_receipt:  # ``arrays`` is round (server_round - 1)'s global model
             config[EVALUATE_RECEIVED] = server_round > 1
         self._sent_models[server_round] = arrays
-        messages = super().configure_train(server_round, arrays, config, grid)
+        with seeded_draw(self.draw_seed, f"train.{self.action}", server_round):
+            messages = super().configure_train(server_round, arrays, config, grid)
         return self._route(messages, "train", server_round)
 
     def configure_evaluate(
@@ -474,7 +512,8 @@ class RoutedFedAvg(FedAvg):
         if self._evaluated_on_receipt(server_round):
             return []
         self._mark(server_round, "evaluate-start")
-        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        with seeded_draw(self.draw_seed, f"evaluate.{self.action}", server_round):
+            messages = super().configure_evaluate(server_round, arrays, config, grid)
         return self._route(messages, "evaluate", server_round)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):

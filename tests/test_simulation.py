@@ -4,6 +4,7 @@ the determinism of a run, checked in-process through the real Server/ClientApps.
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from pathlib import Path
 
@@ -129,15 +130,29 @@ class InProcessGrid:
         return replies
 
 
+class DrawingGrid(InProcessGrid):
+    """Takes a number from the shared ``random`` at every exchange, as Flower's heartbeat
+    thread does in a simulation's ServerApp process."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        random.random()
+        return super().send_and_receive(messages, timeout=timeout)
+
+
 def run_in_process(
-    tmp_path, name: str, seed: int, node_ids: list[int] | None = None, **overrides
+    tmp_path,
+    name: str,
+    seed: int,
+    node_ids: list[int] | None = None,
+    grid_class: type[InProcessGrid] = InProcessGrid,
+    **overrides,
 ) -> dict:
     from flwr.supercore.task_identity import TaskIdentity  # internal; see facts sheet §8
 
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1
     config = {**TINY, "num-synthetic": 20, "seed": seed, "output-dir": str(tmp_path / name)}
     config.update(overrides)
-    grid = InProcessGrid(config, len(node_ids) if node_ids else 2, node_ids)
+    grid = grid_class(config, len(node_ids) if node_ids else 2, node_ids)
     build_server_app(config)(grid, Context(1, 1, {}, RecordDict(), {}))
     return json.loads((tmp_path / name / "summary.json").read_text())
 
@@ -189,3 +204,17 @@ def test_same_seed_same_partitions_labels_and_metrics(tmp_path):
         0.1,
     )
     assert other.train.label_counts() != first["clients"][0]["label-counts-before"]
+
+
+@pytest.mark.usefixtures("in_process_run")
+def test_a_rounds_draw_depends_on_seed_and_round_only(tmp_path):
+    """The classifier's rounds draw the same partitions with and without a CVAE phase
+    before them (the cells of one seed stay paired), and whatever else takes numbers
+    from the shared ``random`` meanwhile."""
+    sampled = {"fraction-train": 0.5, "cvae-rounds": 3, "clf-rounds": 3, "quality-samples": 0}
+    nodes = [10, 20, 30, 40]
+    with_cvae = run_in_process(tmp_path, "a", 5, nodes, imputation="minority", **sampled)
+    without = run_in_process(tmp_path, "b", 5, nodes, DrawingGrid, imputation="none", **sampled)
+    assert "rounds" not in without["cvae"]  # no CVAE phase drew before the classifier's
+    assert drawn_partitions(with_cvae, "classifier") == drawn_partitions(without, "classifier")
+    assert len({tuple(p) for p in drawn_partitions(without, "classifier")}) > 1
