@@ -13,8 +13,9 @@ strategies call, with no hook for the order). Node ids are random numbers the Su
 gives each SuperNode when it registers, listed in set order, so a seeded ``random`` drew
 other partitions in every run of one config: at 100 clients and 10 a round, two runs of
 one seed trained their CVAEs on different clients. :class:`PartitionOrderedGrid` lists
-the nodes by the partition each holds (asked once, ``query.roster``), which makes the
-seed fix the draw, in a simulation, in a deployment and after a resume (new node ids).
+the nodes by the partition each holds (asked once, ``query.roster``); with each round's
+draw seeded on its own (:func:`fedaug_flwr.strategies.seeded_draw`) the seed fixes the
+draw, in a simulation, in a deployment and after a resume (new node ids).
 """
 
 from __future__ import annotations

@@ -281,14 +281,21 @@ def imputation_problem(
     return None
 
 
+def metrics_only_problem(reply: Message) -> str | None:
+    """A reply that answers with statistics only must hold one MetricRecord and nothing else."""
+    content = reply.content
+    if set(content.keys()) != {METRICS} or not isinstance(content[METRICS], MetricRecord):
+        return f"records {sorted(content.keys())}, expected one MetricRecord {[METRICS]}"
+    return None
+
+
 def imputation_check(synthetic_per_client: int) -> Callable[[Message, int], str | None]:
     """Why an imputation reply cannot count, or ``None`` (see :func:`imputation_problem`)."""
 
     def problem(reply: Message, node_id: int) -> str | None:
-        content = reply.content
-        if set(content.keys()) != {METRICS} or not isinstance(content[METRICS], MetricRecord):
-            return f"records {sorted(content.keys())}, expected one MetricRecord {[METRICS]}"
-        return imputation_problem(content[METRICS], synthetic_per_client)
+        return metrics_only_problem(reply) or imputation_problem(
+            reply.content[METRICS], synthetic_per_client
+        )
 
     return problem
 
@@ -296,13 +303,12 @@ def imputation_check(synthetic_per_client: int) -> Callable[[Message, int], str 
 def roster_check(reply: Message, node_id: int) -> str | None:
     """Why a roster reply cannot count, or ``None``: one MetricRecord holding the node's
     partition id, an integer >= 0."""
-    content = reply.content
-    if set(content.keys()) != {METRICS} or not isinstance(content[METRICS], MetricRecord):
-        return f"records {sorted(content.keys())}, expected one MetricRecord {[METRICS]}"
-    problem = metrics_problem(content[METRICS], REPLY_METRICS[ROSTER])
+    problem = metrics_only_problem(reply) or metrics_problem(
+        reply.content[METRICS], REPLY_METRICS[ROSTER]
+    )
     if problem is not None:
         return problem
-    partition_id = content[METRICS][PARTITION_ID]
+    partition_id = reply.content[METRICS][PARTITION_ID]
     if isinstance(partition_id, list) or not float(partition_id).is_integer() or partition_id < 0:
         return f"'{PARTITION_ID}' must be an integer >= 0; got {partition_id!r}"
     return None
@@ -358,10 +364,7 @@ def privacy_problem(record: MetricRecord) -> str | None:
 
 def privacy_check(reply: Message, node_id: int) -> str | None:
     """Why a privacy reply cannot count, or ``None`` (see :func:`privacy_problem`)."""
-    content = reply.content
-    if set(content.keys()) != {METRICS} or not isinstance(content[METRICS], MetricRecord):
-        return f"records {sorted(content.keys())}, expected one MetricRecord {[METRICS]}"
-    return privacy_problem(content[METRICS])
+    return metrics_only_problem(reply) or privacy_problem(reply.content[METRICS])
 
 
 def partition_count_problem(clients: Mapping[int, Mapping[str, object]]) -> str | None:
