@@ -18,6 +18,9 @@ from fedaug_flwr.training import TensorData, evaluate_classifier
 from tests.conftest import TINY, make_context, make_message
 
 NUM_PARTITIONS = 4
+# Partition 7 of 12: 131 training images, a sixth of partition 2 of 4; the classifier tests
+# train and evaluate ExquisiteNet on its split, and its epochs are what those tests cost.
+SMALL_CLIENT = (7, 12)
 
 
 def task_record(**overrides) -> ConfigRecord:
@@ -27,11 +30,11 @@ def task_record(**overrides) -> ConfigRecord:
     return record
 
 
-def expected_split(partition_id: int, config: AppConfig):
+def expected_split(partition_id: int, config: AppConfig, num_partitions: int = NUM_PARTITIONS):
     return client_split(
         load_source("mnist-5k", "").pool,
         partition_id,
-        NUM_PARTITIONS,
+        num_partitions,
         config.dirichlet_beta,
         config.seed,
         config.min_partition_size,
@@ -112,10 +115,10 @@ def test_no_imputation_caches_nothing_but_reports_counts():
 
 
 def test_classifier_trains_on_real_plus_synthetic_and_evaluates_on_real_test_only():
-    context = make_context(2, NUM_PARTITIONS)
+    context = make_context(*SMALL_CLIENT)
     impute(context, **{"num-synthetic": 50})
     synthetic = len(context.state["synthetic"]["labels"].numpy())
-    split = expected_split(2, AppConfig.from_run_config(TINY))
+    split = expected_split(SMALL_CLIENT[0], AppConfig.from_run_config(TINY), SMALL_CLIENT[1])
     weights = ArrayRecord(ExquisiteNetV1().state_dict())
     train = client_app(
         make_message(RecordDict({"arrays": weights, "config": task_record()}), "train.clf"),
@@ -181,7 +184,7 @@ def test_same_message_same_seed_gives_identical_weights():
 
 
 def test_train_message_asking_for_it_also_evaluates_the_received_model_first():
-    context = make_context(2, NUM_PARTITIONS)
+    context = make_context(*SMALL_CLIENT)
     impute(context, **{"num-synthetic": 20})
     received = ArrayRecord(ExquisiteNetV1().state_dict())
 
