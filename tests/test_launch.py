@@ -33,8 +33,9 @@ def test_stopping_takes_processes_that_left_the_process_group(tmp_path):
     # but not yet in a session of its own
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        escaped = set(processes_with_home(home)) - set(group_members(leader.pid))
-        if len(processes_with_home(home)) == 3 and escaped:
+        found = set(processes_with_home(home))
+        escaped = found - set(group_members(leader.pid))
+        if len(found) == 3 and escaped:
             break
         time.sleep(0.1)
     assert len(escaped) == 1  # the setsid'd one
