@@ -30,8 +30,10 @@ run: setup
 		--num-cpus $(CPUS_PER_CLIENT) --num-gpus $(GPUS_PER_CLIENT) \
 		--run-config "output-dir='$(OUTPUT_DIR)'" --run-config "$(RUN_CONFIG)"
 
+# Two workers, each taking whole test files (a file's fixtures are built once): the files
+# start Flower and Ray processes and leave a core idle meanwhile. Plain `pytest` runs serially.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
