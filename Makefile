@@ -31,9 +31,11 @@ run: setup
 		--run-config "output-dir='$(OUTPUT_DIR)'" --run-config "$(RUN_CONFIG)"
 
 # Two workers, each taking whole test files (a file's fixtures are built once): the files
-# start Flower and Ray processes and leave a core idle meanwhile. Plain `pytest` runs serially.
+# start Flower and Ray processes and leave a core idle meanwhile. In collection order, the
+# longest files first (tests/conftest.py), not xdist's default of the most tests first, which
+# left a long two-test file to the end. Plain `pytest` runs serially.
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
