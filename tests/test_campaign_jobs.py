@@ -112,6 +112,7 @@ def test_an_interrupt_stops_every_child_before_it_passes_on(tmp_path):
     # Python's own handler, as a terminal's Ctrl-C finds it: pytest started in the
     # background ignores SIGINT (the conftest restores what was there).
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def interrupt_when_started() -> None:
         while not all((tmp_path / f"run{seed}.start").exists() for seed in (0, 1)):
             threading.Event().wait(0.05)
