@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 import uuid
 
@@ -49,18 +47,6 @@ TINY = {
     "finetune-rounds": 2,  # the default preset's 15 made each finetune fixture a minute
     "finetune-local-epochs": 1,
 }
-
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """The command lines install process-wide SIGINT and SIGTERM handlers (which ignore a
-    second signal); a test that runs one in this process must not hand them to the next."""
-    names = (signal.SIGINT, signal.SIGTERM)
-    saved = {signum: signal.getsignal(signum) for signum in names}
-    yield
-    if threading.current_thread() is threading.main_thread():
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
 
 
 @pytest.fixture

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -190,6 +193,28 @@ def test_stages_select_part_of_a_campaign_in_its_order(tmp_path, monkeypatch):
     ]
     with pytest.raises(SystemExit):
         cli.main(["campaign", str(experiment), "--stages", "one"])
+
+
+def test_sigterm_ends_the_campaign_command_which_then_restores_the_signal_handlers(
+    tmp_path, monkeypatch
+):
+    experiment = tmp_path / "campaign.yaml"
+    experiment.write_text(json.dumps(SPEC))
+    started = []
+
+    def terminated(spec, scratch, publish, runs, **_) -> CampaignReport:
+        started.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler's KeyboardInterrupt cuts this short
+        raise AssertionError("SIGTERM did not end the campaign")
+
+    monkeypatch.setattr(cli.campaign, "run_campaign", terminated)
+    names = (signal.SIGINT, signal.SIGTERM)
+    before = {signum: signal.getsignal(signum) for signum in names}
+    assert cli.main(["campaign", str(experiment), "--no-commit"]) == 130
+    assert started
+    # a caller in the same process (a notebook, a test) gets its own handlers back
+    assert {signum: signal.getsignal(signum) for signum in names} == before
 
 
 def test_stage_naming_a_value_outside_the_grid_is_refused():

@@ -110,8 +110,8 @@ def test_an_interrupt_stops_every_child_before_it_passes_on(tmp_path):
 
     # SIGINT to this process once both jobs have started: KeyboardInterrupt in run_jobs.
     # Python's own handler, as a terminal's Ctrl-C finds it: pytest started in the
-    # background ignores SIGINT (the conftest restores what was there).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # background ignores SIGINT.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def interrupt_when_started() -> None:
         while not all((tmp_path / f"run{seed}.start").exists() for seed in (0, 1)):
@@ -119,8 +119,11 @@ def test_an_interrupt_stops_every_child_before_it_passes_on(tmp_path):
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt_when_started, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        run_jobs(runs, 2, command_for, io.StringIO(), stop_grace_s=20)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_jobs(runs, 2, command_for, io.StringIO(), stop_grace_s=20)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert (tmp_path / "run0.stopped").exists() and (tmp_path / "run1.stopped").exists()
     assert not (tmp_path / "run2.start").exists()
 

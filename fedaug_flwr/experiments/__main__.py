@@ -22,7 +22,6 @@ Exit status: 0 when everything asked for is complete, 1 when a run failed,
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -130,21 +129,6 @@ def _stage_numbers(text: str) -> list[int]:
         ) from None
 
 
-def _stop_cleanly_on_signals() -> None:
-    """SIGTERM and SIGINT end the sweep through KeyboardInterrupt, so every process of the
-    running simulation is stopped and its run is recorded as interrupted; a shell starts
-    background jobs with SIGINT ignored, hence the explicit handler."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        # Once: a second signal must not cut short the stopping of the running simulation.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
-
-
 def _child_args(args: argparse.Namespace) -> list[str]:
     """What a campaign's jobs get of its command line besides their run."""
     child = [f"--federation={value}" for value in args.federation]
@@ -173,29 +157,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise SweepError(f"{args.experiment} has no run {args.run!r}")
             if args.jobs < 1:
                 raise SweepError(f"--jobs must be at least 1, got {args.jobs}")
-            _stop_cleanly_on_signals()
-            if args.jobs > 1:
-                outcome = jobs.run_campaign_in_jobs(
+            # SIGTERM and SIGINT end the campaign through KeyboardInterrupt, so that every
+            # process of the running simulation is stopped and its run is left to resume.
+            with launch.signals_interrupt():
+                if args.jobs > 1:
+                    outcome = jobs.run_campaign_in_jobs(
+                        spec,
+                        Path(args.experiment),
+                        _sweep_dir(spec.output, args.out),
+                        publish_dir,
+                        runs,
+                        args.jobs,
+                        _child_args(args),
+                        max_runs=args.max_runs,
+                    )
+                    return 2 if outcome.error else 1 if outcome.failed else 0
+                report = campaign.run_campaign(
                     spec,
-                    Path(args.experiment),
                     _sweep_dir(spec.output, args.out),
-                    publish_dir,
+                    publish_dir.resolve(),
                     runs,
-                    args.jobs,
-                    _child_args(args),
+                    commit_results=not args.no_commit,
                     max_runs=args.max_runs,
+                    ray_address=launch.resolve_ray_address(args.ray_address),
+                    held_by=args.held_by,
                 )
-                return 2 if outcome.error else 1 if outcome.failed else 0
-            report = campaign.run_campaign(
-                spec,
-                _sweep_dir(spec.output, args.out),
-                publish_dir.resolve(),
-                runs,
-                commit_results=not args.no_commit,
-                max_runs=args.max_runs,
-                ray_address=launch.resolve_ray_address(args.ray_address),
-                held_by=args.held_by,
-            )
             return 0 if not report.failed else 1
         if args.command in ("run", "list"):
             spec = _spec(args)
@@ -206,14 +192,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for row in runner.statuses(sweep_dir, runs):
                     print(f"{row['status']:9} {row['folder']}  {row['error']}".rstrip())
                 return 0
-            _stop_cleanly_on_signals()
-            report = runner.run_sweep(
-                spec,
-                sweep_dir,
-                runs,
-                echo_logs=args.verbose,
-                ray_address=launch.resolve_ray_address(args.ray_address),
-            )
+            with launch.signals_interrupt():  # as for a campaign
+                report = runner.run_sweep(
+                    spec,
+                    sweep_dir,
+                    runs,
+                    echo_logs=args.verbose,
+                    ray_address=launch.resolve_ray_address(args.ray_address),
+                )
             aggregate.write_tables(sweep_dir)
             print(f"tables in {sweep_dir / aggregate.TABLES_DIR}")
             return 0 if report.ok else 1

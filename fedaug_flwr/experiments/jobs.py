@@ -12,7 +12,7 @@ child, and the parent returns only when each has stopped its simulation: as with
 job, at most the runs in progress are lost, and each resumes from its checkpoint.
 
 Child processes, not threads: a run is stopped through the signal handling of the
-process that runs it (``__main__._stop_cleanly_on_signals``), which only a process's
+process that runs it (``launch.signals_interrupt``), which only a process's
 main thread gets, and each run's Flower and Ray processes are the launcher's to stop.
 """
 
